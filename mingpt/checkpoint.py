@@ -59,6 +59,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         path = candidate
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path} (train one with `python -m mingpt.train`)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is truncated or corrupt: not a torch.save zip archive")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,0 +1,291 @@
+"""Side-by-side speed of the reference path and the fast paths, in one run:
+`python -m mingpt.bench [--json PATH]`.
+
+Rows: the machine's matmul peak (for MFU), the training step (tokens/s) per backend and dtype,
+sampling (tokens/s, 1 and 10 samples) per sampler, and every op of the op table per backend
+(forward and forward+backward). Configurations alternate within each round and each figure is
+the median over rounds, so drift on a shared machine hits every row alike. A row that cannot
+run here says why instead of giving a number.
+"""
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from .config import preset_config
+from .model import GPT
+from .ops import OP_NAMES, BackendUnavailable, get_ops
+from .sampling import SAMPLERS, generate, resolve_sampler
+from .train import autocast_context
+
+TRAIN_BACKENDS = ("reference", "sdpa", "compile", "triton", "cpp")
+OP_BACKENDS = ("reference", "sdpa", "triton", "cpp")
+
+
+@dataclasses.dataclass
+class Row:
+    task: str
+    backend: str
+    dtype: str
+    batch: int
+    tokens_per_s: float = None
+    ms: float = None
+    mfu: float = None
+    note: str = ""
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def backend_unavailable(backend: str, device) -> str:
+    """Why `backend` cannot be measured here, or None."""
+    if backend == "triton" and device.type != "cuda":
+        return "no CUDA device; the Triton interpreter is a correctness check, not a speed path"
+    if backend == "compile":
+        return None
+    try:
+        get_ops(backend, device)
+    except BackendUnavailable as e:
+        return str(e)
+    return None
+
+
+def matmul_gflops(dtype, device, n=2048, repeats=5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = min(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def bench_model(preset: str, vocab_size: int, device, backend="reference") -> GPT:
+    cfg = preset_config(preset)
+    cfg.model.vocab_size = vocab_size
+    torch.manual_seed(0)
+    return GPT(cfg.model, backend=backend).to(device)
+
+
+def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batch_size: int, device):
+    """A closure running one AdamW training step of `preset` on random tokens."""
+    model = bench_model(preset, vocab_size, device, "reference" if backend == "compile" else backend)
+    forward = torch.compile(model) if backend == "compile" else model
+    optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.99))
+    block = model.config.block_size
+    x = torch.randint(vocab_size, (batch_size, block), device=device)
+    y = torch.randint(vocab_size, (batch_size, block), device=device)
+
+    def step():
+        with autocast_context(dtype, device):
+            _, loss = forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def make_sampler_run(model, sampler: str, num_samples: int, new_tokens: int, device):
+    idx = torch.zeros((num_samples, 1), dtype=torch.long, device=device)
+    return lambda: generate(model, idx, new_tokens, temperature=1.0, seed=0, sampler=sampler)
+
+
+def op_inputs(op: str, preset: str, vocab_size: int, batch_size: int, device):
+    """Arguments for one call of `op` at the shapes `preset` trains with."""
+    c = preset_config(preset).model
+    B, T, C = batch_size, c.block_size, c.n_embd
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+
+    if op == "layer_norm":
+        return (leaf(B, T, C), leaf(C), leaf(C)), {}
+    if op == "bias_gelu":
+        return (leaf(B, T, 4 * C), leaf(4 * C)), {}
+    if op == "causal_attention":
+        return (leaf(B, T, 3 * C), c.n_head), {}
+    if op == "cross_entropy":
+        return (leaf(B, T, vocab_size), torch.randint(vocab_size, (B, T), device=device)), {}
+    raise ValueError(op)
+
+
+def run_rounds(configs: dict, rounds: int, calls: int, device) -> dict:
+    """Median seconds per call of each closure, configurations alternating within every round."""
+    samples = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, fn in configs.items():
+            samples[name].append(timed(lambda: [fn() for _ in range(calls)], device) / calls)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def bench_training(args, device, peaks) -> list:
+    rows, configs = [], {}
+    tokens = args.batch_size * preset_config(args.preset).model.block_size
+    for dtype in args.dtypes:
+        for backend in args.backends:
+            reason = backend_unavailable(backend, device)
+            if reason is None and dtype == "bfloat16" and backend == "compile":
+                reason = "bf16 autocast under torch.compile is not measured"
+            if reason:
+                rows.append(Row("train_step", backend, dtype, args.batch_size, note=f"skipped: {reason}"))
+                continue
+            try:
+                step, model = make_train_step(args.preset, args.vocab_size, backend, dtype, args.batch_size, device)
+                for _ in range(args.warmup):
+                    step()
+            except Exception as e:  # a fast path that fails to build here is reported, not fatal
+                rows.append(Row("train_step", backend, dtype, args.batch_size,
+                                note=f"skipped: failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+                continue
+            configs[(backend, dtype)] = step
+            flops_per_token = model.flops_per_token()
+    for (backend, dtype), seconds in run_rounds(configs, args.rounds, args.steps, device).items():
+        tok_s = tokens / seconds
+        mfu = tok_s * flops_per_token / (peaks[dtype] * 1e9)
+        rows.append(Row("train_step", backend, dtype, args.batch_size, tok_s, seconds * 1e3, mfu))
+    return rows
+
+
+def bench_sampling(args, device) -> list:
+    rows, configs = [], {}
+    model = bench_model(args.preset, args.vocab_size, device).eval()
+    for sampler in (s for s in SAMPLERS if s != "auto"):
+        for num_samples in (1, 10):
+            try:
+                run = make_sampler_run(model, sampler, num_samples, args.new_tokens, device)
+                run()
+            except (RuntimeError, ValueError) as e:
+                rows.append(Row("sample", sampler, "float32", num_samples, note=f"skipped: {e}"))
+                continue
+            configs[(sampler, num_samples)] = run
+    for (sampler, num_samples), seconds in run_rounds(configs, args.rounds, 1, device).items():
+        rows.append(Row("sample", sampler, "float32", num_samples, num_samples * args.new_tokens / seconds,
+                        seconds * 1e3, note=f"{args.new_tokens} new tokens"))
+    return rows
+
+
+def bench_ops(args, device) -> list:
+    rows, configs = [], {}
+    tokens = args.batch_size * preset_config(args.preset).model.block_size
+    for op in OP_NAMES:
+        for backend in OP_BACKENDS:
+            reason = backend_unavailable(backend, device)
+            ops = None if reason else get_ops(backend, device)
+            if ops is not None and ops.sources[op] != backend:
+                reason = f"{backend} has no {op} of its own"
+            if reason:
+                rows.append(Row(f"op:{op}", backend, "float32", args.batch_size, note=f"skipped: {reason}"))
+                continue
+            fn = getattr(ops, op)
+            inputs, kwargs = op_inputs(op, args.preset, args.vocab_size, args.batch_size, device)
+
+            def forward(fn=fn, inputs=inputs, kwargs=kwargs):
+                with torch.no_grad():
+                    fn(*inputs, **kwargs)
+
+            def forward_backward(fn=fn, inputs=inputs, kwargs=kwargs):
+                fn(*inputs, **kwargs).float().sum().backward()
+
+            forward()
+            forward_backward()
+            configs[(op, backend, "forward")] = forward
+            configs[(op, backend, "forward+backward")] = forward_backward
+    for (op, backend, phase), seconds in run_rounds(configs, args.rounds, 5, device).items():
+        rows.append(Row(f"op:{op}", backend, "float32", args.batch_size, tokens / seconds, seconds * 1e3,
+                        note=phase))
+    return rows
+
+
+def row_order(row: Row):
+    task = row.task.split(":")[0]
+    backends = TRAIN_BACKENDS + tuple(s for s in SAMPLERS if s not in TRAIN_BACKENDS)
+    return (("matmul_2048", "train_step", "sample", "op").index(task), row.task, row.dtype != "float32",
+            row.batch, row.note, backends.index(row.backend) if row.backend in backends else -1)
+
+
+def speedups(rows):
+    """Each measured row's speed relative to the reference row of the same task and batch."""
+    base = {(r.task, r.batch, r.note): r.tokens_per_s for r in rows
+            if r.backend == "reference" and r.dtype == "float32" and r.tokens_per_s}
+    return [base.get((r.task, r.batch, r.note)) and r.tokens_per_s and r.tokens_per_s / base[(r.task, r.batch, r.note)]
+            for r in rows]
+
+
+def print_table(rows, file=sys.stdout):
+    print(f"{'task':<26}{'backend':<11}{'dtype':<10}{'batch':>5}{'tokens/s':>12}{'ms':>10}{'x ref':>7}{'MFU':>7}  note",
+          file=file)
+    for row, speedup in zip(rows, speedups(rows)):
+        print(f"{row.task:<26}{row.backend:<11}{row.dtype:<10}{row.batch:>5}"
+              f"{'' if row.tokens_per_s is None else f'{row.tokens_per_s:,.0f}':>12}"
+              f"{'' if row.ms is None else f'{row.ms:.2f}':>10}"
+              f"{'' if not speedup else f'{speedup:.2f}':>7}"
+              f"{'' if row.mfu is None else f'{100 * row.mfu:.0f}%':>7}  {row.note}", file=file)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m mingpt.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="seed", help="model shape to time (random weights)")
+    p.add_argument("--vocab_size", type=int, default=2212, help="vocabulary (2,212: the 5k movie reviews)")
+    p.add_argument("--batch_size", type=int, default=32, help="training batch (sequences of block_size)")
+    p.add_argument("--new_tokens", type=int, default=60, help="tokens each sample generates")
+    p.add_argument("--tasks", default="matmul,train,sample,ops", help="comma-separated subset of matmul,train,sample,ops")
+    p.add_argument("--backends", default=",".join(TRAIN_BACKENDS), help="training-step backends")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="training-step dtypes")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are medians over them")
+    p.add_argument("--steps", type=int, default=3, help="training steps per configuration per round")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", help="also write the rows as a JSON list to this path")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.backends, args.dtypes = args.backends.split(","), args.dtypes.split(",")
+    tasks = set(args.tasks.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, preset {args.preset} "
+          f"(vocab {args.vocab_size}), sampler auto -> {resolve_sampler('auto')}", flush=True)
+    rows = []
+    peaks = {"float32": matmul_gflops(torch.float32, device), "bfloat16": matmul_gflops(torch.bfloat16, device)}
+    if "matmul" in tasks:
+        rows += [Row("matmul_2048", "torch", dtype, 1, note=f"{gflops:.0f} GFLOP/s (MFU denominator)")
+                 for dtype, gflops in peaks.items()]
+    if "train" in tasks:
+        rows += bench_training(args, device, peaks)
+    if "sample" in tasks:
+        rows += bench_sampling(args, device)
+    if "ops" in tasks:
+        rows += bench_ops(args, device)
+    rows.sort(key=row_order)
+    print_table(rows)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory of this run: {peak_mb:,.0f} MB")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([dataclasses.asdict(r) | {"speedup_vs_reference": s} for r, s in zip(rows, speedups(rows))],
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The command-line entry points, run as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import NEGATIVE, POSITIVE
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A CSV -> prepare -> train run of the tiny preset; returns (data_dir, out_dir)."""
+    root = tmp_path_factory.mktemp("cli")
+    rows = [f"{p}{i}。,1" for i, p in enumerate(POSITIVE * 20)] + [f"{n}{i}！,0" for i, n in enumerate(NEGATIVE * 20)]
+    (root / "reviews.csv").write_text("review,sentiment\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    data_dir, out_dir = str(root / "data"), str(root / "out")
+    prepared = run("mingpt.prepare", "--csv", str(root / "reviews.csv"), "--data_dir", data_dir, "--block_size", "32")
+    assert "kept 340 reviews" in prepared.stdout and "vocab" in prepared.stdout
+    run("mingpt.train", "--preset", "tiny", "--data_dir", data_dir, "--out_dir", out_dir,
+        "--max_iters", "40", "--eval_interval", "20", "--progress", "false")
+    return data_dir, out_dir
+
+
+def test_train_writes_checkpoint_metrics_and_plot(trained):
+    _, out_dir = trained
+    assert sorted(f for f in os.listdir(out_dir) if not f.startswith(".")) == ["ckpt.pt", "loss.png", "metrics.csv"]
+
+
+def test_sample_prints_one_review_per_line(trained):
+    _, out_dir = trained
+    result = run("mingpt.sample", "--ckpt", out_dir, "--start", "好看", "--num_samples", "4",
+                 "--max_new_tokens", "20", "--seed", "1", "--verbose")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all(line.split("] ", 1)[1].startswith("好看") for line in lines)
+    assert all(line.startswith(("[pos] ", "[neg] ")) for line in lines)
+    assert "sampler:" in result.stderr
+    again = run("mingpt.sample", "--ckpt", out_dir, "--start", "好看", "--num_samples", "4",
+                "--max_new_tokens", "20", "--seed", "1", "--verbose")
+    assert again.stdout == result.stdout
+
+
+def test_sample_sentiment_choice_is_used(trained):
+    _, out_dir = trained
+    result = run("mingpt.sample", "--ckpt", out_dir, "--start", "难看", "--sentiment", "neg",
+                 "--num_samples", "3", "--max_new_tokens", "10", "--verbose")
+    assert all(line.startswith("[neg] 难看") for line in result.stdout.splitlines())
+
+
+def test_unknown_prompt_character_is_a_clear_error(trained):
+    _, out_dir = trained
+    result = run("mingpt.sample", "--ckpt", out_dir, "--start", "好看🙂", check=False)
+    assert result.returncode == 2 and "'🙂'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    result = run("mingpt.sample", "--ckpt", str(tmp_path / "nothing"), check=False)
+    assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04garbage")
+    result = run("mingpt.sample", "--ckpt", str(tmp_path), check=False)
+    assert result.returncode == 2 and "corrupt" in result.stderr
+
+
+def test_prepare_and_train_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("title,score\nx,1\n", encoding="utf-8")
+    result = run("mingpt.prepare", "--csv", str(bad), "--data_dir", str(tmp_path / "d"), check=False)
+    assert result.returncode == 2 and "--text_column" in result.stderr and "Traceback" not in result.stderr
+    result = run("mingpt.train", "--data_dir", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "o"), check=False)
+    assert result.returncode == 2 and "python -m mingpt.prepare" in result.stderr
+
+
+def test_help_documents_every_option():
+    text = run("mingpt.train", "--help").stdout
+    for flag in ("--preset", "--data_dir", "--out_dir", "--max_iters", "--batch_size", "--eval_interval",
+                 "--backend", "--dtype", "--resume", "--seed", "--grad_accum", "--config", "--tensorboard"):
+        assert flag in text
+    for module in ("mingpt.prepare", "mingpt.sample", "mingpt.bench"):
+        assert "--" in run(module, "--help").stdout
+
+
+def test_bench_writes_json_rows(tmp_path):
+    path = tmp_path / "bench.json"
+    result = run("mingpt.bench", "--preset", "tiny", "--tasks", "train,sample", "--backends", "reference,sdpa,triton",
+                 "--dtypes", "float32", "--rounds", "1", "--steps", "1", "--warmup", "1", "--new_tokens", "4",
+                 "--json", str(path))
+    rows = json.loads(path.read_text())
+    assert {"task", "backend", "dtype", "batch", "tokens_per_s"} <= set(rows[0])
+    measured = {(r["task"], r["backend"], r["batch"]) for r in rows if r["tokens_per_s"]}
+    assert {("train_step", "reference", 32), ("train_step", "sdpa", 32), ("sample", "reference", 1),
+            ("sample", "reference", 10)} <= measured
+    assert "train_step" in result.stdout

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from mingpt import GPT, GPTConfig
+from mingpt.sampling import generate, next_token_probs
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=20)).eval()
+
+
+def test_seeded_sampling_is_reproducible():
+    model, idx = tiny_model(), torch.zeros((3, 2), dtype=torch.long)
+    a = generate(model, idx, 12, temperature=1.0, top_k=5, seed=7, sampler="reference")
+    b = generate(model, idx, 12, temperature=1.0, top_k=5, seed=7, sampler="reference")
+    c = generate(model, idx, 12, temperature=1.0, top_k=5, seed=8, sampler="reference")
+    assert a.shape == (3, 14) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :2], idx)
+
+
+def test_greedy_past_the_block_uses_the_last_window():
+    model = tiny_model()
+    out = generate(model, torch.tensor([[1, 2, 3]]), 10, temperature=0, sampler="reference")
+    logits, _ = model(out[:, -1 - 8:-1])
+    assert out[0, -1] == logits[0, -1].argmax()
+
+
+def test_eos_stops_and_pads():
+    model = tiny_model()
+    greedy = generate(model, torch.tensor([[1]]), 1, temperature=0, sampler="reference")
+    eos = int(greedy[0, 1])
+    out = generate(model, torch.tensor([[1], [1]]), 6, temperature=0, eos_id=eos, sampler="reference")
+    assert out.shape == (2, 2) and (out[:, 1] == eos).all()
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.allclose(next_token_probs(logits, 1.0, top_k=2), torch.tensor([[0.625, 0.375, 0, 0]]))
+    # the smallest set whose mass reaches 0.8 is {0.5, 0.3}
+    assert torch.allclose(next_token_probs(logits, 1.0, top_p=0.8), torch.tensor([[0.625, 0.375, 0, 0]]))
+    assert torch.allclose(next_token_probs(logits, 1.0, top_p=0.81), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95)
+    assert torch.allclose(next_token_probs(logits, 1.0, top_p=1.0), torch.exp(logits))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(temperature=-1.0), "temperature"), (dict(sampler="beam"), "unknown sampler"),
+])
+def test_bad_options_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_model(), torch.zeros((1, 1), dtype=torch.long), 3, **kwargs)
+
+
+def test_bad_prompts_raise():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="at least one"):
+        generate(model, torch.zeros((0, 1), dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="outside"):
+        generate(model, torch.full((1, 1), 20), 3)
+    with pytest.raises(ValueError, match="LongTensor"):
+        generate(model, torch.zeros((1, 1)), 3)

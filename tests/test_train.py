@@ -1,0 +1,105 @@
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from mingpt.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model
+from mingpt.config import preset_config
+from mingpt.train import config_from_args, learning_rate, train
+
+
+def tiny_cfg(data_dir, out_dir, **overrides):
+    cfg = preset_config("tiny")
+    cfg.data_dir, cfg.out_dir, cfg.progress = data_dir, str(out_dir), False
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_loss_decreases_and_outputs_are_written(review_data_dir, tmp_path):
+    result = train(tiny_cfg(review_data_dir, tmp_path, max_iters=60, eval_interval=30))
+    with open(tmp_path / "metrics.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iter"]) for r in rows] == [30, 60]
+    assert result["val_loss"] < 0.6 * torch.log(torch.tensor(float(result_vocab(review_data_dir)))).item()
+    assert os.path.getsize(tmp_path / "loss.png") > 1000
+    model, tokenizer = load_model(str(tmp_path))
+    assert tokenizer.vocab_size == model.config.vocab_size
+
+
+def result_vocab(data_dir):
+    return json.load(open(os.path.join(data_dir, "meta.json"), encoding="utf-8"))["vocab_size"]
+
+
+def test_resume_continues_exactly(book_data_dir, tmp_path):
+    schedule = dict(eval_interval=10, lr_decay_iters=20)
+    straight = train(tiny_cfg(book_data_dir, tmp_path / "a", max_iters=20, **schedule))
+    train(tiny_cfg(book_data_dir, tmp_path / "b", max_iters=10, **schedule))
+    resumed = train(tiny_cfg(book_data_dir, tmp_path / "b", max_iters=20, resume=True, **schedule))
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)
+    a = load_checkpoint(str(tmp_path / "a"))["model"]
+    b = load_checkpoint(str(tmp_path / "b"))["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_another_model(book_data_dir, tmp_path):
+    train(tiny_cfg(book_data_dir, tmp_path, max_iters=2, eval_interval=2, eval_iters=1))
+    cfg = tiny_cfg(book_data_dir, tmp_path, max_iters=4, resume=True)
+    cfg.model.n_embd = 64
+    with pytest.raises(CheckpointError, match="model config"):
+        train(cfg)
+
+
+def test_cosine_schedule():
+    cfg = preset_config("tiny")
+    cfg.max_iters, cfg.warmup_iters = 100, 10
+    assert learning_rate(0, cfg) < learning_rate(9, cfg) < cfg.learning_rate
+    assert learning_rate(10, cfg) == pytest.approx(cfg.learning_rate)
+    assert learning_rate(55, cfg) == pytest.approx((cfg.learning_rate + cfg.min_lr) / 2)
+    assert learning_rate(100, cfg) == cfg.min_lr
+
+
+def test_config_precedence(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"batch_size": 7, "max_iters": 9, "model": {"n_layer": 3}}), encoding="utf-8")
+    cfg = config_from_args(["--preset", "demo", "--config", str(path), "--max_iters", "11", "--n_head", "2"])
+    assert (cfg.batch_size, cfg.max_iters, cfg.model.n_layer, cfg.model.n_head) == (7, 11, 3, 2)
+    assert cfg.model.n_embd == preset_config("demo").model.n_embd
+    path.write_text(json.dumps({"batchsize": 7}), encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown option 'batchsize'"):
+        config_from_args(["--config", str(path)])
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "none.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+    atomic_torch_save({"weights": torch.zeros(2)}, str(tmp_path / "other.pt"))
+    with pytest.raises(CheckpointError, match="not a mingpt checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_with_pickle_payload_does_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": "mingpt-checkpoint-v1", "model": Payload()}, "evil.pt")
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_checkpoint("evil.pt")
+    assert not os.path.exists("pwned")
+
+
+def test_truncated_checkpoint_is_refused(book_data_dir, tmp_path):
+    train(tiny_cfg(book_data_dir, tmp_path, max_iters=2, eval_interval=2, eval_iters=1))
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt is truncated or corrupt"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
