@@ -303,16 +303,28 @@ class TokenData:
     def eos_id(self) -> int:
         return self.tokenizer.token_id(self.meta["eos_token"])
 
-    def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
+    def sample_positions(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
+        """Random rows (review layout) or window starts (book layout) for one batch."""
         data = self.splits[split]
         if self.layout == "review":
-            rows = torch.randint(len(data), (batch_size,), generator=generator).numpy()
-            chunk = torch.from_numpy(data[rows].astype(np.int64))
+            return torch.randint(len(data), (batch_size,), generator=generator)
+        return torch.randint(len(data) - self._window(split, block_size), (batch_size,), generator=generator)
+
+    def _window(self, split: str, block_size: int) -> int:
+        return min(block_size, len(self.splits[split]) - 1)
+
+    def load_batch(self, split: str, positions, block_size: int):
+        """Inputs and targets (-1 where there is nothing to predict) at the given positions."""
+        data = self.splits[split]
+        if self.layout == "review":
+            chunk = torch.from_numpy(data[positions.numpy()].astype(np.int64))
             x, y = chunk[:, :-1].clone(), chunk[:, 1:].clone()
             y[y == self.tokenizer.token_id(PAD)] = -1
             return x, y
-        T = min(block_size, len(data) - 1)
-        starts = torch.randint(len(data) - T, (batch_size,), generator=generator).tolist()
-        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in starts])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in starts])
+        T = self._window(split, block_size)
+        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in positions.tolist()])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in positions.tolist()])
         return x, y
+
+    def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
+        return self.load_batch(split, self.sample_positions(split, batch_size, block_size, generator), block_size)
