@@ -140,6 +140,13 @@ class GPT(nn.Module):
         from .checkpoint import load_model
         return load_model(path, device=device, backend=backend)
 
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", backend="auto"):
+        """Load a Hugging Face GPT-2 directory (see mingpt.hf); returns (model, tokenizer or None)."""
+        from .hf import load_pretrained
+        model, tokenizer, _ = load_pretrained(path, device=device, backend=backend)
+        return model, tokenizer
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  eos_id=None, seed=None, sampler="auto"):
