@@ -100,3 +100,27 @@ def load_model(path: str, device="cpu", backend="auto"):
     """Returns (model in eval mode, tokenizer) from a checkpoint file or directory."""
     model, tokenizer = model_from_checkpoint(load_checkpoint(path), path, device, backend)
     return model.eval(), tokenizer
+
+
+def vocabulary_extends(base, tokenizer) -> bool:
+    """Whether `tokenizer` keeps every id of `base` (equal, or a union vocabulary built from it)."""
+    if base.kind != tokenizer.kind:
+        return False
+    if base.kind == "char":
+        return tokenizer.itos[:len(base.itos)] == base.itos
+    return base.to_dict() == tokenizer.to_dict()
+
+
+def load_pretrained_weights(model: GPT, ckpt: dict, tokenizer, path: str):
+    """Start fine-tuning from a checkpoint; rows of tokens new to the vocabulary keep their fresh init."""
+    base = tokenizer_from_dict(ckpt["tokenizer"])
+    if not vocabulary_extends(base, tokenizer):
+        raise CheckpointError(
+            f"{path}: its {base.kind} vocabulary of {base.vocab_size} does not match the data's "
+            f"{tokenizer.kind} vocabulary of {tokenizer.vocab_size}; prepare the data with --vocab_from {path}")
+    state = dict(ckpt["model"])
+    fresh = model.state_dict()
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        rows = state[name]
+        state[name] = torch.cat([rows, fresh[name][rows.shape[0]:]])
+    model.load_state_dict(state)

@@ -54,6 +54,8 @@ class TrainConfig:
     log_interval: int = 10
     max_minutes: Optional[float] = None
     resume: bool = False
+    init_from: Optional[str] = None
+    balance: str = "auto"
     tensorboard: bool = False
     progress: bool = True
     threads: Optional[int] = None

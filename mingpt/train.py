@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, make_checkpoint
+from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, load_pretrained_weights,
+                         make_checkpoint)
 from .config import (PRESETS, GPTConfig, TrainConfig, add_dataclass_arguments, apply_overrides, collect_overrides,
                      load_config_file, preset_config)
 from .data import DataError, TokenData
@@ -41,7 +42,10 @@ HELP = {
     "grad_clip": "clip the gradient norm to this (0: off)", "eval_interval": "steps between evaluations and checkpoints",
     "eval_iters": "batches per split in an evaluation", "log_interval": "steps between tokens/s updates",
     "max_minutes": "stop (with a final evaluation and checkpoint) after this many minutes",
-    "resume": "continue exactly from out_dir/ckpt.pt", "tensorboard": "also log to out_dir/tensorboard",
+    "resume": "continue exactly from out_dir/ckpt.pt",
+    "init_from": "fine-tune: start from this checkpoint's weights and architecture (a fresh optimizer and schedule)",
+    "balance": "review layout: oversample the minority sentiment (auto: when it is under 35%%), on or off",
+    "tensorboard": "also log to out_dir/tensorboard",
     "progress": "show a progress bar", "threads": "torch CPU threads per process (None: torch's default)",
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",
     "block_size": "context length", "dropout": "dropout rate", "bias": "biases in linear layers and norms",
@@ -246,6 +250,12 @@ def _train(cfg: TrainConfig, ddp: Distributed, device) -> dict:
     if cfg.grad_accum % ddp.world_size:
         raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the {ddp.world_size} processes")
     data = TokenData(cfg.data_dir)
+    balance = data.set_balance(cfg.balance)
+    pretrained = None
+    if cfg.init_from and not cfg.resume:
+        pretrained = load_checkpoint(cfg.init_from)
+        architecture = {k: v for k, v in pretrained["model_config"].items() if k not in ("vocab_size", "dropout")}
+        apply_overrides(cfg.model, architecture, cfg.init_from)
     data.check_block_size(cfg.model.block_size)
     cfg.model.vocab_size = data.tokenizer.vocab_size
     latest_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
@@ -254,7 +264,10 @@ def _train(cfg: TrainConfig, ddp: Distributed, device) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = GPT(cfg.model, backend=cfg.backend).to(device)
+    model = GPT(cfg.model, backend=cfg.backend)
+    if pretrained:
+        load_pretrained_weights(model, pretrained, data.tokenizer, cfg.init_from)
+    model.to(device)
     ops = get_ops(cfg.backend, device)
     if ddp.is_main:
         # latest + best + their temporary copies, each weights and two AdamW moments
@@ -280,7 +293,8 @@ def _train(cfg: TrainConfig, ddp: Distributed, device) -> dict:
     log(f"model: {model.num_params():,} parameters ({cfg.model.n_layer} layers, {cfg.model.n_head} heads, "
         f"n_embd {cfg.model.n_embd}, block {cfg.model.block_size}, vocab {cfg.model.vocab_size}); "
         f"device {device}, dtype {cfg.dtype}, {ddp.world_size} process(es), backend {cfg.backend} -> {ops.name} "
-        f"({', '.join(f'{k}: {v}' for k, v in ops.sources.items())})")
+        f"({', '.join(f'{k}: {v}' for k, v in ops.sources.items())}); {balance}"
+        + (f"; fine-tuning from {cfg.init_from}" if pretrained else ""))
     writer = None
     if cfg.tensorboard and ddp.is_main:
         try:

@@ -76,12 +76,13 @@ def test_review_layout_rows_and_long_review_policies():
     short, long_ = Review("好看", "pos"), Review("好看难" * 5, "neg")  # 15 chars + 3 specials = 18 tokens
     for policy, n_rows in (("split", 1 + 3), ("truncate", 2), ("drop", 1)):
         counts = collections.Counter()
-        rows = encode_review_layout([short, long_], tok, block_size=7, long_reviews=policy, counts=counts)
+        rows, labels = encode_review_layout([short, long_], tok, block_size=7, long_reviews=policy, counts=counts)
         assert rows.shape == (n_rows, 8) and rows.dtype == np.uint16
+        assert labels.tolist() == [1] + [0] * (n_rows - 1)
         assert counts == {f"long reviews ({policy})": 1}
-    rows = encode_review_layout([short], tok, 7, "split", collections.Counter())
+    rows, _ = encode_review_layout([short], tok, 7, "split", collections.Counter())
     assert tok.decode(rows[0].tolist(), skip_special=False) == f"{BOS}{POS}好看{EOS}{PAD}{PAD}{PAD}"
-    split_rows = encode_review_layout([long_], tok, 7, "split", collections.Counter())
+    split_rows, _ = encode_review_layout([long_], tok, 7, "split", collections.Counter())
     # windows overlap by one token so that every target is predicted exactly once
     assert [int(r[0]) for r in split_rows[1:]] == [int(r[-1]) for r in split_rows[:-1]]
     assert tok.decode(split_rows[0].tolist(), skip_special=False).startswith(f"{BOS}{NEG}")
