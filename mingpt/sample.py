@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .data import BOOK_SEPARATOR
+from .hf import is_pretrained_dir, load_pretrained
 from .sampling import SAMPLERS, resolve_sampler
 from .tokenizer import BOS, SENTIMENT_TOKENS, UnknownCharacterError
 
@@ -17,7 +18,8 @@ from .tokenizer import BOS, SENTIMENT_TOKENS, UnknownCharacterError
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m mingpt.sample", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="out", help="checkpoint file, or a directory holding ckpt.pt")
+    p.add_argument("--ckpt", default="out",
+                   help="checkpoint file, a directory holding ckpt.pt, or a Hugging Face GPT-2 directory (mingpt.export)")
     p.add_argument("--start", default="", help="text every sample starts with")
     p.add_argument("--sentiment", choices=("auto", "pos", "neg"), default="auto",
                    help="review layout: the sentiment token before --start; auto: the model samples it")
@@ -82,9 +84,13 @@ def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sen
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        ckpt = load_checkpoint(args.ckpt)
-        model, tokenizer = model_from_checkpoint(ckpt, args.ckpt, device=args.device)
-        samples = write_samples(model.eval(), tokenizer, ckpt["data"]["layout"], ckpt["data"]["eos_token"],
+        if is_pretrained_dir(args.ckpt):
+            model, tokenizer, data = load_pretrained(args.ckpt, device=args.device, require_tokenizer=True)
+        else:
+            ckpt = load_checkpoint(args.ckpt)
+            model, tokenizer = model_from_checkpoint(ckpt, args.ckpt, device=args.device)
+            data = ckpt["data"]
+        samples = write_samples(model.eval(), tokenizer, data["layout"], data["eos_token"],
                                 args.start, args.sentiment, args.num_samples, args.max_new_tokens,
                                 args.temperature, args.top_k, args.top_p, args.seed, args.sampler)
     except (CheckpointError, ValueError, RuntimeError) as e:

@@ -1,0 +1,58 @@
+"""Export a checkpoint for Hugging Face transformers: `python -m mingpt.export --ckpt out --out hf_model`.
+
+The directory loads offline with GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR),
+and back into mingpt with GPT.from_pretrained(DIR) or `python -m mingpt.sample --ckpt DIR`.
+--verify then compares mingpt with transformers on the exported weights and exits 3 on a mismatch.
+Needs the `hf` extra: pip install -e .[hf]
+"""
+import argparse
+import sys
+
+from .checkpoint import CheckpointError, load_model
+from .hf import HFFormatError, MissingDependency, compare_with_transformers, export_checkpoint
+from .ops import BACKENDS
+from .sampling import SAMPLERS
+
+LOGIT_TOLERANCE = 1e-5  # fp32, the bar the export is held to
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m mingpt.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out", help="checkpoint file, or a directory holding ckpt.pt")
+    p.add_argument("--out", required=True, help="directory to write (created; files in it are overwritten)")
+    p.add_argument("--verify", action="store_true",
+                   help="print the max logit difference, greedy agreement and tokenizer agreement with transformers")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="mingpt ops backend for --verify")
+    p.add_argument("--sampler", choices=SAMPLERS, default="auto", help="mingpt sampler for --verify's greedy runs")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        export_checkpoint(args.ckpt, args.out)
+        print(f"wrote {args.out}")
+        if args.verify:
+            model, tokenizer = load_model(args.ckpt, backend=args.backend)
+            r = compare_with_transformers(model, tokenizer, args.out, sampler=args.sampler)
+            print(f"max |logit difference| {r['max_logit_diff']:.3g} over {r['logit_prompts']} random prompts "
+                  f"of {r['prompt_tokens']} tokens (fp32, backend {model.ops.name}; tolerance {LOGIT_TOLERANCE:g})")
+            print(f"greedy: {r['greedy_identical']}/{r['greedy_prompts']} prompts token-identical "
+                  f"for {r['new_tokens']} new tokens ({args.sampler} sampler vs transformers generate)")
+            print(f"tokenizer: {r['tokenizer_identical']}/{r['tokenizer_texts']} texts encode and decode alike")
+            if not (r["max_logit_diff"] <= LOGIT_TOLERANCE and r["greedy_identical"] == r["greedy_prompts"]
+                    and r["tokenizer_identical"] == r["tokenizer_texts"]):
+                print("export: verify: mingpt and transformers disagree", file=sys.stderr)
+                return 3
+    except MissingDependency as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, HFFormatError, ValueError, RuntimeError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
