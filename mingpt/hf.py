@@ -5,7 +5,7 @@ for weight: the same names, with the four projection matrices transposed (GPT-2 
 Conv1D layout). An exported directory holds
 
   config.json, generation_config.json, model.safetensors   GPT2LMHeadModel
-  tokenizer.json, tokenizer_config.json                     the character tokenizer, for AutoTokenizer
+  tokenizer.json, tokenizer_config.json                     the tokenizer (character or BPE), for AutoTokenizer
   mingpt.json                                               what GPT-2's config cannot say (below)
   README.md                                                 the model card
 
@@ -27,7 +27,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import GPTConfig
 from .data import LAYOUTS
 from .model import GPT
-from .tokenizer import BOS, EOS, NEG, PAD, POS, CharTokenizer
+from .tokenizer import BOS, EOS, NEG, PAD, POS, CharTokenizer, tokenizer_from_dict
 
 INSTALL_HINT = "pip install -e .[hf]"
 METADATA_FILE = "mingpt.json"
@@ -126,31 +126,40 @@ def to_hf_model(model: GPT, tokenizer, eos_token: str = EOS):
 # --- tokenizer ---------------------------------------------------------------------------------
 
 def to_hf_tokenizer(tokenizer, block_size: int):
-    """The character tokenizer as a transformers fast tokenizer: one token per character, specials intact."""
-    if getattr(tokenizer, "kind", None) != "char":
-        raise HFFormatError(f"cannot export a {getattr(tokenizer, 'kind', type(tokenizer).__name__)!r} "
-                            "tokenizer: only the character tokenizer ('char') has a GPT-2 export so far")
+    """mingpt's tokenizer as a transformers fast tokenizer that encodes and decodes alike, specials included."""
+    kind = getattr(tokenizer, "kind", None)
+    if kind not in ("char", "bpe"):
+        raise HFFormatError(f"cannot export a {kind or type(tokenizer).__name__!r} tokenizer: "
+                            "a GPT-2 export knows the 'char' and 'bpe' tokenizers")
     require("tokenizers", "transformers")
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    # No unknown token: like CharTokenizer.encode, encoding an unknown character is an error.
-    core = Tokenizer(models.WordLevel(dict(tokenizer.stoi), unk_token=None))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()  # join tokens without spaces
-    core.add_special_tokens(list(tokenizer.special_tokens))
+    if kind == "bpe":
+        core = Tokenizer.from_str(tokenizer.hf.to_str())
+    else:
+        # No unknown token: like CharTokenizer.encode, encoding an unknown character is an error.
+        core = Tokenizer(models.WordLevel(dict(tokenizer.stoi), unk_token=None))
+        core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        core.decoder = decoders.Fuse()  # join tokens without spaces
+        core.add_special_tokens(list(tokenizer.special_tokens))
     others = [t for t in tokenizer.special_tokens if t not in (BOS, EOS, PAD)]
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    extra_special_tokens=others, clean_up_tokenization_spaces=False,
                                    model_max_length=block_size)
 
 
-def char_tokenizer_from_json(data: dict, source: str) -> CharTokenizer:
-    """Read back the tokenizer.json that to_hf_tokenizer writes."""
-    model = data.get("model") or {}
-    if model.get("type") != "WordLevel":
-        raise HFFormatError(f"{source} holds a {model.get('type')!r} tokenizer; mingpt reads only the "
-                            "character-level (WordLevel, one token per character) tokenizer it exports")
-    vocab = model["vocab"]
+def tokenizer_from_json(data: dict, source: str):
+    """Read back a tokenizer.json that to_hf_tokenizer wrote: a CharTokenizer or a BPETokenizer."""
+    kind = (data.get("model") or {}).get("type")
+    if kind == "BPE":
+        try:
+            return tokenizer_from_dict({"type": "bpe", "tokenizers_json": json.dumps(data)})
+        except ValueError as e:
+            raise HFFormatError(f"{source} is not a BPE tokenizer mingpt can use: {e}") from None
+    if kind != "WordLevel":
+        raise HFFormatError(f"{source} holds a {kind!r} tokenizer; mingpt reads the character-level "
+                            "(WordLevel, one token per character) and BPE tokenizers it exports")
+    vocab = data["model"]["vocab"]
     specials = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []) if t.get("special"))
     if [i for i, _ in specials] != list(range(len(specials))):
         raise HFFormatError(f"{source}: special tokens must have the first ids, got {specials}")
@@ -167,8 +176,10 @@ def char_tokenizer_from_json(data: dict, source: str) -> CharTokenizer:
 
 # --- directories -------------------------------------------------------------------------------
 
-def model_card(ckpt: dict, model: GPT, out_dir: str) -> str:
+def model_card(ckpt: dict, model: GPT, tokenizer, out_dir: str) -> str:
     config, data = model.config, ckpt["data"]
+    tokens = "character-level" if tokenizer.kind == "char" else "byte-level BPE"
+    review = "`<bos> <pos|neg> text <eos>`" if data.get("layout") == "review" else "`<pos|neg> text` and a line break"
     preset = (ckpt.get("train_config") or {}).get("preset", "unknown")
     val_loss = ckpt.get("best_val_loss")
     val_text = (f"{float(val_loss):.4f} nats per token" if isinstance(val_loss, (int, float)) and math.isfinite(val_loss)
@@ -178,14 +189,14 @@ def model_card(ckpt: dict, model: GPT, out_dir: str) -> str:
 library_name: transformers
 pipeline_tag: text-generation
 language: zh
-tags: [gpt2, mingpt, character-level]
+tags: [gpt2, mingpt]
 ---
 # {name}
 
-A character-level GPT-2 trained with mingpt on sentiment-labelled Chinese reviews.
+A {tokens} GPT-2 trained with mingpt on sentiment-labelled Chinese reviews.
 
 - preset: `{preset}`: {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, context {config.block_size}, vocabulary {config.vocab_size}, {model.num_params():,} parameters
-- data: {data.get('source') or 'unknown'}, `{data.get('layout')}` layout; a review reads `<bos> <pos|neg> text <eos>`
+- data: {data.get('source') or 'unknown'}, `{data.get('layout')}` layout: a review reads {review}
 - trained for {ckpt.get('iter_num', 'an unrecorded number of')} iterations; validation loss {val_text}
 
 ```python
@@ -216,7 +227,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> str:
     with open(os.path.join(out_dir, METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(metadata, f, ensure_ascii=False, indent=2)
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(ckpt, model, out_dir))
+        f.write(model_card(ckpt, model, tokenizer, out_dir))
     return out_dir
 
 
@@ -276,14 +287,16 @@ def load_pretrained(path: str, device="cpu", backend="auto", require_tokenizer=F
     tokenizer_path = os.path.join(path, "tokenizer.json")
     tokenizer = None
     if os.path.isfile(tokenizer_path):
-        tokenizer = char_tokenizer_from_json(read_json(tokenizer_path), tokenizer_path)
+        tokenizer = tokenizer_from_json(read_json(tokenizer_path), tokenizer_path)
         if tokenizer.vocab_size != config.vocab_size:
             raise HFFormatError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but config.json says "
                                 f"vocab_size {config.vocab_size}")
-        if metadata["eos_token"] not in tokenizer.stoi:
-            raise HFFormatError(f"{path}: end token {metadata['eos_token']!r} is not in the tokenizer")
+        try:
+            tokenizer.token_id(metadata["eos_token"])
+        except (KeyError, ValueError):
+            raise HFFormatError(f"{path}: end token {metadata['eos_token']!r} is not a token of the tokenizer") from None
     elif require_tokenizer:
-        raise HFFormatError(f"{path} has no tokenizer.json; mingpt needs its character tokenizer to read text")
+        raise HFFormatError(f"{path} has no tokenizer.json; mingpt needs its tokenizer to read text")
     data = {k: metadata.get(k) for k in ("layout", "eos_token", "source")}
     return model.to(device).eval(), tokenizer, data
 
@@ -295,8 +308,8 @@ def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, n
                               sampler="auto") -> dict:
     """mingpt (a CPU fp32 model) against transformers loading hf_dir, which holds the same weights:
     the max |logit difference| on random full-block prompts, how many greedy continuations agree
-    token for token (the end token does not stop either side), and how many review texts the two
-    tokenizers encode and decode alike, special tokens included."""
+    token for token (the end token does not stop either side), and on how many of those
+    continuations, as text, the two tokenizers encode and decode alike, special tokens included."""
     require("transformers")
     from transformers import AutoTokenizer, GPT2LMHeadModel
     model.eval()
@@ -311,9 +324,9 @@ def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, n
     prompt_len = min(10, block - 1)
     new_tokens = min(new_tokens, block - prompt_len)
     sentiments = [(POS, NEG)[i % 2] for i in range(n_prompts)]
-    chars = torch.randint(n_special, tokenizer.vocab_size, (n_prompts, prompt_len - 2), generator=generator)
+    body = torch.randint(n_special, tokenizer.vocab_size, (n_prompts, prompt_len - 2), generator=generator)
     starts = torch.tensor([[tokenizer.token_id(BOS), tokenizer.token_id(s)] for s in sentiments])
-    prompts = torch.cat([starts, chars], dim=1)
+    prompts = torch.cat([starts, body], dim=1)
     ours = model.generate(prompts, new_tokens, temperature=0, sampler=sampler)
     hf_model.generation_config.eos_token_id = None
     theirs = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
@@ -321,11 +334,11 @@ def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, n
     greedy_identical = sum(torch.equal(a, b) for a, b in zip(ours, theirs))
 
     tokenizer_identical = 0
-    for row, sentiment in zip(chars.tolist(), sentiments):
-        text = tokenizer.decode(row)
-        ids = [tokenizer.token_id(BOS), tokenizer.token_id(sentiment)] + row + [tokenizer.token_id(EOS)]
+    for row, sentiment in zip(ours.tolist(), sentiments):
+        text = tokenizer.decode(row)  # prompt and continuation, special tokens dropped
+        ids = [tokenizer.token_id(BOS), tokenizer.token_id(sentiment)] + tokenizer.encode(text) + [tokenizer.token_id(EOS)]
         tokenizer_identical += (hf_tokenizer(f"{BOS}{sentiment}{text}{EOS}")["input_ids"] == ids
-                                and hf_tokenizer.decode(ids, skip_special_tokens=True) == text
+                                and hf_tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids) == text
                                 and hf_tokenizer.decode(ids) == tokenizer.decode(ids, skip_special=False))
     return {"max_logit_diff": max_logit_diff, "logit_prompts": n_prompts, "prompt_tokens": block,
             "greedy_identical": greedy_identical, "greedy_prompts": n_prompts, "new_tokens": new_tokens,

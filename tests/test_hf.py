@@ -15,9 +15,8 @@ from conftest import synthetic_reviews
 from mingpt import GPT, GPTConfig, export, sample
 from mingpt.checkpoint import atomic_torch_save, make_checkpoint
 from mingpt.config import preset_config
-from mingpt.hf import (HFFormatError, char_tokenizer_from_json, load_pretrained, to_hf_model,
-                       to_hf_tokenizer)
-from mingpt.tokenizer import BOS, EOS, NEG, POS, CharTokenizer
+from mingpt.hf import HFFormatError, load_pretrained, to_hf_model, to_hf_tokenizer, tokenizer_from_json
+from mingpt.tokenizer import BOS, EOS, NEG, POS, BPETokenizer, CharTokenizer
 
 LOGIT_ATOL = 1e-5  # fp32
 EXTRA_TEXTS = ["好看 , 很精彩! 值得一看。", "难看?? 剧情拖沓…… 不推荐!!!", "  演技很好\n喜欢  "]
@@ -43,8 +42,8 @@ def scrambled(config: GPTConfig, seed: int) -> GPT:
     return model.eval()
 
 
-def write_checkpoint(path, bias=True, seed=0) -> str:
-    tokenizer = review_tokenizer()
+def write_checkpoint(path, bias=True, seed=0, tokenizer=None) -> str:
+    tokenizer = tokenizer or review_tokenizer()
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tokenizer.vocab_size, bias=bias)
     data = {"layout": "review", "eos_token": EOS, "block_size": 64, "source": "synthetic"}
     atomic_torch_save(make_checkpoint(scrambled(config, seed), tokenizer, data, best_val_loss=1.2345, iter_num=50,
@@ -89,7 +88,7 @@ def test_export_loads_offline_in_transformers_with_the_same_logits(exported, tra
     idx = torch.randint(tokenizer.vocab_size, (4, 64))
     torch.testing.assert_close(model(idx)[0], hf_logits(hf_model, idx), rtol=0, atol=LOGIT_ATOL)
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
-    assert "preset: `tiny`" in card and "1.2345" in card and "synthetic" in card
+    assert "A character-level GPT-2" in card and "preset: `tiny`" in card and "1.2345" in card and "synthetic" in card
     assert f"{model.num_params():,} parameters" in card
 
 
@@ -233,13 +232,34 @@ def test_untied_head_and_nonzero_biases_are_refused(exported, tmp_path):
         GPT.from_pretrained(str(tmp_path / "hf"))
 
 
+def test_bpe_tokenizer_exports_and_loads_back(transformers, tmp_path):
+    tokenizer = BPETokenizer.train([r.text for r in synthetic_reviews(200)] + EXTRA_TEXTS, vocab_size=300)
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", tokenizer=tokenizer)
+    assert export.main(["--ckpt", ckpt, "--out", str(tmp_path / "hf")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in [r.text for r in synthetic_reviews(20, seed=2)] + EXTRA_TEXTS + ["没见过的字😀"]:
+        ids = [tokenizer.token_id(BOS), tokenizer.token_id(POS)] + tokenizer.encode(text) + [tokenizer.token_id(EOS)]
+        assert hf_tokenizer(f"{BOS}{POS}{text}{EOS}")["input_ids"] == ids
+        assert hf_tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids) == text
+        assert hf_tokenizer.decode(ids) == tokenizer.decode(ids, skip_special=False)
+    model, loaded = GPT.from_pretrained(str(tmp_path / "hf"))
+    assert isinstance(loaded, BPETokenizer) and loaded.hf.get_vocab() == tokenizer.hf.get_vocab()
+    assert loaded.encode(EXTRA_TEXTS[0]) == tokenizer.encode(EXTRA_TEXTS[0])
+    original, _ = GPT.from_checkpoint(ckpt)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.state_dict().items())
+
+
 def test_unknown_tokenizer_types_are_refused(transformers, tmp_path, capsys):
-    class ByteTokenizer:
-        kind = "bpe"
-    with pytest.raises(HFFormatError, match="cannot export a 'bpe' tokenizer"):
-        to_hf_tokenizer(ByteTokenizer(), 64)
-    with pytest.raises(HFFormatError, match="holds a 'BPE' tokenizer"):
-        char_tokenizer_from_json({"model": {"type": "BPE", "vocab": {}, "merges": []}}, "tokenizer.json")
+    class WordPieceTokenizer:
+        kind = "wordpiece"
+    with pytest.raises(HFFormatError, match="cannot export a 'wordpiece' tokenizer"):
+        to_hf_tokenizer(WordPieceTokenizer(), 64)
+    with pytest.raises(HFFormatError, match="holds a 'Unigram' tokenizer"):
+        tokenizer_from_json({"model": {"type": "Unigram", "vocab": []}}, "tokenizer.json")
+    from tokenizers import Tokenizer, models
+    without_specials = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    with pytest.raises(HFFormatError, match="not a BPE tokenizer mingpt can use: .*<pad> at id 0"):
+        tokenizer_from_json(json.loads(without_specials.to_str()), "tokenizer.json")
     ckpt = write_checkpoint(tmp_path / "ckpt.pt")
     payload = torch.load(ckpt, weights_only=True)
     payload["tokenizer"]["type"] = "wordpiece"
