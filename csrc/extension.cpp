@@ -1,6 +1,8 @@
 // The Python module mingpt._C. Ops register themselves with the torch library (TORCH_LIBRARY_FRAGMENT
-// in their own files); this file only reports how the extension was built.
+// in their own files); this file reports how the extension was built and binds the sampler class.
 #include <torch/extension.h>
+
+#include "sampler.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -30,4 +32,5 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mingpt compiled kernels";
   m.def("build_info", &build_info, "How this extension was compiled (OpenMP, CUDA, torch version)");
+  init_sampler(m);
 }
