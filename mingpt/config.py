@@ -72,7 +72,7 @@ PRESETS = {
     # Small enough to train in a few minutes on 2 CPU cores.
     "demo": dict(
         model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=True),
-        batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30, max_iters=600,
+        batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30, max_iters=1200,
         eval_interval=100,
     ),
     # Tiny, for tests.
