@@ -11,7 +11,7 @@ import sys
 from .checkpoint import CheckpointError, load_model
 from .hf import HFFormatError, MissingDependency, compare_with_transformers, export_checkpoint
 from .ops import BACKENDS
-from .sampling import SAMPLERS
+from .sampling import SAMPLERS, resolve_sampler
 
 LOGIT_TOLERANCE = 1e-5  # fp32, the bar the export is held to
 
@@ -38,8 +38,9 @@ def main(argv=None):
             r = compare_with_transformers(model, tokenizer, args.out, sampler=args.sampler)
             print(f"max |logit difference| {r['max_logit_diff']:.3g} over {r['logit_prompts']} random prompts "
                   f"of {r['prompt_tokens']} tokens (fp32, backend {model.ops.name}; tolerance {LOGIT_TOLERANCE:g})")
+            print(f"fp32 rounding for scale: mingpt fp32 vs mingpt fp64 {r['fp32_error']:.3g}")
             print(f"greedy: {r['greedy_identical']}/{r['greedy_prompts']} prompts token-identical "
-                  f"for {r['new_tokens']} new tokens ({args.sampler} sampler vs transformers generate)")
+                  f"for {r['new_tokens']} new tokens ({resolve_sampler(args.sampler, model)} sampler vs transformers generate)")
             print(f"tokenizer: {r['tokenizer_identical']}/{r['tokenizer_texts']} texts encode and decode alike")
             if not (r["max_logit_diff"] <= LOGIT_TOLERANCE and r["greedy_identical"] == r["greedy_prompts"]
                     and r["tokenizer_identical"] == r["tokenizer_texts"]):

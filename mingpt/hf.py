@@ -16,6 +16,7 @@ ending at <eos>, with biases.
 
 Writing needs transformers, tokenizers and safetensors; reading back needs only safetensors.
 """
+import copy
 import importlib
 import json
 import math
@@ -307,7 +308,8 @@ def load_pretrained(path: str, device="cpu", backend="auto", require_tokenizer=F
 def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, new_tokens=40, seed=0,
                               sampler="auto") -> dict:
     """mingpt (a CPU fp32 model) against transformers loading hf_dir, which holds the same weights:
-    the max |logit difference| on random full-block prompts, how many greedy continuations agree
+    the max |logit difference| on random full-block prompts (and, as the scale of fp32 rounding,
+    mingpt's own max difference from an fp64 run of it), how many greedy continuations agree
     token for token (the end token does not stop either side), and on how many of those
     continuations, as text, the two tokenizers encode and decode alike, special tokens included."""
     require("transformers")
@@ -319,7 +321,10 @@ def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, n
     block, n_special = model.config.block_size, len(tokenizer.special_tokens)
 
     idx = torch.randint(model.config.vocab_size, (n_prompts, block), generator=generator)
-    max_logit_diff = (model(idx)[0] - hf_model(idx).logits).abs().max().item()
+    logits = model(idx)[0]
+    max_logit_diff = (logits - hf_model(idx).logits).abs().max().item()
+    fp64 = copy.deepcopy(model).set_backend("reference").double()
+    fp32_error = (logits.double() - fp64(idx)[0]).abs().max().item()
 
     prompt_len = min(10, block - 1)
     new_tokens = min(new_tokens, block - prompt_len)
@@ -340,6 +345,6 @@ def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, n
         tokenizer_identical += (hf_tokenizer(f"{BOS}{sentiment}{text}{EOS}")["input_ids"] == ids
                                 and hf_tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids) == text
                                 and hf_tokenizer.decode(ids) == tokenizer.decode(ids, skip_special=False))
-    return {"max_logit_diff": max_logit_diff, "logit_prompts": n_prompts, "prompt_tokens": block,
+    return {"max_logit_diff": max_logit_diff, "fp32_error": fp32_error, "logit_prompts": n_prompts, "prompt_tokens": block,
             "greedy_identical": greedy_identical, "greedy_prompts": n_prompts, "new_tokens": new_tokens,
             "tokenizer_identical": tokenizer_identical, "tokenizer_texts": n_prompts}
