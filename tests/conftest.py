@@ -1,3 +1,5 @@
+import os, torch  # noqa: E401  # Triton kernels run in its interpreter on a CPU: set before anything imports triton
+if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E701
 import os
 import random
 
