@@ -1,10 +1,12 @@
-import os, torch  # noqa: E401  # Triton kernels run in its interpreter on a CPU: set before anything imports triton
-if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E701
 import os
 import random
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mingpt.data import Review, prepare
 
