@@ -32,7 +32,7 @@ def triton_skip_reason():
         return ("no CUDA device: the Triton kernels compile for GPUs only (on a CPU they run solely "
                 "in Triton's interpreter, a correctness check that is never reported as a speed)")
     try:
-        import mingpt.kernels  # noqa: F401
+        import mingpt.kernels.op_table  # noqa: F401
     except ImportError as e:
         return f"the Triton kernels cannot be imported: {e}"
     return None
@@ -65,11 +65,11 @@ def make_case(op: str, dtype: torch.dtype, device="cuda"):
 def op_fn(op: str, backend: str):
     if op == "add_layer_norm":
         if backend == "triton":
-            from mingpt.kernels import add_layer_norm
+            from mingpt.kernels.op_table import add_layer_norm
             return add_layer_norm
         return lambda x, r, w, b: (x + r, ops.reference_layer_norm(x + r, w, b))
     if backend == "triton":
-        from mingpt.kernels import OPS
+        from mingpt.kernels.op_table import OPS
         return OPS[op]
     return ops.REFERENCE_OPS[op]
 

@@ -3,7 +3,7 @@
 Backends:
   reference  plain PyTorch, the oracle for every test and the baseline of every benchmark
   sdpa       reference, with attention through torch's scaled_dot_product_attention
-  triton     Triton kernels (mingpt.kernels); CUDA, or CPU tensors under TRITON_INTERPRET=1
+  triton     Triton kernels (mingpt.kernels.op_table); CUDA, or CPU tensors under TRITON_INTERPRET=1
   cpp        C++ CPU kernels from the compiled extension (mingpt.cpp_ops)
   fused      the fast backend for the device: triton on CUDA, cpp on CPU
   auto       fused where it is available, else reference
@@ -109,7 +109,7 @@ def _triton_ops(device: torch.device) -> Ops:
         raise BackendUnavailable(
             f"backend 'triton' needs a CUDA device (got {device.type}); on a CPU it runs only in "
             "Triton's interpreter, with TRITON_INTERPRET=1 set before triton is imported")
-    return Ops.build("triton", _import_backend_ops("mingpt.kernels", "triton"), "triton")
+    return Ops.build("triton", _import_backend_ops("mingpt.kernels.op_table", "triton"), "triton")
 
 
 def _cpp_ops(device: torch.device) -> Ops:

@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
 
 def test_train_writes_checkpoint_metrics_and_plot(trained):
     _, out_dir = trained
-    assert sorted(f for f in os.listdir(out_dir) if not f.startswith(".")) == ["ckpt.pt", "loss.png", "metrics.csv"]
+    assert sorted(f for f in os.listdir(out_dir) if not f.startswith(".")) == ["best.pt", "ckpt.pt", "loss.png", "metrics.csv"]
 
 
 def test_sample_prints_one_review_per_line(trained):

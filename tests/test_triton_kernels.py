@@ -43,7 +43,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 from mingpt import ops  # noqa: E402
-from mingpt.kernels import OPS, add_layer_norm  # noqa: E402
+from mingpt.kernels.op_table import OPS, add_layer_norm  # noqa: E402
 from mingpt.kernels.attention import CausalAttentionFn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
