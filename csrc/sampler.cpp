@@ -316,8 +316,11 @@ class Generation {
     ld_qkv_ = g_.layers[0].qkv.padded_rows();
     ld_hidden_ = g_.layers[0].fc.padded_rows();
     ld_vocab_ = g_.lm_head.padded_rows();
-    ld_t_ = round_up(c_.block_size, kLanes);
-    max_rows_ = batch_ * c_.block_size;
+    // Positions the cache must hold, and the rows of the largest step (a prefill, or a window).
+    const int positions = std::min(c_.block_size, length_ + max_new - 1);
+    const bool slides = length_ + max_new - 1 > c_.block_size;
+    ld_t_ = round_up(std::max(positions, length_), kLanes);
+    max_rows_ = batch_ * (slides ? c_.block_size : length_);
     tokens_.assign(size_t(batch_) * stride_, 0);
     const int64_t* prompt = idx.data_ptr<int64_t>();
     for (int s = 0; s < batch_; ++s)
@@ -621,8 +624,8 @@ class KVSampler {
     TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "generate: top_p must be in (0, 1], got ", top_p);
     TORCH_CHECK_VALUE(eos_id >= -1 && eos_id < c.vocab_size, "generate: eos_id must be -1 (none) or a token id "
                       "below ", c.vocab_size, ", got ", eos_id);
-    TORCH_CHECK_VALUE(num_threads >= 0, "generate: num_threads must be >= 0 (0: OpenMP's default), got ",
-                      num_threads);
+    TORCH_CHECK_VALUE(num_threads >= 0 && num_threads <= 1024, "generate: num_threads must be in [0, 1024] (0: "
+                      "OpenMP's default), got ", num_threads);
     TORCH_CHECK_TYPE(callback.is_none() || PyCallable_Check(callback.ptr()),
                      "generate: callback must be callable or None");
     const int threads = num_threads > 0 ? int(num_threads) : omp_get_max_threads();

@@ -166,15 +166,21 @@ def packed_sampler(model):
     return sampler
 
 
+# Below this many bytes of weights a step's phases take microseconds, less than the barriers
+# between threads cost: one thread is faster.
+PARALLEL_MIN_BYTES = 1 << 20
+
+
 def cached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                     seed=None, callback=None):
     """One call into mingpt._C.KVSampler (CPU); without a seed, torch's global generator draws one."""
     if seed is None:
         seed = int(torch.randint(2 ** 62, (1,)))
-    return packed_sampler(model).generate(
+    sampler = packed_sampler(model)
+    threads = torch.get_num_threads() if sampler.packed_bytes >= PARALLEL_MIN_BYTES else 1
+    return sampler.generate(
         idx, max_new_tokens, temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
-        eos_id=-1 if eos_id is None else eos_id, seed=seed % 2 ** 64, num_threads=torch.get_num_threads(),
-        callback=callback)
+        eos_id=-1 if eos_id is None else eos_id, seed=seed % 2 ** 64, num_threads=threads, callback=callback)
 
 
 def cached_sampler_unavailable_reason(model=None):

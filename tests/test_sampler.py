@@ -1,0 +1,228 @@
+"""The KV-cached samplers against the no-cache reference: tokens, logits, seeds, distributions."""
+import math
+
+import pytest
+import torch
+
+from mingpt import GPT, GPTConfig
+from mingpt import sampling
+from mingpt.sampling import generate, next_token_probs, packed_sampler, reference_generate
+
+requires_cached = pytest.mark.skipif(sampling.cached_sampler_unavailable_reason() is not None,
+                                     reason=f"{sampling.cached_sampler_unavailable_reason()}")
+
+# Configs that reach every branch of the packing: n_embd not a multiple of the 16 lanes, a head
+# wider than 16 (attention in two chunks), a block that is not a multiple of 16, no biases.
+CONFIGS = {
+    "odd": dict(n_layer=2, n_head=3, n_embd=36, block_size=20, vocab_size=53, bias=True),
+    "wide_head": dict(n_layer=1, n_head=2, n_embd=42, block_size=16, vocab_size=40, bias=False),
+}
+
+
+def spread_model(name, seed=0):
+    """A model whose logits spread over several units, so greedy paths are not decided by rounding."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**CONFIGS[name])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.35)
+    return model
+
+
+def reference_step_logits(model, out, prompt_length):
+    """The no-cache model's next-token logits at every step of `out`, as (batch, steps, vocab)."""
+    block = model.config.block_size
+    with torch.no_grad():
+        return torch.stack([model(out[:, :t][:, -block:])[0][:, -1] for t in range(prompt_length, out.shape[1])], 1)
+
+
+@requires_cached
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("batch, prompt_length", [(1, 1), (10, 5), (1, "block"), (10, "block")])
+def test_greedy_matches_reference_tokens_and_logits(name, batch, prompt_length):
+    model = spread_model(name)
+    block = model.config.block_size
+    prompt_length = block if prompt_length == "block" else prompt_length
+    torch.manual_seed(1)
+    idx = torch.randint(model.config.vocab_size, (batch, prompt_length))
+    new_tokens = block + 6 - prompt_length  # past the block: the window slides for the last steps
+    expected = reference_generate(model, idx, new_tokens, temperature=0)
+    out, logits = packed_sampler(model).generate(idx, new_tokens, temperature=0, num_threads=2, record_logits=True)
+    assert torch.equal(out, expected)
+    # fp32 with another summation order: the logits (of size ~10 here) differ by ~1e-6.
+    torch.testing.assert_close(logits, reference_step_logits(model, expected, prompt_length), rtol=0, atol=1e-4)
+    assert torch.equal(generate(model, idx, new_tokens, temperature=0, sampler="kvcache"), expected)
+
+
+@requires_cached
+def test_eos_stops_rows_and_pads_like_the_reference():
+    model = spread_model("odd")
+    idx = torch.randint(model.config.vocab_size, (4, 3), generator=torch.Generator().manual_seed(2))
+    free = reference_generate(model, idx, 12, temperature=0)
+    eos = int(free[0, 6])  # row 0 stops at step 4; the others stop when (if) they emit it
+    expected = reference_generate(model, idx, 12, temperature=0, eos_id=eos)
+    for name in ("cached", "kvcache"):
+        assert torch.equal(generate(model, idx, 12, temperature=0, eos_id=eos, sampler=name), expected)
+    alone = generate(model, idx[:1], 12, temperature=0, eos_id=eos, sampler="cached")
+    assert alone.shape[1] < 3 + 12 and alone[0, -1] == eos  # the run ends when its only row does
+    assert torch.equal(alone, reference_generate(model, idx[:1], 12, temperature=0, eos_id=eos))
+
+
+@requires_cached
+def test_seeded_sampling_is_reproducible():
+    model = spread_model("odd")
+    idx = torch.zeros((3, 2), dtype=torch.long)
+    options = dict(temperature=0.9, top_k=10, top_p=0.9, sampler="cached")
+    a = generate(model, idx, 30, seed=7, **options)
+    assert torch.equal(a, generate(model, idx, 30, seed=7, **options))
+    assert not torch.equal(a, generate(model, idx, 30, seed=8, **options))
+    assert not torch.equal(a[0], a[1])  # each row draws from its own stream
+    # One thread or two: the same draws (each sample's stream does not depend on the split).
+    sampler, direct = packed_sampler(model), dict(temperature=0.9, top_k=10, top_p=0.9, seed=7)
+    assert torch.equal(a, sampler.generate(idx, 30, num_threads=1, **direct))
+    assert torch.equal(a, sampler.generate(idx, 30, num_threads=2, **direct))
+    # Without a seed, torch's global generator decides.
+    torch.manual_seed(3)
+    b = generate(model, idx, 30, **options)
+    torch.manual_seed(3)
+    assert torch.equal(b, generate(model, idx, 30, **options))
+
+
+def chi2_quantile(df, z):
+    """Wilson-Hilferty: the chi-square quantile whose upper tail matches the normal's at z."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@requires_cached
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 8, None), (1.5, None, 0.8),
+                                                       (2.0, 12, 0.85)])
+def test_draws_follow_the_reference_probabilities(temperature, top_k, top_p):
+    """20,000 one-token draws (10 seeds x 2,000 rows) from one prompt against next_token_probs, by a chi-square test.
+
+    The threshold is the chi-square quantile with upper tail 1e-6 (z = 4.75): a correct sampler
+    fails with probability about 1e-6 per case over seeds. The seed is fixed, so the test is
+    deterministic. Tokens the reference gives probability 0 must never be drawn; no token sits
+    within 1e-3 of the top-p cut, where float rounding could decide it either way.
+    """
+    model = spread_model("odd")
+    idx = torch.tensor([[1, 2, 3]]).repeat(2_000, 1)
+    draws = torch.cat([generate(model, idx, 1, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                sampler="cached")[:, -1] for seed in range(10)])
+    n = len(draws)
+    with torch.no_grad():
+        logits = model(idx[:1])[0][0, -1]
+    probs = next_token_probs(logits, temperature, top_k, top_p).double()
+    if top_p is not None:
+        kept = next_token_probs(logits, temperature, top_k).sort(descending=True).values
+        assert ((kept.cumsum(0) - kept - top_p).abs() > 1e-3).all()
+    counts = torch.bincount(draws, minlength=model.config.vocab_size).double()
+    assert counts[probs == 0].sum() == 0
+    expected = probs * n
+    big = expected >= 5  # pool the rare tokens into one cell so the chi-square approximation holds
+    observed_cells = torch.cat([counts[big], counts[~big & (probs > 0)].sum().view(1)])
+    expected_cells = torch.cat([expected[big], expected[~big & (probs > 0)].sum().view(1)])
+    keep = expected_cells > 0
+    chi2 = float(((observed_cells - expected_cells)[keep] ** 2 / expected_cells[keep]).sum())
+    df = int(keep.sum()) - 1
+    assert df >= 3, "the case should spread over several tokens"
+    assert chi2 < chi2_quantile(df, 4.75), (chi2, df)
+
+
+@requires_cached
+def test_callback_streams_every_column_and_its_errors_stop_the_run():
+    model = spread_model("odd")
+    idx = torch.randint(model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(4))
+    for name in ("cached", "kvcache", "reference"):
+        columns = []
+        out = generate(model, idx, 25, temperature=0, sampler=name, callback=columns.append)
+        assert torch.tensor(columns).T.tolist() == out[:, 3:].tolist()
+
+    seen = []
+
+    def stop_after_three(column):
+        seen.append(column)
+        if len(seen) == 3:
+            raise KeyError("enough")
+
+    with pytest.raises(KeyError, match="enough"):
+        generate(model, idx, 25, temperature=1.0, sampler="cached", callback=stop_after_three)
+    assert len(seen) == 3
+
+
+@requires_cached
+def test_packed_weights_are_reused_until_a_parameter_changes():
+    model = spread_model("odd")
+    idx = torch.zeros((1, 1), dtype=torch.long)
+    sampler = packed_sampler(model)
+    assert packed_sampler(model) is sampler
+    before = generate(model, idx, 8, temperature=0, sampler="cached")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(-1.0)
+    assert packed_sampler(model) is not sampler
+    after = generate(model, idx, 8, temperature=0, sampler="cached")
+    assert torch.equal(after, reference_generate(model, idx, 8, temperature=0)) and not torch.equal(before, after)
+
+
+@requires_cached
+def test_auto_uses_the_cached_sampler_for_float32_cpu_models_only():
+    model = spread_model("odd")
+    assert sampling.resolve_sampler("auto", model) == "cached"
+    assert sampling.resolve_sampler("auto", model.to(torch.bfloat16)) == "reference"
+    with pytest.raises(RuntimeError, match="float32"):
+        generate(model, torch.zeros((1, 1), dtype=torch.long), 2, sampler="cached")
+
+
+def test_a_missing_or_stale_build_falls_back_with_the_rebuild_command(monkeypatch):
+    from mingpt import extension
+
+    class StaleBuild:
+        SAMPLER_VERSION = sampling.SAMPLER_VERSION - 1
+
+    monkeypatch.setattr(extension, "_C", StaleBuild)
+    reason = sampling.cached_sampler_unavailable_reason()
+    assert "stale" in reason and "pip install" in reason
+    with pytest.warns(RuntimeWarning, match="stale"):
+        assert sampling.resolve_sampler("auto") == "reference"
+    model = spread_model("odd")
+    with pytest.warns(RuntimeWarning):
+        out = generate(model, torch.zeros((1, 1), dtype=torch.long), 4, temperature=0)
+    assert torch.equal(out, reference_generate(model, torch.zeros((1, 1), dtype=torch.long), 4, temperature=0))
+    with pytest.raises(RuntimeError, match="stale"):
+        generate(model, torch.zeros((1, 1), dtype=torch.long), 4, sampler="cached")
+    monkeypatch.setattr(extension, "_C", None)
+    monkeypatch.setattr(extension, "UNAVAILABLE_REASON", "mingpt._C could not be loaded (gone)")
+    assert "could not be loaded" in sampling.cached_sampler_unavailable_reason()
+
+
+@requires_cached
+def test_sample_cli_uses_the_cached_sampler_by_default(review_data_dir, tmp_path, capsys):
+    from mingpt.checkpoint import atomic_torch_save, make_checkpoint
+    from mingpt.sample import main
+    from mingpt.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(f"{review_data_dir}/tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size))
+    atomic_torch_save(make_checkpoint(model, tokenizer, {"layout": "review", "eos_token": "<eos>"}),
+                      str(tmp_path / "ckpt.pt"))
+    texts = {}
+    for name in ("auto", "cached", "reference"):
+        assert main(["--ckpt", str(tmp_path), "--start", "好看", "--sentiment", "pos", "--num_samples", "3",
+                     "--max_new_tokens", "12", "--temperature", "0", "--verbose", "--sampler", name]) == 0
+        captured = capsys.readouterr()
+        texts[name] = captured.out
+        assert f"sampler: {'cached' if name == 'auto' else name}" in captured.err
+    assert texts["auto"] == texts["cached"] == texts["reference"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the CUDA kernels are compile-tested only)")
+def test_cuda_cached_sampler_matches_reference():
+    model = spread_model("odd").cuda()
+    reason = sampling.cached_sampler_unavailable_reason(model)
+    if reason is not None:
+        pytest.skip(reason)
+    idx = torch.randint(model.config.vocab_size, (3, 4), device="cuda")
+    new_tokens = model.config.block_size + 4 - 4
+    expected = reference_generate(model, idx, new_tokens, temperature=0)
+    assert torch.equal(generate(model, idx, new_tokens, temperature=0, sampler="cached"), expected)
