@@ -1,0 +1,270 @@
+// Causal self-attention for small heads, reading the fused qkv projection (B, T, 3C) = [q | k | v] as it
+// is and writing heads merged (B, T, C). One task per (batch, head): its q, k, v are copied to float32
+// scratch that stays in cache, and the products run on blocks of rows held in vector registers.
+// The forward keeps only a block of rows of scores at a time and saves the log-sum-exp of each row;
+// the backward recomputes the probabilities from it.
+#include "cpu_kernels.h"
+
+#include <limits>
+#include <vector>
+
+namespace mingpt {
+namespace {
+
+constexpr int64_t kRows = 4;   // rows per block: the rows of a product that share each load of the other operand
+constexpr int64_t kLanes = 8;  // floats per vector
+
+typedef float vec8 __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vec8 load_vec(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store_vec(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
+
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// c[r][0..n) = sum over k < K of a[r * a_row + k * a_k] * b[k * ldb + 0..n), for the kRows rows r of a block;
+// n is a multiple of kLanes. Each kRows x kLanes tile of c is summed in registers.
+inline void block_product(const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb, int64_t K,
+                          int64_t n, float* c, int64_t ldc) {
+  for (int64_t x = 0; x < n; x += kLanes) {
+    vec8 acc[kRows] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const vec8 panel = load_vec(b + k * ldb + x);
+      for (int64_t r = 0; r < kRows; ++r) acc[r] += a[r * a_row + k * a_k] * panel;
+    }
+    for (int64_t r = 0; r < kRows; ++r) store_vec(c + r * ldc + x, acc[r]);
+  }
+}
+
+// One head's layout in scratch: rows of q, k, v (and of their gradients) are `width` floats, head_dim
+// rounded up to a vector and zero padded, and there are `padded_T` of them (T rounded up to a block);
+// k and v transposed are head_dim rows of `keys` floats (T rounded up to a vector), as are rows of scores.
+struct HeadShape {
+  int64_t T, C, head_dim, width, padded_T, keys;
+  HeadShape(int64_t T, int64_t C, int64_t head_dim)
+      : T(T), C(C), head_dim(head_dim), width(round_up(head_dim, kLanes)), padded_T(round_up(T, kRows)),
+        keys(round_up(T, kLanes)) {}
+  int64_t rows_size() const { return padded_T * width; }
+  int64_t transposed_size() const { return head_dim * keys; }
+  int64_t scores_size() const { return padded_T * keys; }
+};
+
+// The rows of every head of one batch element (source rows `stride` apart, heads side by side in a row)
+// to float32 head after head. Reading whole source rows keeps the reads sequential. Padding columns of
+// `rows` are never written, so they keep the zeros the scratch starts with.
+template <typename T>
+void load_heads(const T* src, int64_t stride, const HeadShape& s, int64_t H, float* rows) {
+  for (int64_t t = 0; t < s.T; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const T* x = src + t * stride + h * s.head_dim;
+      float* dst = rows + (h * s.padded_T + t) * s.width;
+#pragma omp simd
+      for (int64_t d = 0; d < s.head_dim; ++d) dst[d] = to_float(x[d]);
+    }
+  }
+}
+
+template <typename T>
+void store_heads(const float* rows, const HeadShape& s, int64_t H, T* dst, int64_t stride) {
+  for (int64_t t = 0; t < s.T; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* row = rows + (h * s.padded_T + t) * s.width;
+      T* y = dst + t * stride + h * s.head_dim;
+#pragma omp simd
+      for (int64_t d = 0; d < s.head_dim; ++d) y[d] = from_float<T>(row[d]);
+    }
+  }
+}
+
+// transposed[d][t] = scale * rows[t][d] for one head
+void transpose_head(const float* rows, const HeadShape& s, float scale, float* transposed) {
+  for (int64_t d = 0; d < s.head_dim; ++d) {
+    for (int64_t t = 0; t < s.T; ++t) transposed[d * s.keys + t] = scale * rows[t * s.width + d];
+  }
+}
+
+// Softmax attention of one head: out rows = softmax(q kt) v, where kt carries the 1/sqrt(head_dim).
+void attend_head(const float* q, const float* kt, const float* v, const HeadShape& s, float* p, float* out,
+                 float* lse) {
+  for (int64_t i0 = 0; i0 < s.T; i0 += kRows) {
+    const int64_t seen = std::min(i0 + kRows, s.T);  // keys that some row of the block sees
+    const int64_t seen_padded = round_up(seen, kLanes);
+    block_product(q + i0 * s.width, s.width, 1, kt, s.keys, s.head_dim, seen_padded, p, s.keys);
+    float inverse_sum[kRows] = {};
+    for (int64_t r = 0; r < kRows && i0 + r < s.T; ++r) {
+      const int64_t i = i0 + r;
+      float* p_r = p + r * s.keys;
+      const float lowest = -std::numeric_limits<float>::infinity();
+      float max = lowest;
+#pragma omp simd simdlen(kLanes) reduction(max : max)
+      for (int64_t j = 0; j < seen_padded; ++j) {
+        const float score = j <= i ? p_r[j] : lowest;
+        max = max > score ? max : score;
+      }
+      float sum = 0.0f;
+#pragma omp simd simdlen(kLanes) reduction(+ : sum)
+      for (int64_t j = 0; j < seen_padded; ++j) {
+        p_r[j] = j <= i ? exp_nonpositive(p_r[j] - max) : 0.0f;
+        sum += p_r[j];
+      }
+      inverse_sum[r] = 1.0f / sum;
+      lse[i] = max + std::log(sum);
+    }
+    float* out_block = out + i0 * s.width;
+    block_product(p, s.keys, 1, v, s.width, seen, s.width, out_block, s.width);
+    for (int64_t r = 0; r < kRows; ++r) {
+#pragma omp simd
+      for (int64_t d = 0; d < s.width; ++d) out_block[r * s.width + d] *= inverse_sum[r];
+    }
+  }
+}
+
+template <typename T>
+void attention_forward_kernel(const T* qkv, T* out, float* lse, int64_t B, int64_t H, const HeadShape s) {
+  const float scale = 1.0f / std::sqrt(float(s.head_dim));
+  const int64_t head_rows = s.rows_size();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(H * head_rows), k(H * head_rows), v(H * head_rows), o(H * head_rows);
+    std::vector<float> kt(s.transposed_size()), p(kRows * s.keys);
+    for (int64_t b = begin; b < end; ++b) {
+      const T* src = qkv + b * s.T * 3 * s.C;
+      load_heads(src, 3 * s.C, s, H, q.data());
+      load_heads(src + s.C, 3 * s.C, s, H, k.data());
+      load_heads(src + 2 * s.C, 3 * s.C, s, H, v.data());
+      for (int64_t h = 0; h < H; ++h) {
+        transpose_head(k.data() + h * head_rows, s, scale, kt.data());
+        attend_head(q.data() + h * head_rows, kt.data(), v.data() + h * head_rows, s, p.data(),
+                    o.data() + h * head_rows, lse + (b * H + h) * s.T);
+      }
+      store_heads(o.data(), s, H, out + b * s.T * s.C, s.C);
+    }
+  });
+}
+
+// Gradients of one head. With S = q kt (kt scaled), P = softmax(S) and dP = dO v^T:
+// dS = P * (dP - rowsum(P * dP)), dq = scale * dS k, dk = scale * dS^T q, dv = P^T dO.
+// A sweep over blocks of query rows recomputes P from lse and forms dS (times scale) and dq; a sweep
+// over blocks of key rows then forms dk and dv from dS and P (both zero above the diagonal).
+void attend_head_backward(const float* q, const float* k, const float* kt, const float* vt, const float* dout,
+                          const float* lse, const HeadShape& s, float scale, float* p, float* ds, float* dq,
+                          float* dk, float* dv) {
+  for (int64_t i0 = 0; i0 < s.T; i0 += kRows) {
+    const int64_t seen = std::min(i0 + kRows, s.T);
+    const int64_t seen_padded = round_up(seen, kLanes);
+    float* p_block = p + i0 * s.keys;
+    float* ds_block = ds + i0 * s.keys;
+    block_product(q + i0 * s.width, s.width, 1, kt, s.keys, s.head_dim, seen_padded, p_block, s.keys);
+    block_product(dout + i0 * s.width, s.width, 1, vt, s.keys, s.head_dim, seen_padded, ds_block, s.keys);
+    for (int64_t r = 0; r < kRows && i0 + r < s.T; ++r) {
+      const int64_t i = i0 + r;
+      float* p_r = p_block + r * s.keys;
+      float* ds_r = ds_block + r * s.keys;
+      float p_dp = 0.0f;
+#pragma omp simd simdlen(kLanes) reduction(+ : p_dp)
+      for (int64_t j = 0; j < seen_padded; ++j) {
+        p_r[j] = j <= i ? exp_nonpositive(p_r[j] - lse[i]) : 0.0f;
+        p_dp += p_r[j] * ds_r[j];
+      }
+#pragma omp simd simdlen(kLanes)
+      for (int64_t j = 0; j < seen_padded; ++j) ds_r[j] = scale * p_r[j] * (ds_r[j] - p_dp);
+    }
+    block_product(ds_block, s.keys, 1, k, s.width, seen, s.width, dq + i0 * s.width, s.width);
+  }
+  for (int64_t j0 = 0; j0 < s.T; j0 += kRows) {
+    const int64_t diagonal = j0 * s.keys + j0, queries = s.T - j0;
+    block_product(ds + diagonal, 1, s.keys, q + j0 * s.width, s.width, queries, s.width, dk + j0 * s.width, s.width);
+    block_product(p + diagonal, 1, s.keys, dout + j0 * s.width, s.width, queries, s.width, dv + j0 * s.width,
+                  s.width);
+  }
+}
+
+template <typename T>
+void attention_backward_kernel(const T* dout, const T* qkv, const float* lse, T* dqkv, int64_t B, int64_t H,
+                               const HeadShape s) {
+  const float scale = 1.0f / std::sqrt(float(s.head_dim));
+  const int64_t head_rows = s.rows_size();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(H * head_rows), k(H * head_rows), v(H * head_rows), dout_rows(H * head_rows);
+    std::vector<float> dq(H * head_rows), dk(H * head_rows), dv(H * head_rows);
+    std::vector<float> kt(s.transposed_size()), vt(s.transposed_size()), p(s.scores_size()), ds(s.scores_size());
+    for (int64_t b = begin; b < end; ++b) {
+      const T* src = qkv + b * s.T * 3 * s.C;
+      load_heads(src, 3 * s.C, s, H, q.data());
+      load_heads(src + s.C, 3 * s.C, s, H, k.data());
+      load_heads(src + 2 * s.C, 3 * s.C, s, H, v.data());
+      load_heads(dout + b * s.T * s.C, s.C, s, H, dout_rows.data());
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t at = h * head_rows;
+        transpose_head(k.data() + at, s, scale, kt.data());
+        transpose_head(v.data() + at, s, 1.0f, vt.data());
+        attend_head_backward(q.data() + at, k.data() + at, kt.data(), vt.data(), dout_rows.data() + at,
+                             lse + (b * H + h) * s.T, s, scale, p.data(), ds.data(), dq.data() + at, dk.data() + at,
+                             dv.data() + at);
+      }
+      T* dst = dqkv + b * s.T * 3 * s.C;
+      store_heads(dq.data(), s, H, dst, 3 * s.C);
+      store_heads(dk.data(), s, H, dst + s.C, 3 * s.C);
+      store_heads(dv.data(), s, H, dst + 2 * s.C, 3 * s.C);
+    }
+  });
+}
+
+HeadShape check_qkv(const at::Tensor& qkv, int64_t n_head, const char* op) {
+  check_cpu_float(qkv, op, "qkv");
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % 3 == 0, op, ": qkv must have shape (B, T, 3*C), got ", qkv.sizes());
+  const int64_t C = qkv.size(2) / 3;
+  TORCH_CHECK(n_head >= 1 && C % n_head == 0, op, ": C=", C, " is not divisible by n_head=", n_head);
+  return HeadShape(qkv.size(1), C, C / n_head);
+}
+
+// Returns (out, lse): out (B, T, C) in qkv's dtype, lse (B, n_head, T) float32.
+std::tuple<at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& qkv, int64_t n_head) {
+  const char* op = "mingpt::causal_attention_forward";
+  const HeadShape s = check_qkv(qkv, n_head, op);
+  const int64_t B = qkv.size(0);
+  const at::Tensor qkv_c = qkv.contiguous();
+  at::Tensor out = at::empty({B, s.T, s.C}, qkv.options());
+  at::Tensor lse = at::empty({B, n_head, s.T}, qkv.options().dtype(at::kFloat));
+  MINGPT_DISPATCH_FLOAT_BF16(qkv.scalar_type(), op, [&] {
+    attention_forward_kernel<scalar_t>(qkv_c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+                                       B, n_head, s);
+  });
+  return {out, lse};
+}
+
+at::Tensor causal_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse,
+                                     int64_t n_head) {
+  const char* op = "mingpt::causal_attention_backward";
+  const HeadShape s = check_qkv(qkv, n_head, op);
+  const int64_t B = qkv.size(0);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == s.T && grad_out.size(2) == s.C &&
+                  grad_out.scalar_type() == qkv.scalar_type(),
+              op, ": grad_out must be ", qkv.scalar_type(), " of shape (", B, ", ", s.T, ", ", s.C, "), got ",
+              grad_out.scalar_type(), " of shape ", grad_out.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == B * n_head * s.T, op,
+              ": lse must be the float32 log-sum-exp of causal_attention_forward");
+  const at::Tensor qkv_c = qkv.contiguous(), dout_c = grad_out.contiguous(), lse_c = lse.contiguous();
+  at::Tensor dqkv = at::empty_like(qkv_c);
+  MINGPT_DISPATCH_FLOAT_BF16(qkv.scalar_type(), op, [&] {
+    attention_backward_kernel<scalar_t>(dout_c.data_ptr<scalar_t>(), qkv_c.data_ptr<scalar_t>(),
+                                        lse_c.data_ptr<float>(), dqkv.data_ptr<scalar_t>(), B, n_head, s);
+  });
+  return dqkv;
+}
+
+}  // namespace
+}  // namespace mingpt
+
+TORCH_LIBRARY_FRAGMENT(mingpt, m) {
+  m.def("causal_attention_forward(Tensor qkv, int n_head) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad_out, Tensor qkv, Tensor lse, int n_head) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mingpt, CPU, m) {
+  m.impl("causal_attention_forward", &mingpt::causal_attention_forward);
+  m.impl("causal_attention_backward", &mingpt::causal_attention_backward);
+}
