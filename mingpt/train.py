@@ -313,7 +313,8 @@ def _train(cfg: TrainConfig, ddp: Distributed, device) -> dict:
     progress = None
     if cfg.progress and ddp.is_main:
         from tqdm import tqdm
-        progress = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", unit="it", dynamic_ncols=True)
+        progress = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
+                        mininterval=1.0)
     micro_steps = range(ddp.rank, cfg.grad_accum, ddp.world_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
     started = time.perf_counter()
