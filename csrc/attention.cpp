@@ -11,20 +11,8 @@
 namespace mingpt {
 namespace {
 
-constexpr int64_t kRows = 4;   // rows per block: the rows of a product that share each load of the other operand
-constexpr int64_t kLanes = 8;  // floats per vector
-
-typedef float vec8 __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vec8 load_vec(const float* p) {
-  vec8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store_vec(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
-
-int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+constexpr int64_t kRows = 8;  // rows per block: the rows of a product that share each load of the other operand, and
+                              // enough independent sums to keep both FMA pipes busy
 
 // c[r][0..n) = sum over k < K of a[r * a_row + k * a_k] * b[k * ldb + 0..n), for the kRows rows r of a block;
 // n is a multiple of kLanes. Each kRows x kLanes tile of c is summed in registers.
@@ -53,29 +41,34 @@ struct HeadShape {
   int64_t scores_size() const { return padded_T * keys; }
 };
 
-// The rows of every head of one batch element (source rows `stride` apart, heads side by side in a row)
-// to float32 head after head. Reading whole source rows keeps the reads sequential. Padding columns of
-// `rows` are never written, so they keep the zeros the scratch starts with.
+// One batch element of a (T, parts * C) tensor, each row `parts` slices of C = H * head_dim, to float32
+// rows head after head: part p to parts_rows[p]. It reads the source once, in order. Padding columns
+// of the rows are never written, so they keep the zeros the scratch starts with.
 template <typename T>
-void load_heads(const T* src, int64_t stride, const HeadShape& s, int64_t H, float* rows) {
+void load_heads(const T* src, int parts, const HeadShape& s, int64_t H, float* const* parts_rows) {
   for (int64_t t = 0; t < s.T; ++t) {
-    for (int64_t h = 0; h < H; ++h) {
-      const T* x = src + t * stride + h * s.head_dim;
-      float* dst = rows + (h * s.padded_T + t) * s.width;
+    for (int p = 0; p < parts; ++p) {
+      for (int64_t h = 0; h < H; ++h) {
+        const T* x = src + (t * parts + p) * s.C + h * s.head_dim;
+        float* dst = parts_rows[p] + (h * s.padded_T + t) * s.width;
 #pragma omp simd
-      for (int64_t d = 0; d < s.head_dim; ++d) dst[d] = to_float(x[d]);
+        for (int64_t d = 0; d < s.head_dim; ++d) dst[d] = to_float(x[d]);
+      }
     }
   }
 }
 
+// The inverse of load_heads: rows head after head, part p from parts_rows[p], to one batch element.
 template <typename T>
-void store_heads(const float* rows, const HeadShape& s, int64_t H, T* dst, int64_t stride) {
+void store_heads(const float* const* parts_rows, int parts, const HeadShape& s, int64_t H, T* dst) {
   for (int64_t t = 0; t < s.T; ++t) {
-    for (int64_t h = 0; h < H; ++h) {
-      const float* row = rows + (h * s.padded_T + t) * s.width;
-      T* y = dst + t * stride + h * s.head_dim;
+    for (int p = 0; p < parts; ++p) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* row = parts_rows[p] + (h * s.padded_T + t) * s.width;
+        T* y = dst + (t * parts + p) * s.C + h * s.head_dim;
 #pragma omp simd
-      for (int64_t d = 0; d < s.head_dim; ++d) y[d] = from_float<T>(row[d]);
+        for (int64_t d = 0; d < s.head_dim; ++d) y[d] = from_float<T>(row[d]);
+      }
     }
   }
 }
@@ -98,19 +91,12 @@ void attend_head(const float* q, const float* kt, const float* v, const HeadShap
     for (int64_t r = 0; r < kRows && i0 + r < s.T; ++r) {
       const int64_t i = i0 + r;
       float* p_r = p + r * s.keys;
-      const float lowest = -std::numeric_limits<float>::infinity();
-      float max = lowest;
-#pragma omp simd simdlen(kLanes) reduction(max : max)
-      for (int64_t j = 0; j < seen_padded; ++j) {
-        const float score = j <= i ? p_r[j] : lowest;
-        max = max > score ? max : score;
-      }
-      float sum = 0.0f;
-#pragma omp simd simdlen(kLanes) reduction(+ : sum)
-      for (int64_t j = 0; j < seen_padded; ++j) {
-        p_r[j] = j <= i ? exp_nonpositive(p_r[j] - max) : 0.0f;
-        sum += p_r[j];
-      }
+#pragma omp simd
+      for (int64_t j = 0; j < seen_padded; ++j) p_r[j] = j <= i ? p_r[j] : -std::numeric_limits<float>::infinity();
+      const float max = max_padded(p_r, seen_padded);
+#pragma omp simd
+      for (int64_t j = 0; j < seen_padded; ++j) p_r[j] = j <= i ? exp_nonpositive(p_r[j] - max) : 0.0f;
+      const float sum = sum_padded(p_r, seen_padded);
       inverse_sum[r] = 1.0f / sum;
       lse[i] = max + std::log(sum);
     }
@@ -131,16 +117,15 @@ void attention_forward_kernel(const T* qkv, T* out, float* lse, int64_t B, int64
     std::vector<float> q(H * head_rows), k(H * head_rows), v(H * head_rows), o(H * head_rows);
     std::vector<float> kt(s.transposed_size()), p(kRows * s.keys);
     for (int64_t b = begin; b < end; ++b) {
-      const T* src = qkv + b * s.T * 3 * s.C;
-      load_heads(src, 3 * s.C, s, H, q.data());
-      load_heads(src + s.C, 3 * s.C, s, H, k.data());
-      load_heads(src + 2 * s.C, 3 * s.C, s, H, v.data());
+      float* qkv_rows[] = {q.data(), k.data(), v.data()};
+      load_heads(qkv + b * s.T * 3 * s.C, 3, s, H, qkv_rows);
       for (int64_t h = 0; h < H; ++h) {
         transpose_head(k.data() + h * head_rows, s, scale, kt.data());
         attend_head(q.data() + h * head_rows, kt.data(), v.data() + h * head_rows, s, p.data(),
                     o.data() + h * head_rows, lse + (b * H + h) * s.T);
       }
-      store_heads(o.data(), s, H, out + b * s.T * s.C, s.C);
+      const float* out_rows[] = {o.data()};
+      store_heads(out_rows, 1, s, H, out + b * s.T * s.C);
     }
   });
 }
@@ -163,13 +148,10 @@ void attend_head_backward(const float* q, const float* k, const float* kt, const
       const int64_t i = i0 + r;
       float* p_r = p_block + r * s.keys;
       float* ds_r = ds_block + r * s.keys;
-      float p_dp = 0.0f;
-#pragma omp simd simdlen(kLanes) reduction(+ : p_dp)
-      for (int64_t j = 0; j < seen_padded; ++j) {
-        p_r[j] = j <= i ? exp_nonpositive(p_r[j] - lse[i]) : 0.0f;
-        p_dp += p_r[j] * ds_r[j];
-      }
-#pragma omp simd simdlen(kLanes)
+#pragma omp simd
+      for (int64_t j = 0; j < seen_padded; ++j) p_r[j] = j <= i ? exp_nonpositive(p_r[j] - lse[i]) : 0.0f;
+      const float p_dp = dot_padded(p_r, ds_r, seen_padded);
+#pragma omp simd
       for (int64_t j = 0; j < seen_padded; ++j) ds_r[j] = scale * p_r[j] * (ds_r[j] - p_dp);
     }
     block_product(ds_block, s.keys, 1, k, s.width, seen, s.width, dq + i0 * s.width, s.width);
@@ -192,11 +174,10 @@ void attention_backward_kernel(const T* dout, const T* qkv, const float* lse, T*
     std::vector<float> dq(H * head_rows), dk(H * head_rows), dv(H * head_rows);
     std::vector<float> kt(s.transposed_size()), vt(s.transposed_size()), p(s.scores_size()), ds(s.scores_size());
     for (int64_t b = begin; b < end; ++b) {
-      const T* src = qkv + b * s.T * 3 * s.C;
-      load_heads(src, 3 * s.C, s, H, q.data());
-      load_heads(src + s.C, 3 * s.C, s, H, k.data());
-      load_heads(src + 2 * s.C, 3 * s.C, s, H, v.data());
-      load_heads(dout + b * s.T * s.C, s.C, s, H, dout_rows.data());
+      float* qkv_rows[] = {q.data(), k.data(), v.data()};
+      load_heads(qkv + b * s.T * 3 * s.C, 3, s, H, qkv_rows);
+      float* dout_parts[] = {dout_rows.data()};
+      load_heads(dout + b * s.T * s.C, 1, s, H, dout_parts);
       for (int64_t h = 0; h < H; ++h) {
         const int64_t at = h * head_rows;
         transpose_head(k.data() + at, s, scale, kt.data());
@@ -205,10 +186,8 @@ void attention_backward_kernel(const T* dout, const T* qkv, const float* lse, T*
                              lse + (b * H + h) * s.T, s, scale, p.data(), ds.data(), dq.data() + at, dk.data() + at,
                              dv.data() + at);
       }
-      T* dst = dqkv + b * s.T * 3 * s.C;
-      store_heads(dq.data(), s, H, dst, 3 * s.C);
-      store_heads(dk.data(), s, H, dst + s.C, 3 * s.C);
-      store_heads(dv.data(), s, H, dst + 2 * s.C, 3 * s.C);
+      const float* dqkv_rows[] = {dq.data(), dk.data(), dv.data()};
+      store_heads(dqkv_rows, 3, s, H, dqkv + b * s.T * 3 * s.C);
     }
   });
 }

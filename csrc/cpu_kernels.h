@@ -61,6 +61,56 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// Vectors of 8 floats (GCC vector extensions: AVX2 or AVX-512 code from plain arithmetic), for loops
+// the compiler would not vectorise well by itself: reductions over short rows, register-blocked products.
+constexpr int64_t kLanes = 8;
+typedef float vec8 __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vec8 load_vec(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store_vec(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Reductions over n floats, n a multiple of kLanes (rows in scratch, zero padded): four independent
+// vector accumulators, so the adds pipeline instead of waiting on each other.
+inline float dot_padded(const float* a, const float* b, int64_t n) {
+  vec8 acc[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    for (int k = 0; k < 4; ++k) acc[k] += load_vec(a + i + k * kLanes) * load_vec(b + i + k * kLanes);
+  }
+  for (; i < n; i += kLanes) acc[0] += load_vec(a + i) * load_vec(b + i);
+  const vec8 v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+inline float sum_padded(const float* a, int64_t n) {
+  vec8 acc[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    for (int k = 0; k < 4; ++k) acc[k] += load_vec(a + i + k * kLanes);
+  }
+  for (; i < n; i += kLanes) acc[0] += load_vec(a + i);
+  const vec8 v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+inline float max_padded(const float* a, int64_t n) {
+  vec8 m = load_vec(a);
+  for (int64_t i = kLanes; i < n; i += kLanes) {
+    const vec8 v = load_vec(a + i);
+    m = v > m ? v : m;
+  }
+  float out = m[0];
+  for (int64_t l = 1; l < kLanes; ++l) out = m[l] > out ? m[l] : out;
+  return out;
+}
+
 inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,

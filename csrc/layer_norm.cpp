@@ -9,27 +9,25 @@ namespace {
 
 constexpr int64_t kRowsPerBlock = 32;  // rows per partial sum of the weight and bias gradients
 
+// Rows are copied to float32 scratch `padded` = C rounded up to a vector wide, whose padding stays zero,
+// so that the row sums run on whole vectors.
 template <typename T>
 void layer_norm_forward_kernel(const T* x, const float* weight, const float* bias, T* y, float* mean,
                                float* rstd, int64_t rows, int64_t C, float eps) {
+  const int64_t padded = round_up(C, kLanes);
   at::parallel_for(0, rows, kRowsPerBlock, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(C);
+    std::vector<float> centred(padded, 0.0f);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * C;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < C; ++c) {
-        row[c] = to_float(xr[c]);
-        sum += row[c];
-      }
-      const float mu = sum / C;
-      float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t c = 0; c < C; ++c) squares += (row[c] - mu) * (row[c] - mu);
-      const float rs = 1.0f / std::sqrt(squares / C + eps);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) centred[c] = to_float(xr[c]);
+      const float mu = sum_padded(centred.data(), padded) / C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) centred[c] -= mu;
+      const float rs = 1.0f / std::sqrt(dot_padded(centred.data(), centred.data(), padded) / C + eps);
       T* yr = y + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yr[c] = from_float<T>((row[c] - mu) * rs * weight[c] + bias[c]);
+      for (int64_t c = 0; c < C; ++c) yr[c] = from_float<T>(centred[c] * rs * weight[c] + bias[c]);
       mean[r] = mu;
       rstd[r] = rs;
     }
@@ -43,10 +41,10 @@ template <typename T>
 void layer_norm_backward_kernel(const T* dy, const T* x, const float* weight, const float* mean,
                                 const float* rstd, T* dx, float* dweight, float* dbias, int64_t rows,
                                 int64_t C) {
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock, padded = round_up(C, kLanes);
   std::vector<float> dweight_part(blocks * C, 0.0f), dbias_part(blocks * C, 0.0f);
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<float> xhat(C), g(C);
+    std::vector<float> xhat(padded, 0.0f), g(padded, 0.0f);
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       float* dw = dweight_part.data() + blk * C;
       float* db = dbias_part.data() + blk * C;
@@ -54,18 +52,16 @@ void layer_norm_backward_kernel(const T* dy, const T* x, const float* weight, co
         const T* xr = x + r * C;
         const T* dyr = dy + r * C;
         const float mu = mean[r], rs = rstd[r];
-        float g_sum = 0.0f, g_xhat_sum = 0.0f;
-#pragma omp simd reduction(+ : g_sum, g_xhat_sum)
+#pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const float d = to_float(dyr[c]);
           xhat[c] = (to_float(xr[c]) - mu) * rs;
           g[c] = d * weight[c];
-          g_sum += g[c];
-          g_xhat_sum += g[c] * xhat[c];
           dw[c] += d * xhat[c];
           db[c] += d;
         }
-        const float g_mean = g_sum / C, g_xhat_mean = g_xhat_sum / C;
+        const float g_mean = sum_padded(g.data(), padded) / C;
+        const float g_xhat_mean = dot_padded(g.data(), xhat.data(), padded) / C;
         T* dxr = dx + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) dxr[c] = from_float<T>(rs * (g[c] - g_mean - xhat[c] * g_xhat_mean));
