@@ -72,11 +72,10 @@ inline v16 exp16(v16 x) {
   return underflow ? v16{} : result;
 }
 
-// GELU, tanh approximation, with tanh(u) = 1 - 2 / (exp(2u) + 1).
+// GELU, tanh approximation: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)).
 inline v16 gelu16(v16 x) {
   const v16 u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  const v16 tanh_u = 1.0f - 2.0f / (exp16(2.0f * u) + 1.0f);
-  return 0.5f * x * (1.0f + tanh_u);
+  return x / (1.0f + exp16(-2.0f * u));
 }
 
 void layer_norm(const float* x, const float* weight, const float* bias, float* out, int n) {
@@ -136,10 +135,10 @@ PackedMatrix pack_matrix(const torch::Tensor& weight, const torch::Tensor* bias)
   return m;
 }
 
-// out[b] (16 lanes) = panel . in[b] for NB batch rows. Small tiles split k over several
-// accumulators so that the FMA latency does not bound them.
+// out[b] (16 lanes) = panel . in[b] for NB batch rows, prefetching `ahead` (a later panel) line
+// by line. Small tiles split k over several accumulators so that the FMA latency does not bound them.
 template <int NB>
-void panel_tile(const float* panel, int cols, const float* in, int ld, v16* out) {
+void panel_tile(const float* panel, int cols, const float* in, int ld, const float* ahead, v16* out) {
   constexpr int kSplit = NB == 1 ? 4 : NB <= 3 ? 2 : 1;
   v16 acc[kSplit][NB];
   for (int s = 0; s < kSplit; ++s)
@@ -148,6 +147,7 @@ void panel_tile(const float* panel, int cols, const float* in, int ld, v16* out)
   for (; k + kSplit <= cols; k += kSplit) {
 #pragma GCC unroll 4
     for (int s = 0; s < kSplit; ++s) {
+      __builtin_prefetch(ahead + size_t(k + s) * kLanes);
       const v16 w = load16(panel + size_t(k + s) * kLanes);
 #pragma GCC unroll 12
       for (int b = 0; b < NB; ++b) acc[s][b] += w * in[size_t(b) * ld + k + s];
@@ -164,7 +164,7 @@ void panel_tile(const float* panel, int cols, const float* in, int ld, v16* out)
   }
 }
 
-using TileFn = void (*)(const float*, int, const float*, int, v16*);
+using TileFn = void (*)(const float*, int, const float*, int, const float*, v16*);
 template <int... N>
 constexpr std::array<TileFn, sizeof...(N)> tile_table(std::integer_sequence<int, N...>) {
   return {&panel_tile<N + 1>...};
@@ -172,7 +172,8 @@ constexpr std::array<TileFn, sizeof...(N)> tile_table(std::integer_sequence<int,
 constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kMaxTile>{});
 
 // This thread's share of out = in . W^T + bias for `rows` input rows of stride ld: every panel it
-// owns is read once, and epilogue(row, first column, 16 values) stores each result.
+// owns is read once, and epilogue(row, first column, 16 values) stores each result. Panels are
+// prefetched two ahead, so that the memory keeps streaming while the cores compute.
 template <class Epilogue>
 void matmul(const PackedMatrix& m, const float* in, int ld, int rows, int tid, int nth, Epilogue&& epilogue) {
   const int tiles = (rows + kMaxTile - 1) / kMaxTile;
@@ -181,7 +182,7 @@ void matmul(const PackedMatrix& m, const float* in, int ld, int rows, int tid, i
     const v16 bias = load16(m.bias.data() + p * kLanes);
     for (int t = 0; t < tiles; ++t) {
       const int r0 = part(rows, t, tiles), r1 = part(rows, t + 1, tiles);
-      kTiles[r1 - r0 - 1](m.panel(p), m.cols, in + size_t(r0) * ld, ld, acc);
+      kTiles[r1 - r0 - 1](m.panel(p), m.cols, in + size_t(r0) * ld, ld, m.panel(std::min(p + 2, m.panels - 1)), acc);
       for (int r = r0; r < r1; ++r) epilogue(r, p * kLanes, acc[r - r0] + bias);
     }
   }
@@ -339,9 +340,8 @@ class Generation {
     attn_out_ = alloc_floats(size_t(max_rows_) * ld_c_);
     hidden_ = alloc_floats(size_t(max_rows_) * ld_hidden_);
     logits_ = alloc_floats(size_t(batch_) * ld_vocab_);
-    head_cache_ = size_t(c_.head_dim) * ld_t_ + kLanes;  // + lanes: whole-vector reads past the end
-    k_cache_ = alloc_floats(size_t(batch_) * c_.n_layer * c_.n_head * head_cache_);
-    v_cache_ = alloc_floats(size_t(batch_) * c_.n_layer * c_.n_head * head_cache_);
+    head_cache_ = 2 * size_t(c_.head_dim) * ld_t_ + kLanes;  // + lanes: whole-vector reads past the end
+    kv_cache_ = alloc_floats(size_t(batch_) * c_.n_layer * c_.n_head * head_cache_);
     scores_ = alloc_floats(size_t(n_threads) * ld_t_);
     scratch_.resize(n_threads);
     for (PickScratch& s : scratch_) {
@@ -442,56 +442,83 @@ class Generation {
   }
 
   // Appends this step's keys and values to the cache and attends, one (sample, head) pair at a
-  // time, so the rows of a prefill see each other's keys without another barrier. Keys are
-  // cached transposed ([dim][position]) so scores vectorise over positions; values [position][dim].
+  // time, so the rows of a prefill see each other's keys without another barrier. A pair's cache
+  // holds keys in blocks of 16 positions, [block][dim][16], so that scores vectorise over
+  // positions, then values [position][dim]: the first n positions of either are one prefix.
   void attention(int l, int tid, int nth) {
     const int C = c_.n_embd, H = c_.n_head, hd = c_.head_dim, pairs = active_.size() * H;
+    const int end = part(pairs, tid + 1, nth), n_keys = first_pos_ + rows_per_sample_;
     const float scale = 1.0f / std::sqrt(float(hd));
     float* scores = scores_.get() + size_t(tid) * ld_t_;
-    for (int pair = part(pairs, tid, nth); pair < part(pairs, tid + 1, nth); ++pair) {
+    const auto cache_of = [&](int pair) {
+      return kv_cache_.get() + ((size_t(active_[pair / H]) * c_.n_layer + l) * H + pair % H) * head_cache_;
+    };
+    for (int pair = part(pairs, tid, nth); pair < end; ++pair) {
       const int i = pair / H, h = pair % H;
-      const size_t head = (size_t(active_[i]) * c_.n_layer + l) * H + h;
-      float* keys = k_cache_.get() + head * head_cache_;
-      float* values = v_cache_.get() + head * head_cache_;
+      float* keys = cache_of(pair);
+      float* values = keys + size_t(ld_t_) * hd;
+      if (pair + 1 < end) {  // the next pair's cache, which the hardware would fetch only on demand
+        const float* next = cache_of(pair + 1);
+        for (int k = 0; k < round_up(n_keys, kLanes) * hd; k += kLanes) __builtin_prefetch(next + k);
+        for (int k = 0; k < n_keys * hd; k += kLanes) __builtin_prefetch(next + size_t(ld_t_) * hd + k);
+      }
       for (int t = 0; t < rows_per_sample_; ++t) {
         const float* src = qkv_.get() + size_t(i * rows_per_sample_ + t) * ld_qkv_ + h * hd;
         const int pos = first_pos_ + t;
+        float* key = keys + size_t(pos / kLanes) * hd * kLanes + pos % kLanes;
         for (int d = 0; d < hd; ++d) {
-          keys[size_t(d) * ld_t_ + pos] = src[C + d];
+          key[d * kLanes] = src[C + d];
           values[size_t(pos) * hd + d] = src[2 * C + d];
         }
       }
       for (int t = 0; t < rows_per_sample_; ++t) {
-        const int r = i * rows_per_sample_ + t, n_keys = first_pos_ + t + 1;
-        const float* q = qkv_.get() + size_t(r) * ld_qkv_ + h * hd;
-        v16 max = splat(kNegInf);
-        for (int t0 = 0; t0 < n_keys; t0 += kLanes) {
-          v16 s{};
-          for (int d = 0; d < hd; ++d) s += q[d] * load16(keys + size_t(d) * ld_t_ + t0);
-          s *= scale;
-          for (int j = std::max(0, n_keys - t0); j < kLanes; ++j) s[j] = kNegInf;
-          max = s > max ? s : max;
-          store16(scores + t0, s);
-        }
-        float m = kNegInf;
-        for (int j = 0; j < kLanes; ++j) m = std::max(m, max[j]);
-        v16 sum{};
-        for (int t0 = 0; t0 < n_keys; t0 += kLanes) {
-          const v16 e = exp16(load16(scores + t0) - m);
-          sum += e;
-          store16(scores + t0, e);
-        }
-        float total = 0.0f;
-        for (int j = 0; j < kLanes; ++j) total += sum[j];
-        // hd may exceed 16: accumulate in chunks of 16 dims; lanes past hd read the next
-        // position's values and are dropped.
-        float* out = attn_out_.get() + size_t(r) * ld_c_ + h * hd;
-        for (int d0 = 0; d0 < hd; d0 += kLanes) {
-          v16 acc{};
-          for (int k = 0; k < n_keys; ++k) acc += scores[k] * load16(values + size_t(k) * hd + d0);
-          for (int d = d0; d < std::min(hd, d0 + kLanes); ++d) out[d] = acc[d - d0] / total;
-        }
+        const int r = i * rows_per_sample_ + t;
+        attend_row(qkv_.get() + size_t(r) * ld_qkv_ + h * hd, keys, values, first_pos_ + t + 1, scale, scores,
+                   attn_out_.get() + size_t(r) * ld_c_ + h * hd);
       }
+    }
+  }
+
+  // out = softmax(q . keys * scale) . values over the first n_keys positions of a pair's cache.
+  void attend_row(const float* q, const float* keys, const float* values, int n_keys, float scale, float* scores,
+                  float* out) const {
+    const int hd = c_.head_dim;
+    const i16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    v16 max = splat(kNegInf);
+    for (int t0 = 0; t0 < n_keys; t0 += 4 * kLanes) {  // 4 blocks at once: independent FMA chains
+      const int blocks = std::min(4, (n_keys - t0 + kLanes - 1) / kLanes);
+      const float* block = keys + size_t(t0 / kLanes) * hd * kLanes;
+      v16 s[4] = {};
+      for (int d = 0; d < hd; ++d)
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; ++b)
+          if (b < blocks) s[b] += q[d] * load16(block + size_t(b * hd + d) * kLanes);
+      for (int b = 0; b < blocks; ++b) {
+        const v16 masked = lane < n_keys - t0 - b * kLanes ? s[b] * scale : splat(kNegInf);
+        max = masked > max ? masked : max;
+        store16(scores + t0 + b * kLanes, masked);
+      }
+    }
+    float m = kNegInf;
+    for (int j = 0; j < kLanes; ++j) m = std::max(m, max[j]);
+    v16 sum{};
+    for (int t0 = 0; t0 < n_keys; t0 += kLanes) {
+      const v16 e = exp16(load16(scores + t0) - m);
+      sum += e;
+      store16(scores + t0, e);
+    }
+    float total = 0.0f;
+    for (int j = 0; j < kLanes; ++j) total += sum[j];
+    // 16 dims at a time; lanes past hd read the next position's values and are dropped.
+    for (int d0 = 0; d0 < hd; d0 += kLanes) {
+      v16 acc[4] = {};
+      int k = 0;
+      for (; k + 4 <= n_keys; k += 4)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) acc[u] += scores[k + u] * load16(values + size_t(k + u) * hd + d0);
+      for (; k < n_keys; ++k) acc[0] += scores[k] * load16(values + size_t(k) * hd + d0);
+      const v16 weighted = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / total;
+      for (int d = d0; d < std::min(hd, d0 + kLanes); ++d) out[d] = weighted[d - d0];
     }
   }
 
@@ -590,7 +617,7 @@ class Generation {
 
   int ld_c_, ld_qkv_, ld_hidden_, ld_vocab_, ld_t_, max_rows_;
   size_t head_cache_;
-  Floats x_, normed_, qkv_, attn_out_, hidden_, logits_, k_cache_, v_cache_, scores_;
+  Floats x_, normed_, qkv_, attn_out_, hidden_, logits_, kv_cache_, scores_;
   std::vector<PickScratch> scratch_;
 };
 
