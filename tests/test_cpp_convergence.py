@@ -1,0 +1,157 @@
+"""Training on the C++ kernels follows training on the reference ops; bf16 autocast follows fp32.
+
+1. Step by step, fp32: same seed, same batches, same AdamW, a small GPT (2 layers, 4 heads of the
+   seed preset's odd head dim 21, block 32) trains 25 steps of batch 8 on prepared review rows
+   (whose padding targets are -1, so the loss's ignore_index is on the path) once on backend
+   "cpp" and once on "reference".
+2. The train CLI: `--backend fused` and `--backend reference` run a few steps and end at the same
+   losses and weights; `--backend auto` on a CPU reports the cpp kernels for every op.
+3. bf16 against fp32: the demo preset's model (4 layers, 4 heads, n_embd 128, block 64) and its
+   learning-rate schedule (warmup, cosine decay) train 200 steps of batch 16 on backend "cpp", once
+   in fp32 and once under `torch.autocast("cpu", torch.bfloat16)` as `--dtype bfloat16` runs it
+   (bf16 matmuls, fp32 master weights, norms and softmax statistics in fp32). The demo's batch of
+   32 and 1,200 steps would take minutes on 2 cores; half the batch for a sixth of the steps keeps
+   the test near 40 s and still covers the fast fall of the loss and a long stretch of the slow part.
+
+Tolerances, and why:
+  fp32, loss at every step   |a - b| <= 5e-5. The losses are ~2-5, where one fp32 ulp is 2.4e-7 to
+                             4.8e-7; observed differences are at most 1e-6 at any step. 5e-5
+                             (~100 ulps) leaves room while a wrong gradient anywhere drives the
+                             curves apart by 1e-3 or more within steps.
+  fp32, first-step grads     scaled error (as in test_cpp_ops) <= 1e-5, as for single ops.
+  fp32, final parameters     max |a - b| <= 1e-3 and ||a - b|| / ||b|| <= 1e-4. AdamW moves an
+                             element by up to about lr per step whatever its gradient's size, so an
+                             element whose gradient is rounding-dominated may differ by a fraction of lr.
+  bf16 vs fp32               the mean training loss over each window of 40 steps within 0.05 of
+                             fp32's, and the final held-out loss within 2 %. bf16 keeps 8 significant
+                             bits, so the two runs take different paths from the first step and are
+                             compared as curves, not step by step: window means differ by <= 0.006
+                             (observed), the held-out loss by < 0.1 %; a bf16 path that lost
+                             accuracy (say, softmax statistics in bf16) misses these by far more.
+"""
+import os
+
+import pytest
+import torch
+
+from mingpt import GPT, GPTConfig
+from mingpt.checkpoint import load_checkpoint
+from mingpt.config import preset_config
+from mingpt.data import TokenData
+from mingpt import train as train_cli
+from mingpt.train import learning_rate
+
+try:
+    from mingpt import cpp_ops  # noqa: F401
+except ImportError as e:
+    pytest.skip(f"the C++ kernels are not available: {e}", allow_module_level=True)
+
+LOSS_TOL = 5e-5
+PARAM_MAX_TOL = 1e-3
+PARAM_NORM_TOL = 1e-4
+
+
+def _train_steps(backend: str, data: TokenData, config: GPTConfig, steps: int, batch: int):
+    torch.manual_seed(1234)
+    model = GPT(config, backend=backend)
+    assert set(model.ops.sources.values()) == {backend}
+    optimizer = model.configure_optimizer(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(5678)
+    losses, first_grads = [], None
+    for step in range(steps):
+        x, y = data.get_batch("train", batch, config.block_size, generator)
+        _, loss = model(x, y)
+        loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, first_grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_cpp_training_tracks_reference_step_by_step(review_data_dir):
+    data = TokenData(review_data_dir)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=84, block_size=32, vocab_size=data.tokenizer.vocab_size,
+                       dropout=0.0, bias=True)
+    ref_losses, ref_grads, ref_params = _train_steps("reference", data, config, steps=25, batch=8)
+    cpp_losses, cpp_grads, cpp_params = _train_steps("cpp", data, config, steps=25, batch=8)
+
+    assert ref_losses[-1] < ref_losses[0] - 0.5, f"the reference run did not learn: {ref_losses}"
+    for step, (a, b) in enumerate(zip(cpp_losses, ref_losses)):
+        assert abs(a - b) <= LOSS_TOL, f"step {step}: cpp loss {a:.7f} vs reference {b:.7f}"
+    for name, g in ref_grads.items():
+        e = ((cpp_grads[name] - g).abs().max() / g.abs().max().clamp_min(1.0)).item()
+        assert e <= 1e-5, f"first-step gradient of {name}: scaled error {e:.2e}"
+    diff = torch.cat([(cpp_params[n] - p).flatten() for n, p in ref_params.items()])
+    norm = torch.cat([p.flatten() for p in ref_params.values()]).norm()
+    assert diff.abs().max() <= PARAM_MAX_TOL, f"final parameters differ by up to {diff.abs().max():.2e}"
+    assert diff.norm() / norm <= PARAM_NORM_TOL, f"final parameters differ by {diff.norm() / norm:.2e} in norm"
+
+
+def test_train_cli_fused_matches_reference_and_auto_picks_cpp(review_data_dir, tmp_path, capsys):
+    results = {}
+    for backend in ("reference", "fused", "auto"):
+        out_dir = str(tmp_path / backend)
+        argv = ["--preset", "tiny", "--data_dir", review_data_dir, "--out_dir", out_dir, "--backend", backend,
+                "--max_iters", "4", "--eval_iters", "1", "--batch_size", "2", "--n_embd", "42", "--n_head", "2",
+                "--progress", "false", "--warmup_iters", "2"]
+        assert train_cli.main(argv) == 0
+        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        with open(os.path.join(out_dir, "metrics.csv"), encoding="utf-8") as f:
+            results[backend] = (f.read().splitlines()[-1].split(","), ckpt["model"])
+    all_cpp = ", ".join(f"{op}: cpp" for op in ("layer_norm", "bias_gelu", "causal_attention", "cross_entropy"))
+    assert f"backend auto -> cpp ({all_cpp})" in capsys.readouterr().out
+    (ref_row, ref_state) = results["reference"]
+    for backend in ("fused", "auto"):
+        row, state = results[backend]
+        # iter, train_loss, val_loss as written (4 decimals): equal or one unit apart in the last digit
+        assert row[0] == ref_row[0]
+        for i in (1, 2):
+            assert abs(float(row[i]) - float(ref_row[i])) <= 1.5e-4, (backend, row, ref_row)
+        for name, p in ref_state.items():
+            assert (state[name] - p).abs().max() <= PARAM_MAX_TOL, (backend, name)
+
+
+def _train_demo(data: TokenData, dtype, steps: int, batch: int):
+    cfg = preset_config("demo")
+    cfg.max_iters = steps
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model, backend="cpp")
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    losses = []
+    for it in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(it, cfg)
+        x, y = data.get_batch("train", batch, cfg.model.block_size, generator)
+        with torch.autocast(**autocast):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    val_generator = torch.Generator().manual_seed(0)
+    with torch.no_grad(), torch.autocast(**autocast):
+        val = [model(*data.get_batch("val", batch, cfg.model.block_size, val_generator))[1].item()
+               for _ in range(8)]
+    return losses, sum(val) / len(val)
+
+
+def test_bf16_autocast_tracks_fp32_on_the_demo_model(book_data_dir):
+    data = TokenData(book_data_dir)
+    steps, window = 200, 40
+    fp32_losses, fp32_val = _train_demo(data, torch.float32, steps, batch=16)
+    bf16_losses, bf16_val = _train_demo(data, torch.bfloat16, steps, batch=16)
+
+    def means(losses):
+        return [sum(losses[i:i + window]) / window for i in range(0, steps, window)]
+
+    assert fp32_losses[-1] < fp32_losses[0] - 1.5, f"the fp32 run did not learn: {means(fp32_losses)}"
+    for i, (a, b) in enumerate(zip(means(bf16_losses), means(fp32_losses))):
+        assert abs(a - b) <= 0.05, f"steps {i * window}-{(i + 1) * window}: bf16 mean loss {a:.4f}, fp32 {b:.4f}"
+    assert abs(bf16_val - fp32_val) <= 0.02 * fp32_val, f"held-out loss: bf16 {bf16_val:.4f}, fp32 {fp32_val:.4f}"
