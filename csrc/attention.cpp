@@ -14,6 +14,8 @@ namespace {
 constexpr int64_t kRows = 8;  // rows per block: the rows of a product that share each load of the other operand, and
                               // enough independent sums to keep both FMA pipes busy
 
+const vec8 kKeyIndex = {0, 1, 2, 3, 4, 5, 6, 7};  // the lanes' offsets within a vector of keys
+
 // c[r][0..n) = sum over k < K of a[r * a_row + k * a_k] * b[k * ldb + 0..n), for the kRows rows r of a block;
 // n is a multiple of kLanes. Each kRows x kLanes tile of c is summed in registers.
 inline void block_product(const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb, int64_t K,
@@ -40,6 +42,12 @@ struct HeadShape {
   int64_t transposed_size() const { return head_dim * keys; }
   int64_t scores_size() const { return padded_T * keys; }
 };
+
+// Batch elements per task: at least about a million multiply-adds, below which another thread costs
+// more than it saves.
+int64_t batch_grain(const HeadShape& s) {
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, s.T * s.T * s.C));
+}
 
 // One batch element of a (T, parts * C) tensor, each row `parts` slices of C = H * head_dim, to float32
 // rows head after head: part p to parts_rows[p]. It reads the source once, in order. Padding columns
@@ -76,6 +84,7 @@ void store_heads(const float* const* parts_rows, int parts, const HeadShape& s, 
 // transposed[d][t] = scale * rows[t][d] for one head
 void transpose_head(const float* rows, const HeadShape& s, float scale, float* transposed) {
   for (int64_t d = 0; d < s.head_dim; ++d) {
+#pragma omp simd
     for (int64_t t = 0; t < s.T; ++t) transposed[d * s.keys + t] = scale * rows[t * s.width + d];
   }
 }
@@ -89,16 +98,23 @@ void attend_head(const float* q, const float* kt, const float* v, const HeadShap
     block_product(q + i0 * s.width, s.width, 1, kt, s.keys, s.head_dim, seen_padded, p, s.keys);
     float inverse_sum[kRows] = {};
     for (int64_t r = 0; r < kRows && i0 + r < s.T; ++r) {
-      const int64_t i = i0 + r;
       float* p_r = p + r * s.keys;
-#pragma omp simd
-      for (int64_t j = 0; j < seen_padded; ++j) p_r[j] = j <= i ? p_r[j] : -std::numeric_limits<float>::infinity();
-      const float max = max_padded(p_r, seen_padded);
-#pragma omp simd
-      for (int64_t j = 0; j < seen_padded; ++j) p_r[j] = j <= i ? exp_nonpositive(p_r[j] - max) : 0.0f;
-      const float sum = sum_padded(p_r, seen_padded);
-      inverse_sum[r] = 1.0f / sum;
-      lse[i] = max + std::log(sum);
+      const vec8 keys_after_i = kKeyIndex - float(i0 + r);  // > 0 where key j is masked for query i
+      vec8 max = vec8{} - std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < seen_padded; j += kLanes) {
+        const vec8 score = keys_after_i + float(j) > 0.0f ? max : load_vec(p_r + j);
+        max = score > max ? score : max;
+      }
+      const float row_max = horizontal_max(max);
+      vec8 sum = {};
+      for (int64_t j = 0; j < seen_padded; j += kLanes) {
+        const vec8 e = keys_after_i + float(j) > 0.0f ? vec8{} : exp_nonpositive(load_vec(p_r + j) - row_max);
+        store_vec(p_r + j, e);
+        sum += e;
+      }
+      const float row_sum = horizontal_sum(sum);
+      inverse_sum[r] = 1.0f / row_sum;
+      lse[i0 + r] = row_max + std::log(row_sum);
     }
     float* out_block = out + i0 * s.width;
     block_product(p, s.keys, 1, v, s.width, seen, s.width, out_block, s.width);
@@ -113,7 +129,7 @@ template <typename T>
 void attention_forward_kernel(const T* qkv, T* out, float* lse, int64_t B, int64_t H, const HeadShape s) {
   const float scale = 1.0f / std::sqrt(float(s.head_dim));
   const int64_t head_rows = s.rows_size();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, batch_grain(s), [&](int64_t begin, int64_t end) {
     std::vector<float> q(H * head_rows), k(H * head_rows), v(H * head_rows), o(H * head_rows);
     std::vector<float> kt(s.transposed_size()), p(kRows * s.keys);
     for (int64_t b = begin; b < end; ++b) {
@@ -148,8 +164,10 @@ void attend_head_backward(const float* q, const float* k, const float* kt, const
       const int64_t i = i0 + r;
       float* p_r = p_block + r * s.keys;
       float* ds_r = ds_block + r * s.keys;
-#pragma omp simd
-      for (int64_t j = 0; j < seen_padded; ++j) p_r[j] = j <= i ? exp_nonpositive(p_r[j] - lse[i]) : 0.0f;
+      const vec8 keys_after_i = kKeyIndex - float(i);
+      for (int64_t j = 0; j < seen_padded; j += kLanes) {
+        store_vec(p_r + j, keys_after_i + float(j) > 0.0f ? vec8{} : exp_nonpositive(load_vec(p_r + j) - lse[i]));
+      }
       const float p_dp = dot_padded(p_r, ds_r, seen_padded);
 #pragma omp simd
       for (int64_t j = 0; j < seen_padded; ++j) ds_r[j] = scale * p_r[j] * (ds_r[j] - p_dp);
@@ -169,7 +187,7 @@ void attention_backward_kernel(const T* dout, const T* qkv, const float* lse, T*
                                const HeadShape s) {
   const float scale = 1.0f / std::sqrt(float(s.head_dim));
   const int64_t head_rows = s.rows_size();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, batch_grain(s), [&](int64_t begin, int64_t end) {
     std::vector<float> q(H * head_rows), k(H * head_rows), v(H * head_rows), dout_rows(H * head_rows);
     std::vector<float> dq(H * head_rows), dk(H * head_rows), dv(H * head_rows);
     std::vector<float> kt(s.transposed_size()), vt(s.transposed_size()), p(s.scores_size()), ds(s.scores_size());
@@ -207,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& qk
   const int64_t B = qkv.size(0);
   const at::Tensor qkv_c = qkv.contiguous();
   at::Tensor out = at::empty({B, s.T, s.C}, qkv.options());
-  at::Tensor lse = at::empty({B, n_head, s.T}, qkv.options().dtype(at::kFloat));
+  at::Tensor lse = at::zeros({B, n_head, s.T}, qkv.options().dtype(at::kFloat));
+  if (qkv.numel() == 0) return {out, lse};
   MINGPT_DISPATCH_FLOAT_BF16(qkv.scalar_type(), op, [&] {
     attention_forward_kernel<scalar_t>(qkv_c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
                                        B, n_head, s);
@@ -228,6 +247,7 @@ at::Tensor causal_attention_backward(const at::Tensor& grad_out, const at::Tenso
               ": lse must be the float32 log-sum-exp of causal_attention_forward");
   const at::Tensor qkv_c = qkv.contiguous(), dout_c = grad_out.contiguous(), lse_c = lse.contiguous();
   at::Tensor dqkv = at::empty_like(qkv_c);
+  if (qkv.numel() == 0) return dqkv;
   MINGPT_DISPATCH_FLOAT_BF16(qkv.scalar_type(), op, [&] {
     attention_backward_kernel<scalar_t>(dout_c.data_ptr<scalar_t>(), qkv_c.data_ptr<scalar_t>(),
                                         lse_c.data_ptr<float>(), dqkv.data_ptr<scalar_t>(), B, n_head, s);

@@ -282,6 +282,15 @@ def test_causal_attention_reads_strided_qkv(layout):
     check_op("causal_attention", (qkv, H), torch.float32, ["y", "dqkv"])
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 12), (2, 0, 12)], ids=["B0", "T0"])
+def test_causal_attention_empty_input(shape):
+    qkv = torch.zeros(shape, requires_grad=True)
+    out = OPS["causal_attention"](qkv, 2)
+    assert out.shape == ops.reference_causal_attention(qkv, 2).shape
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
 def test_causal_attention_rejects_bad_input():
     with pytest.raises(ValueError, match="divisible"):
         OPS["causal_attention"](torch.zeros(1, 4, 3 * 10), 3)
