@@ -673,9 +673,10 @@ class KVSampler {
   }
 
   int64_t packed_bytes() const {
-    size_t n = g_.lm_head.bytes() + g_.wpe.size() * sizeof(float);
+    size_t n = g_.lm_head.bytes() + (g_.wpe.size() + 2 * g_.lnf_weight.size()) * sizeof(float);
     for (const Layer& l : g_.layers)
-      n += l.qkv.bytes() + l.attn_proj.bytes() + l.fc.bytes() + l.mlp_proj.bytes() + 4 * l.ln1_weight.size() * sizeof(float);
+      n += l.qkv.bytes() + l.attn_proj.bytes() + l.fc.bytes() + l.mlp_proj.bytes() +
+           4 * l.ln1_weight.size() * sizeof(float);
     return n;
   }
 
