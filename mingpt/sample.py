@@ -97,7 +97,7 @@ def main(argv=None):
         print(f"sample: error: {e}", file=sys.stderr)
         return 2
     if args.verbose:
-        print(f"sampler: {resolve_sampler(args.sampler)}; checkpoint {args.ckpt}", file=sys.stderr)
+        print(f"sampler: {resolve_sampler(args.sampler, model)}; checkpoint {args.ckpt}", file=sys.stderr)
     for sentiment, text in samples:
         print(f"[{sentiment}] {text}" if args.verbose else text)
     return 0
