@@ -28,6 +28,16 @@ def synthetic_reviews(n: int, seed: int = 0):
     return reviews
 
 
+def tiny_cfg(data_dir, out_dir, **overrides):
+    """The tiny preset reading data_dir and writing out_dir, quiet, with fields overridden."""
+    from mingpt.config import preset_config
+    cfg = preset_config("tiny")
+    cfg.data_dir, cfg.out_dir, cfg.progress = data_dir, str(out_dir), False
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
 def shared_csv(name: str) -> str:
     path = os.path.join(SHARED_DATA, name)
     if not os.path.isfile(path):

@@ -8,18 +8,11 @@ import time
 import pytest
 import torch
 
+from conftest import tiny_cfg
+
 from mingpt.checkpoint import load_checkpoint
-from mingpt.config import preset_config
 from mingpt.model import GPT
 from mingpt.train import train
-
-
-def tiny_cfg(data_dir, out_dir, **overrides):
-    cfg = preset_config("tiny")
-    cfg.data_dir, cfg.out_dir, cfg.progress = data_dir, str(out_dir), False
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
 
 
 def train_command(data_dir, out_dir, *extra):

@@ -2,21 +2,12 @@
 import pytest
 import torch
 
-from conftest import synthetic_reviews
+from conftest import synthetic_reviews, tiny_cfg
 from mingpt.checkpoint import CheckpointError, load_model
-from mingpt.config import preset_config
 from mingpt.data import DataError, Review, TokenData, prepare
 from mingpt.sample import write_samples
 from mingpt.tokenizer import BOS, NEG, POS, load_tokenizer
 from mingpt.train import train
-
-
-def tiny_cfg(data_dir, out_dir, **overrides):
-    cfg = preset_config("tiny")
-    cfg.data_dir, cfg.out_dir, cfg.progress = data_dir, str(out_dir), False
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
 
 
 def imbalanced_dir(tmp_path, negatives=20, positives=180):

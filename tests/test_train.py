@@ -5,17 +5,11 @@ import os
 import pytest
 import torch
 
+from conftest import tiny_cfg
+
 from mingpt.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model
 from mingpt.config import preset_config
 from mingpt.train import config_from_args, learning_rate, train
-
-
-def tiny_cfg(data_dir, out_dir, **overrides):
-    cfg = preset_config("tiny")
-    cfg.data_dir, cfg.out_dir, cfg.progress = data_dir, str(out_dir), False
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
 
 
 def test_loss_decreases_and_outputs_are_written(review_data_dir, tmp_path):
