@@ -7,7 +7,8 @@ n_embd 252 in 12 heads of 21, MLP width 1008, the 5k movie reviews' 2,212-charac
 `reference` rows are the eager PyTorch ops the kernels replace, `sdpa` is torch's
 scaled_dot_product_attention. The bf16 rows give each op the dtypes it meets in the model under
 `torch.autocast("cpu", torch.bfloat16)`: layer norm the fp32 residual stream, GELU a bf16 matmul
-output with an fp32 bias, attention bf16 qkv, the loss bf16 logits. Parameters stay fp32.
+output with an fp32 bias, attention bf16 qkv, the loss bf16 logits, dropout a bf16 projection
+output (rate 0.1, the seed preset's). Parameters stay fp32.
 """
 import pytest
 import torch
@@ -26,6 +27,7 @@ BACKENDS = {
     "bias_gelu": ("reference", "cpp"),
     "causal_attention": ("reference", "sdpa", "cpp"),
     "cross_entropy": ("reference", "cpp"),
+    "dropout": ("reference", "cpp"),
 }
 CASES = [(op, backend) for op, backends in BACKENDS.items() for backend in backends]
 
@@ -46,6 +48,8 @@ def make_case(op: str, dtype: torch.dtype):
         return (rand(B, T, 3 * C, dtype=dtype), H)
     if op == "cross_entropy":
         return (rand(B, T, V, dtype=dtype), torch.randint(0, V, (B, T), generator=g))
+    if op == "dropout":
+        return (rand(B, T, C, dtype=dtype), 0.1, True)
     raise ValueError(op)
 
 

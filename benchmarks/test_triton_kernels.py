@@ -59,6 +59,8 @@ def make_case(op: str, dtype: torch.dtype, device="cuda"):
         return (rand(B, T, 3 * C), H)
     if op == "cross_entropy":
         return (rand(B, T, V), torch.randint(0, V, (B, T), generator=g).to(device))
+    if op == "dropout":
+        return (rand(B, T, C), 0.1, True)
     raise ValueError(op)
 
 
@@ -103,7 +105,7 @@ def step_fn(op: str, backend: str, pass_: str, dtype: torch.dtype):
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "bias_gelu", "causal_attention",
-                                "cross_entropy"])
+                                "cross_entropy", "dropout"])
 def test_kernel(benchmark, op, backend, pass_, dtype):
     run = step_fn(op, backend, pass_, dtype)
     for _ in range(3):  # compile (triton) and warm the allocator before timing

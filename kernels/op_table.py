@@ -8,7 +8,7 @@ except ImportError as e:  # the op table turns this into BackendUnavailable with
                       f"here ({e}); install it with `pip install triton` (extra: mingpt[triton])") from None
 
 # The submodules keep their names (mingpt.kernels.layer_norm is the module, not the function).
-from . import attention, bias_gelu, cross_entropy, layer_norm
+from . import attention, bias_gelu, cross_entropy, dropout, layer_norm
 from .layer_norm import add_layer_norm
 
 OPS = {
@@ -16,4 +16,5 @@ OPS = {
     "bias_gelu": bias_gelu.bias_gelu,
     "causal_attention": attention.causal_attention,
     "cross_entropy": cross_entropy.cross_entropy,
+    "dropout": dropout.dropout,
 }

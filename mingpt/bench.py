@@ -121,6 +121,8 @@ def op_inputs(op: str, preset: str, vocab_size: int, batch_size: int, device):
         return (leaf(B, T, 3 * C), c.n_head), {}
     if op == "cross_entropy":
         return (leaf(B, T, vocab_size), torch.randint(vocab_size, (B, T), device=device)), {}
+    if op == "dropout":
+        return (leaf(B, T, C), c.dropout, True), {}
     raise ValueError(op)
 
 

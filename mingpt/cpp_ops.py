@@ -2,7 +2,7 @@
 
 Each op is one forward and one backward kernel, registered as torch ops `torch.ops.mingpt.*`; the
 autograd.Functions here save what the backward needs (layer norm: mean and 1/std; attention and
-cross-entropy: the log-sum-exp of each softmax row). The kernels take float32 and bfloat16 tensors,
+cross-entropy: the log-sum-exp of each softmax row; dropout: only the seed of its mask). The kernels take float32 and bfloat16 tensors,
 compute in float32 and return the dtypes the reference ops return, under autocast too; parameter
 gradients come back from C++ in float32 and are cast here to the parameters' dtypes.
 """
@@ -16,7 +16,7 @@ if _C is None:
 
 KERNELS = ("layer_norm_forward", "layer_norm_backward", "bias_gelu_forward", "bias_gelu_backward",
            "causal_attention_forward", "causal_attention_backward", "cross_entropy_forward",
-           "cross_entropy_backward")
+           "cross_entropy_backward", "dropout")
 _missing = [name for name in KERNELS if not hasattr(torch.ops.mingpt, name)]
 if _missing:
     raise ImportError(f"mingpt._C is out of date: it lacks the kernels {', '.join(_missing)}; "
@@ -81,6 +81,17 @@ class CrossEntropy(torch.autograd.Function):
         return _kernels.cross_entropy_backward(grad_loss, logits, targets, lse), None
 
 
+class Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        return _kernels.dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _kernels.dropout(grad_y, ctx.p, ctx.seed), None, None
+
+
 def layer_norm(x, weight, bias, eps: float = 1e-5):
     return LayerNorm.apply(x, weight, bias, eps)
 
@@ -102,9 +113,19 @@ def cross_entropy(logits, targets):
     return CrossEntropy.apply(logits.reshape(-1, V), targets.reshape(-1))
 
 
+def dropout(x, p: float, training: bool):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return Dropout.apply(x, p, seed)
+
+
 OPS = {
     "layer_norm": layer_norm,
     "bias_gelu": bias_gelu,
     "causal_attention": causal_attention,
     "cross_entropy": cross_entropy,
+    "dropout": dropout,
 }

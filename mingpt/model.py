@@ -25,11 +25,11 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x, ops):
         y = ops.causal_attention(self.c_attn(x), self.n_head)
-        return self.resid_dropout(self.c_proj(y))
+        return ops.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -37,11 +37,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x, ops):
         h = ops.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)
-        return self.dropout(self.c_proj(h))
+        return ops.dropout(self.c_proj(h), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -64,7 +64,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, config.bias),
         ))
@@ -114,7 +113,7 @@ class GPT(nn.Module):
             raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
         ops = self.ops
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = ops.dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), self.config.dropout, self.training)
         for block in self.transformer.h:
             x = block(x, ops)
         x = ops.layer_norm(x, self.transformer.ln_f.weight, self.transformer.ln_f.bias)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OP_NAMES = ("layer_norm", "bias_gelu", "causal_attention", "cross_entropy")
+OP_NAMES = ("layer_norm", "bias_gelu", "causal_attention", "cross_entropy", "dropout")
 BACKENDS = ("reference", "sdpa", "triton", "cpp", "fused", "auto")
 
 
@@ -68,11 +68,18 @@ def reference_cross_entropy(logits, targets):
                            ignore_index=-1)
 
 
+def reference_dropout(x, p: float, training: bool):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    return F.dropout(x, p, training)
+
+
 REFERENCE_OPS = {
     "layer_norm": reference_layer_norm,
     "bias_gelu": reference_bias_gelu,
     "causal_attention": reference_causal_attention,
     "cross_entropy": reference_cross_entropy,
+    "dropout": reference_dropout,
 }
 
 
@@ -83,6 +90,7 @@ class Ops:
     bias_gelu: callable
     causal_attention: callable
     cross_entropy: callable
+    dropout: callable
     sources: dict
 
     @classmethod
