@@ -137,14 +137,17 @@ def _optional(kind):
 
 
 _ARG_TYPES = {int: int, float: float, str: str, bool: _parse_bool,
-              Optional[int]: _optional(int), Optional[float]: _optional(float)}
+              Optional[int]: _optional(int), Optional[float]: _optional(float), Optional[str]: _optional(str)}
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, help_texts: dict, prefix: str = ""):
-    """One --flag per scalar dataclass field; flags default to None so unset flags override nothing."""
+    """One --flag per scalar dataclass field (nested dataclasses get their own call); flags default to
+    None so unset flags override nothing."""
     for f in fields(cls):
-        if f.type not in _ARG_TYPES:
+        if dataclasses.is_dataclass(f.type):
             continue
+        if f.type not in _ARG_TYPES:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line parser for type {f.type}")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         is_bool = f.type is bool
         parser.add_argument(f"--{prefix}{f.name}", type=_ARG_TYPES[f.type], default=None,
