@@ -6,7 +6,8 @@ real held-out reviews of the same sentiment:
                       (character 1-3-gram TF-IDF + logistic regression) trained on a labelled set the
                       generator did not train on; the judge's own accuracy on a test set is reported
   novelty             share of samples that copy no training review: neither equal to one nor
-                      near-equal (Jaccard similarity of character 3-gram sets >= 0.8)
+                      near-equal (Jaccard similarity of character 3-gram sets >= 0.8); reviews of
+                      earlier stages (--pretrained_on) count as training reviews too
   distinct-1/2        unique character uni/bigrams over all uni/bigrams of the samples
 """
 import argparse
@@ -106,16 +107,16 @@ def validation_loss(model, data: TokenData, batch_size: int = 64) -> float:
     return total / count
 
 
-def load_judge_sets(train_path, test_path, generator_source):
-    """Judge training and test reviews; refuses a judge trained on the generator's own data."""
+def load_judge_sets(train_path, test_path, generator_sources):
+    """Judge training and test reviews; refuses a judge trained on any of the generator's own data."""
     if train_path and os.path.isfile(train_path):
-        if os.path.abspath(train_path) == os.path.abspath(generator_source or ""):
+        if any(os.path.abspath(train_path) == os.path.abspath(source or "") for source in generator_sources):
             raise ValueError(f"the judge would train on {train_path}, the generator's own training data; "
                              "pass another --judge_train")
         train, _ = load_csv(train_path)
         name = train_path
     else:
-        if (generator_source or "").startswith("embedded"):
+        if any((source or "").startswith("embedded") for source in generator_sources):
             raise ValueError("no --judge_train CSV and the generator trained on the embedded corpus: "
                              "give the judge a labelled set the generator did not see")
         train, _ = load_embedded_corpus()
@@ -129,10 +130,12 @@ def load_judge_sets(train_path, test_path, generator_source):
 
 
 def evaluate(model, tokenizer, data: TokenData, layout, eos_token, prompts, judge, num_samples=50,
-             max_new_tokens=100, temperature=0.8, top_k=None, top_p=None, seed=0, sampler="auto"):
-    """The report as a dict: val loss, then per prompt the generated vs real held-out statistics."""
+             max_new_tokens=100, temperature=1.0, top_k=None, top_p=None, seed=0, sampler="auto",
+             earlier_data=()):
+    """The report as a dict: val loss, then per prompt the generated vs real held-out statistics.
+    `earlier_data`: TokenData of earlier training stages, whose reviews count as training reviews too."""
     val_loss = validation_loss(model, data)
-    train_texts = [t for _, t in data.review_texts("train")]
+    train_texts = [t for d in (data, *earlier_data) for _, t in d.review_texts("train")]
     held_out = data.review_texts("val")
     copies = CopyDetector(train_texts)
     rng = random.Random(seed)
@@ -192,7 +195,8 @@ def build_parser():
     p.add_argument("--prompts", default="好看:pos,难看:neg", help="comma-separated START:SENTIMENT pairs")
     p.add_argument("--num_samples", type=int, default=50, help="samples per prompt")
     p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="1.0 samples the model's own distribution, the one compared with real reviews")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -200,6 +204,9 @@ def build_parser():
                    help="labelled CSV the judge trains on (default: the 20k Douban comments when present, "
                         "else the embedded corpus)")
     p.add_argument("--judge_test", default=DEFAULT_JUDGE_TEST, help="labelled CSV the judge is scored on")
+    p.add_argument("--pretrained_on", action="append", default=[], metavar="DATA_DIR",
+                   help="prepared data of an earlier stage (train --init_from; repeatable): its training "
+                        "reviews count for novelty and the judge may not train on its source")
     p.add_argument("--json", help="also write the report to this JSON file")
     return p
 
@@ -212,12 +219,13 @@ def main(argv=None):
         data = TokenData(args.data_dir)
         if data.tokenizer.to_dict() != tokenizer.to_dict():
             raise DataError(f"{args.data_dir} was prepared with another tokenizer than {args.ckpt}")
-        judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test,
-                                                                         ckpt["data"].get("source"))
+        earlier = [TokenData(d) for d in args.pretrained_on]
+        sources = [ckpt["data"].get("source")] + [d.meta.get("source") for d in earlier]
+        judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test, sources)
         judge = SentimentJudge(judge_train)
         report = evaluate(model.eval(), tokenizer, data, ckpt["data"]["layout"], ckpt["data"]["eos_token"],
                           parse_prompts(args.prompts), judge, args.num_samples, args.max_new_tokens,
-                          args.temperature, args.top_k, args.top_p, args.seed)
+                          args.temperature, args.top_k, args.top_p, args.seed, earlier_data=earlier)
         report["judge"] = {"train": train_name, "test": test_name, "test_accuracy": judge.accuracy(judge_test)}
     except (CheckpointError, DataError, ValueError, RuntimeError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
 """The command-line entry points, run as a user runs them."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 from conftest import NEGATIVE, POSITIVE
+from mingpt.config import GPTConfig, TrainConfig
 
 
 def run(*args, check=True):
@@ -56,6 +58,39 @@ def test_sample_sentiment_choice_is_used(trained):
     assert all(line.startswith("[neg] 难看") for line in result.stdout.splitlines())
 
 
+def test_fine_tune_from_the_command_line(trained, tmp_path):
+    data_dir, out_dir = trained
+    out = str(tmp_path / "ft")
+    result = run("mingpt.train", "--preset", "tiny", "--data_dir", data_dir, "--out_dir", out,
+                 "--init_from", os.path.join(out_dir, "best.pt"), "--max_iters", "4", "--eval_interval", "2",
+                 "--progress", "false")
+    assert f"fine-tuning from {os.path.join(out_dir, 'best.pt')}" in result.stdout + result.stderr
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_evaluate_reports_every_metric(trained, tmp_path):
+    data_dir, out_dir = trained
+    judge_csv = tmp_path / "judge.csv"
+    judge_csv.write_text("review,sentiment\n" + "".join(f"{p},1\n" for p in POSITIVE)
+                         + "".join(f"{n},0\n" for n in NEGATIVE), encoding="utf-8")
+    report_path = tmp_path / "report.json"
+    result = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, "--num_samples", "6",
+                 "--max_new_tokens", "12", "--judge_train", str(judge_csv), "--judge_test", str(judge_csv),
+                 "--pretrained_on", data_dir, "--json", str(report_path))
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert [(p["start"], p["sentiment"]) for p in report["prompts"]] == [("好看", "pos"), ("难看", "neg")]
+    for prompt in report["prompts"]:
+        for side in ("generated", "real_held_out"):
+            stats = prompt[side]
+            assert all(0.0 <= stats[m] <= 1.0 for m in ("sentiment_accuracy", "novelty", "distinct_1", "distinct_2"))
+    assert report["judge"]["train"] == str(judge_csv) and 0.5 <= report["judge"]["test_accuracy"] <= 1.0
+    assert "validation loss" in result.stdout and "distinct_2" in result.stdout
+    generator_csv = os.path.join(os.path.dirname(data_dir), "reviews.csv")
+    refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, "--judge_train", generator_csv,
+                  check=False)
+    assert refused.returncode == 2 and "generator's own training data" in refused.stderr
+
+
 def test_unknown_prompt_character_is_a_clear_error(trained):
     _, out_dir = trained
     result = run("mingpt.sample", "--ckpt", out_dir, "--start", "好看🙂", check=False)
@@ -81,9 +116,10 @@ def test_prepare_and_train_errors_are_clear(tmp_path):
 
 def test_help_documents_every_option():
     text = run("mingpt.train", "--help").stdout
-    for flag in ("--preset", "--data_dir", "--out_dir", "--max_iters", "--batch_size", "--eval_interval",
-                 "--backend", "--dtype", "--resume", "--seed", "--grad_accum", "--config", "--tensorboard"):
-        assert flag in text
+    options = [f.name for cls in (TrainConfig, GPTConfig) for f in dataclasses.fields(cls) if f.name != "model"]
+    assert "init_from" in options and "balance" in options
+    for name in options + ["config"]:
+        assert f"--{name} " in text, f"train --help lacks --{name}"
     for module in ("mingpt.prepare", "mingpt.sample", "mingpt.bench"):
         assert "--" in run(module, "--help").stdout
 

@@ -34,7 +34,7 @@ def test_judge_refuses_the_generators_own_data(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("review,sentiment\n好,1\n差,0\n", encoding="utf-8")
     with pytest.raises(ValueError, match="generator's own training data"):
-        load_judge_sets(str(path), None, str(path))
+        load_judge_sets(str(path), None, ["other.csv", str(path)])
 
 
 def test_prompts_parse():
@@ -45,6 +45,6 @@ def test_prompts_parse():
 
 def test_judge_scores_real_held_out_comments():
     train, test, _, _ = load_judge_sets(shared_csv("douban_comments_train.csv"),
-                                        shared_csv("douban_comments_test.csv"), "movie_reviews_5k.csv")
+                                        shared_csv("douban_comments_test.csv"), ["movie_reviews_5k.csv"])
     judge = SentimentJudge(train)
     assert judge.accuracy(test[:4000]) > 0.8
