@@ -19,7 +19,7 @@ Tolerances, and why:
                              4.8e-7; observed differences are at most 1e-6 at any step. 5e-5
                              (~100 ulps) leaves room while a wrong gradient anywhere drives the
                              curves apart by 1e-3 or more within steps.
-  fp32, first-step grads     scaled error (as in test_cpp_ops) <= 1e-5, as for single ops.
+  fp32, first-step grads     scaled error (as in tests/op_check.py) <= 1e-5, as for single ops.
   fp32, final parameters     max |a - b| <= 1e-3 and ||a - b|| / ||b|| <= 1e-4. AdamW moves an
                              element by up to about lr per step whatever its gradient's size, so an
                              element whose gradient is rounding-dominated may differ by a fraction of lr.
@@ -30,89 +30,35 @@ Tolerances, and why:
                              (observed), the held-out loss by 0.4 %; a bf16 path that lost
                              accuracy (say, softmax statistics in bf16) misses these by far more.
 """
-import os
-
-import pytest
 import torch
 
-from mingpt import GPT, GPTConfig
-from mingpt.checkpoint import load_checkpoint
+from mingpt import GPT, GPTConfig, ops
 from mingpt.config import preset_config
 from mingpt.data import TokenData
-from mingpt import train as train_cli
 from mingpt.train import learning_rate
+from op_check import BACKENDS
+from train_check import assert_cli_runs_agree, assert_tracks_reference, run_train_cli, train_steps
 
-try:
-    from mingpt import cpp_ops  # noqa: F401
-except ImportError as e:
-    pytest.skip(f"the C++ kernels are not available: {e}", allow_module_level=True)
-
-LOSS_TOL = 5e-5
-PARAM_MAX_TOL = 1e-3
-PARAM_NORM_TOL = 1e-4
-
-
-def _train_steps(backend: str, data: TokenData, config: GPTConfig, steps: int, batch: int):
-    torch.manual_seed(1234)
-    model = GPT(config, backend=backend)
-    assert set(model.ops.sources.values()) == {backend}
-    optimizer = model.configure_optimizer(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.99))
-    generator = torch.Generator().manual_seed(5678)
-    losses, first_grads = [], None
-    for step in range(steps):
-        x, y = data.get_batch("train", batch, config.block_size, generator)
-        _, loss = model(x, y)
-        loss.backward()
-        if step == 0:
-            first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, first_grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+BACKENDS["cpp"].load()
 
 
 def test_cpp_training_tracks_reference_step_by_step(review_data_dir):
     data = TokenData(review_data_dir)
     config = GPTConfig(n_layer=2, n_head=4, n_embd=84, block_size=32, vocab_size=data.tokenizer.vocab_size,
                        dropout=0.0, bias=True)
-    ref_losses, ref_grads, ref_params = _train_steps("reference", data, config, steps=25, batch=8)
-    cpp_losses, cpp_grads, cpp_params = _train_steps("cpp", data, config, steps=25, batch=8)
-
-    assert ref_losses[-1] < ref_losses[0] - 0.5, f"the reference run did not learn: {ref_losses}"
-    for step, (a, b) in enumerate(zip(cpp_losses, ref_losses)):
-        assert abs(a - b) <= LOSS_TOL, f"step {step}: cpp loss {a:.7f} vs reference {b:.7f}"
-    for name, g in ref_grads.items():
-        e = ((cpp_grads[name] - g).abs().max() / g.abs().max().clamp_min(1.0)).item()
-        assert e <= 1e-5, f"first-step gradient of {name}: scaled error {e:.2e}"
-    diff = torch.cat([(cpp_params[n] - p).flatten() for n, p in ref_params.items()])
-    norm = torch.cat([p.flatten() for p in ref_params.values()]).norm()
-    assert diff.abs().max() <= PARAM_MAX_TOL, f"final parameters differ by up to {diff.abs().max():.2e}"
-    assert diff.norm() / norm <= PARAM_NORM_TOL, f"final parameters differ by {diff.norm() / norm:.2e} in norm"
+    reference = train_steps("reference", data, config, steps=25, batch=8)
+    cpp = train_steps("cpp", data, config, steps=25, batch=8)
+    assert reference.losses[-1] < reference.losses[0] - 0.5, f"the reference run did not learn: {reference.losses}"
+    assert_tracks_reference(cpp, reference, "cpp")
 
 
 def test_train_cli_fused_matches_reference_and_auto_picks_cpp(review_data_dir, tmp_path, capsys):
-    results = {}
-    for backend in ("reference", "fused", "auto"):
-        out_dir = str(tmp_path / backend)
-        argv = ["--preset", "tiny", "--data_dir", review_data_dir, "--out_dir", out_dir, "--backend", backend,
-                "--max_iters", "4", "--eval_iters", "1", "--batch_size", "2", "--n_embd", "42", "--n_head", "2",
-                "--progress", "false", "--warmup_iters", "2"]
-        assert train_cli.main(argv) == 0
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        with open(os.path.join(out_dir, "metrics.csv"), encoding="utf-8") as f:
-            results[backend] = (f.read().splitlines()[-1].split(","), ckpt["model"])
-    all_cpp = ", ".join(f"{op}: cpp" for op in ("layer_norm", "bias_gelu", "causal_attention", "cross_entropy"))
+    runs = {backend: run_train_cli(backend, review_data_dir, str(tmp_path / backend))
+            for backend in ("reference", "fused", "auto")}
+    all_cpp = ", ".join(f"{op}: cpp" for op in ops.OP_NAMES)
     assert f"backend auto -> cpp ({all_cpp})" in capsys.readouterr().out
-    (ref_row, ref_state) = results["reference"]
     for backend in ("fused", "auto"):
-        row, state = results[backend]
-        # iter, train_loss, val_loss as written (4 decimals): equal or one unit apart in the last digit
-        assert row[0] == ref_row[0]
-        for i in (1, 2):
-            assert abs(float(row[i]) - float(ref_row[i])) <= 1.5e-4, (backend, row, ref_row)
-        for name, p in ref_state.items():
-            assert (state[name] - p).abs().max() <= PARAM_MAX_TOL, (backend, name)
+        assert_cli_runs_agree(runs[backend], runs["reference"], backend)
 
 
 def _train_demo(data: TokenData, dtype, steps: int, batch: int):
