@@ -9,7 +9,7 @@ gradients come back from C++ in float32 and are cast here to the parameters' dty
 import torch
 
 from .extension import REBUILD_HINT, UNAVAILABLE_REASON, _C
-from .ops import check_qkv
+from .ops import check_dropout_rate, check_qkv
 
 if _C is None:
     raise ImportError(UNAVAILABLE_REASON)
@@ -114,8 +114,7 @@ def cross_entropy(logits, targets):
 
 
 def dropout(x, p: float, training: bool):
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    check_dropout_rate(p)
     if not training or p == 0.0:
         return x
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))

@@ -68,9 +68,13 @@ def reference_cross_entropy(logits, targets):
                            ignore_index=-1)
 
 
-def reference_dropout(x, p: float, training: bool):
+def check_dropout_rate(p: float):
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+
+
+def reference_dropout(x, p: float, training: bool):
+    check_dropout_rate(p)
     return F.dropout(x, p, training)
 
 
