@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mingpt import ops
+from mingpt.bench import op_pass
 
 try:
     from mingpt.cpp_ops import OPS as CPP_OPS
@@ -61,30 +62,11 @@ def op_fn(op: str, backend: str):
     return ops.REFERENCE_OPS[op]
 
 
-def pass_fn(op: str, backend: str, pass_: str, dtype: torch.dtype):
-    """A zero-argument callable running one forward, or one forward and backward, pass."""
-    fn = op_fn(op, backend)
-    inputs = make_case(op, dtype)
-    if pass_ == "forward":
-        def run():
-            with torch.no_grad():
-                fn(*inputs)
-        return run
-    grad = torch.randn_like(fn(*inputs))
-
-    def run():
-        for t in inputs:
-            if torch.is_tensor(t):
-                t.grad = None
-        fn(*inputs).backward(grad)
-    return run
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("op,backend", CASES, ids=[f"{op}-{backend}" for op, backend in CASES])
 def test_kernel(benchmark, op, backend, pass_, dtype):
-    run = pass_fn(op, backend, pass_, dtype)
+    run = op_pass(op_fn(op, backend), make_case(op, dtype), pass_)
     for _ in range(2):
         run()
     benchmark.group = f"{op} {pass_} {str(dtype).replace('torch.', '')}"

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mingpt import ops
+from mingpt.bench import op_pass
 
 SEED = dict(B=32, T=64, C=252, H=12, V=4000)
 PASSES = ("forward", "forward+backward")
@@ -76,38 +77,13 @@ def op_fn(op: str, backend: str):
     return ops.REFERENCE_OPS[op]
 
 
-def step_fn(op: str, backend: str, pass_: str, dtype: torch.dtype):
-    """A zero-argument callable running one pass and waiting for the GPU."""
-    fn = op_fn(op, backend)
-    inputs = make_case(op, dtype)
-    if pass_ == "forward":
-        def run():
-            with torch.no_grad():
-                fn(*inputs)
-            torch.cuda.synchronize()
-        return run
-    probe = fn(*inputs)
-    outs = probe if isinstance(probe, tuple) else (probe,)
-    grads = [torch.randn_like(o) for o in outs]
-
-    def run():
-        for t in inputs:
-            if torch.is_tensor(t):
-                t.grad = None
-        res = fn(*inputs)
-        res = res if isinstance(res, tuple) else (res,)
-        torch.autograd.backward(res, grads)
-        torch.cuda.synchronize()
-    return run
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "bias_gelu", "causal_attention",
                                 "cross_entropy", "dropout"])
 def test_kernel(benchmark, op, backend, pass_, dtype):
-    run = step_fn(op, backend, pass_, dtype)
+    run = op_pass(op_fn(op, backend), make_case(op, dtype), pass_, torch.cuda.synchronize)
     for _ in range(3):  # compile (triton) and warm the allocator before timing
         run()
     benchmark.group = f"{op} {pass_} {str(dtype).replace('torch.', '')}"

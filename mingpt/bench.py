@@ -114,16 +114,41 @@ def op_inputs(op: str, preset: str, vocab_size: int, batch_size: int, device):
         return torch.randn(*shape, device=device, requires_grad=True)
 
     if op == "layer_norm":
-        return (leaf(B, T, C), leaf(C), leaf(C)), {}
+        return (leaf(B, T, C), leaf(C), leaf(C))
     if op == "bias_gelu":
-        return (leaf(B, T, 4 * C), leaf(4 * C)), {}
+        return (leaf(B, T, 4 * C), leaf(4 * C))
     if op == "causal_attention":
-        return (leaf(B, T, 3 * C), c.n_head), {}
+        return (leaf(B, T, 3 * C), c.n_head)
     if op == "cross_entropy":
-        return (leaf(B, T, vocab_size), torch.randint(vocab_size, (B, T), device=device)), {}
+        return (leaf(B, T, vocab_size), torch.randint(vocab_size, (B, T), device=device))
     if op == "dropout":
-        return (leaf(B, T, C), c.dropout, True), {}
+        return (leaf(B, T, C), c.dropout, True)
     raise ValueError(op)
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def op_pass(fn, inputs, pass_: str, synchronize=lambda: None):
+    """A zero-argument callable running one pass of fn(*inputs): "forward" without autograd, or
+    "forward+backward" from upstream gradients drawn once (an op may return a tuple), clearing the
+    inputs' gradients first so they never accumulate; `synchronize` ends each call."""
+    if pass_ == "forward":
+        def forward():
+            with torch.no_grad():
+                fn(*inputs)
+            synchronize()
+        return forward
+    grads = [torch.randn_like(o) for o in _as_tuple(fn(*inputs))]
+
+    def forward_backward():
+        for t in inputs:
+            if torch.is_tensor(t):
+                t.grad = None
+        torch.autograd.backward(_as_tuple(fn(*inputs)), grads)
+        synchronize()
+    return forward_backward
 
 
 def run_rounds(configs: dict, rounds: int, calls: int, device) -> dict:
@@ -193,20 +218,11 @@ def bench_ops(args, device) -> list:
             if reason:
                 rows.append(Row(f"op:{op}", backend, "float32", args.batch_size, note=f"skipped: {reason}"))
                 continue
-            fn = getattr(ops, op)
-            inputs, kwargs = op_inputs(op, args.preset, args.vocab_size, args.batch_size, device)
-
-            def forward(fn=fn, inputs=inputs, kwargs=kwargs):
-                with torch.no_grad():
-                    fn(*inputs, **kwargs)
-
-            def forward_backward(fn=fn, inputs=inputs, kwargs=kwargs):
-                fn(*inputs, **kwargs).float().sum().backward()
-
-            forward()
-            forward_backward()
-            configs[(op, backend, "forward")] = forward
-            configs[(op, backend, "forward+backward")] = forward_backward
+            inputs = op_inputs(op, args.preset, args.vocab_size, args.batch_size, device)
+            for phase in ("forward", "forward+backward"):
+                run = op_pass(getattr(ops, op), inputs, phase)
+                run()
+                configs[(op, backend, phase)] = run
     for (op, backend, phase), seconds in run_rounds(configs, args.rounds, 5, device).items():
         rows.append(Row(f"op:{op}", backend, "float32", args.batch_size, tokens / seconds, seconds * 1e3,
                         note=phase))
