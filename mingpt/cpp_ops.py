@@ -2,9 +2,10 @@
 
 Each op is one forward and one backward kernel, registered as torch ops `torch.ops.mingpt.*`; the
 autograd.Functions here save what the backward needs (layer norm: mean and 1/std; attention and
-cross-entropy: the log-sum-exp of each softmax row; dropout: only the seed of its mask). The kernels take float32 and bfloat16 tensors,
-compute in float32 and return the dtypes the reference ops return, under autocast too; parameter
-gradients come back from C++ in float32 and are cast here to the parameters' dtypes.
+cross-entropy: the log-sum-exp of each softmax row; dropout: only the seed of its mask). The kernels
+take float32 and bfloat16 tensors, compute in float32 and return the dtypes the reference ops return,
+under autocast too; parameter gradients come back from C++ in float32 and are cast here to the
+parameters' dtypes.
 """
 import torch
 
