@@ -49,6 +49,7 @@ HELP = {
     "progress": "show a progress bar", "threads": "torch CPU threads per process (None: torch's default)",
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",
     "block_size": "context length", "dropout": "dropout rate", "bias": "biases in linear layers and norms",
+    "layer_norm_eps": "epsilon added to the variance in every layer norm",
 }
 METRIC_FIELDS = ("iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
 
