@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from mingpt import ops
+from mingpt import ops, reference
 from mingpt.bench import op_pass
 
 SEED = dict(B=32, T=64, C=252, H=12, V=4000)
@@ -70,7 +70,7 @@ def op_fn(op: str, backend: str):
         if backend == "triton":
             from mingpt.kernels.op_table import add_layer_norm
             return add_layer_norm
-        return lambda x, r, w, b: (x + r, ops.reference_layer_norm(x + r, w, b))
+        return lambda x, r, w, b: (x + r, reference.reference_layer_norm(x + r, w, b))
     if backend == "triton":
         from mingpt.kernels.op_table import OPS
         return OPS[op]

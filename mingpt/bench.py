@@ -21,7 +21,7 @@ from .config import preset_config
 from .model import GPT
 from .ops import OP_NAMES, BackendUnavailable, get_ops
 from .sampling import SAMPLERS, generate, resolve_sampler
-from .train import autocast_context
+from .runtime import autocast_context
 
 TRAIN_BACKENDS = ("reference", "sdpa", "compile", "triton", "cpp")
 OP_BACKENDS = ("reference", "sdpa", "triton", "cpp")

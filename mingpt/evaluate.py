@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .data import DataError, TokenData, load_csv, load_embedded_corpus
-from .sample import write_samples
+from .sampling import write_samples
 
 NEAR_COPY_JACCARD = 0.8
 DEFAULT_JUDGE_TRAIN = os.path.join("..", "shared", "data", "douban_comments_train.csv")

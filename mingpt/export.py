@@ -1,7 +1,7 @@
 """Export a checkpoint for Hugging Face transformers: `python -m mingpt.export --ckpt out --out hf_model`.
 
 The directory loads offline with GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR),
-and back into mingpt with GPT.from_pretrained(DIR) or `python -m mingpt.sample --ckpt DIR`.
+and back into mingpt with mingpt.load_pretrained(DIR) or `python -m mingpt.sample --ckpt DIR`.
 --verify then compares mingpt with transformers on the exported weights and exits 3 on a mismatch.
 Needs the `hf` extra: pip install -e .[hf]
 """

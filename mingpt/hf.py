@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import GPTConfig
 from .data import LAYOUTS
 from .model import GPT
+from .sampling import generate
 from .tokenizer import BOS, EOS, NEG, PAD, POS, CharTokenizer, tokenizer_from_dict
 
 INSTALL_HINT = "pip install -e .[hf]"
@@ -110,7 +111,7 @@ def gpt2_config(config: GPTConfig, tokenizer, eos_token: str):
     return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                       n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
                       resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=0.0,
-                      layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+                      layer_norm_epsilon=config.layer_norm_eps, tie_word_embeddings=True,
                       bos_token_id=tokenizer.token_id(BOS), eos_token_id=tokenizer.token_id(eos_token),
                       pad_token_id=tokenizer.token_id(PAD))
 
@@ -206,7 +207,7 @@ model, tok = GPT2LMHeadModel.from_pretrained("{name}"), AutoTokenizer.from_pretr
 print(tok.decode(model.generate(**tok("<bos><pos>", return_tensors="pt"), max_new_tokens=40, do_sample=True)[0], skip_special_tokens=True))
 ```
 
-Back in mingpt: `GPT.from_pretrained("{name}")` or `python -m mingpt.sample --ckpt {name}`.
+Back in mingpt: `mingpt.load_pretrained("{name}")` or `python -m mingpt.sample --ckpt {name}`.
 """
 
 
@@ -246,7 +247,6 @@ def mingpt_config(hf_config: dict, bias: bool, source: str) -> GPTConfig:
     if c.get("model_type") != "gpt2":
         raise HFFormatError(f"{source}: model_type is {c.get('model_type')!r}, mingpt loads only 'gpt2'")
     required = {"activation_function": c["activation_function"] in TANH_GELUS,
-                "layer_norm_epsilon": c["layer_norm_epsilon"] == 1e-5,
                 "n_inner": c["n_inner"] in (None, 4 * c["n_embd"]),
                 "scale_attn_weights": c["scale_attn_weights"] is True,
                 "scale_attn_by_inverse_layer_idx": c["scale_attn_by_inverse_layer_idx"] is False,
@@ -254,10 +254,11 @@ def mingpt_config(hf_config: dict, bias: bool, source: str) -> GPTConfig:
     unsupported = [f"{key}={c[key]!r}" for key, ok in required.items() if not ok]
     if unsupported:
         raise HFFormatError(f"{source}: mingpt's GPT cannot compute a GPT-2 with {', '.join(unsupported)} "
-                            f"(it uses a tanh GELU, an MLP of 4*n_embd, layer norm eps 1e-5, 1/sqrt(head_dim) attention)")
+                            f"(it uses a tanh GELU, an MLP of 4*n_embd, 1/sqrt(head_dim) attention)")
     try:
         return GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["n_positions"],
-                         vocab_size=c["vocab_size"], dropout=float(c["resid_pdrop"]), bias=bias)
+                         vocab_size=c["vocab_size"], dropout=float(c["resid_pdrop"]), bias=bias,
+                         layer_norm_eps=float(c["layer_norm_epsilon"]))
     except ValueError as e:
         raise HFFormatError(f"{source}: {e}") from None
 
@@ -332,7 +333,7 @@ def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, n
     body = torch.randint(n_special, tokenizer.vocab_size, (n_prompts, prompt_len - 2), generator=generator)
     starts = torch.tensor([[tokenizer.token_id(BOS), tokenizer.token_id(s)] for s in sentiments])
     prompts = torch.cat([starts, body], dim=1)
-    ours = model.generate(prompts, new_tokens, temperature=0, sampler=sampler)
+    ours = generate(model, prompts, new_tokens, temperature=0, sampler=sampler)
     hf_model.generation_config.eos_token_id = None
     theirs = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                do_sample=False)

@@ -1,6 +1,9 @@
 """A GPT in the nanoGPT tradition: learned positions, pre-LN blocks, tanh-GELU MLP, tied embeddings.
 
-Every hot-path op goes through the op table (mingpt.ops), so one model runs on any backend.
+Every hot-path op goes through the op table (mingpt.ops), so one model runs on any backend. One
+forward serves training, prefill and decode (as in gpt-fast): given a KVCache and the position
+of its first token, a call writes its keys and values into the cache and attends to every cached
+position up to its own.
 """
 import math
 
@@ -12,11 +15,39 @@ from .config import GPTConfig
 from .ops import get_ops
 
 
+class KVCache:
+    """Keys and values of every layer for a batch of sequences of up to block_size positions."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def layer(self, i: int):
+        return self.keys[i], self.values[i]
+
+
 class LayerNorm(nn.Module):
-    def __init__(self, ndim: int, bias: bool):
+    def __init__(self, ndim: int, bias: bool, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
+
+    def forward(self, x, ops):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class LinearGELU(nn.Linear):
+    """GELU(x W^T + b). The bias is added inside the activation op, where fused backends add it in
+    the same pass."""
+
+    def forward(self, x, ops):
+        return ops.bias_gelu(F.linear(x, self.weight), self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -27,34 +58,37 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, ops):
-        y = ops.causal_attention(self.c_attn(x), self.n_head)
+    def forward(self, x, ops, cache=None, start: int = 0):
+        qkv = self.c_attn(x)
+        if cache is None:
+            y = ops.causal_attention(qkv, self.n_head)
+        else:
+            y = ops.cached_attention(qkv, self.n_head, *cache, start)
         return ops.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = LinearGELU(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x, ops):
-        h = ops.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)
-        return ops.dropout(self.c_proj(h), self.dropout, self.training)
+        return ops.dropout(self.c_proj(self.c_fc(x, ops)), self.dropout, self.training)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, ops):
-        x = x + self.attn(ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias), ops)
-        return x + self.mlp(ops.layer_norm(x, self.ln_2.weight, self.ln_2.bias), ops)
+    def forward(self, x, ops, cache=None, start: int = 0):
+        x = x + self.attn(self.ln_1(x, ops), ops, cache, start)
+        return x + self.mlp(self.ln_2(x, ops), ops)
 
 
 class GPT(nn.Module):
@@ -65,7 +99,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias),
+            ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
@@ -86,11 +120,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
     def ops(self):
         """The op table of `self.backend` for the device the weights are on, resolved once per device."""
-        device = self.transformer.wte.weight.device
-        if self._resolved_ops is None or self._resolved_ops[0] != (self.backend, device):
-            self._resolved_ops = ((self.backend, device), get_ops(self.backend, device))
+        if self._resolved_ops is None or self._resolved_ops[0] != (self.backend, self.device):
+            self._resolved_ops = ((self.backend, self.device), get_ops(self.backend, self.device))
         return self._resolved_ops[1]
 
     def set_backend(self, backend: str):
@@ -103,21 +140,36 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty KV cache for `batch_size` sequences, on the weights' device and in their dtype."""
+        return KVCache(self.config, batch_size, self.device, self.transformer.wte.weight.dtype)
+
+    def check_inputs(self, idx, targets, cache, start: int):
         if idx.dim() != 2:
             raise ValueError(f"GPT.forward expects idx of shape (B, T), got {tuple(idx.shape)}")
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if start + idx.shape[1] > self.config.block_size:
+            where = f"positions {start}..{start + idx.shape[1] - 1}" if start else f"sequence length {idx.shape[1]}"
+            raise ValueError(f"{where} exceeds block_size {self.config.block_size}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
+        if cache is None and start:
+            raise ValueError("GPT.forward: a start position needs the KV cache that holds the earlier positions")
+        if cache is not None and cache.batch_size != idx.shape[0]:
+            raise ValueError(f"the KV cache holds {cache.batch_size} sequences, idx {idx.shape[0]}")
+
+    def forward(self, idx, targets=None, cache: KVCache = None, start: int = 0):
+        """Logits (B, T, vocab) of tokens idx (B, T) at positions start.., and the loss if targets are given.
+
+        Without a cache the tokens are a whole sequence (training, or the no-cache sampler). With one,
+        they continue the sequence the cache holds up to `start` (0: a prefill).
+        """
+        self.check_inputs(idx, targets, cache, start)
         ops = self.ops
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
         x = ops.dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), self.config.dropout, self.training)
-        for block in self.transformer.h:
-            x = block(x, ops)
-        x = ops.layer_norm(x, self.transformer.ln_f.weight, self.transformer.ln_f.bias)
-        logits = self.lm_head(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, ops, None if cache is None else cache.layer(i), start)
+        logits = self.lm_head(self.transformer.ln_f(x, ops))
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
@@ -132,23 +184,3 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), as in the PaLM appendix."""
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu", backend="auto"):
-        """Load a checkpoint written by `mingpt.train`; returns (model, tokenizer)."""
-        from .checkpoint import load_model
-        return load_model(path, device=device, backend=backend)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", backend="auto"):
-        """Load a Hugging Face GPT-2 directory (see mingpt.hf); returns (model, tokenizer or None)."""
-        from .hf import load_pretrained
-        model, tokenizer, _ = load_pretrained(path, device=device, backend=backend)
-        return model, tokenizer
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_id=None, seed=None, sampler="auto"):
-        from .sampling import generate
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_id=eos_id, seed=seed, sampler=sampler)

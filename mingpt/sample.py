@@ -6,13 +6,9 @@ and stops at its end token; --sentiment auto lets the model draw the sentiment t
 import argparse
 import sys
 
-import torch
-
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .data import BOOK_SEPARATOR
 from .hf import is_pretrained_dir, load_pretrained
-from .sampling import SAMPLERS, resolve_sampler
-from .tokenizer import BOS, SENTIMENT_TOKENS, UnknownCharacterError
+from .sampling import SAMPLERS, resolve_sampler, write_samples
 
 
 def build_parser():
@@ -33,52 +29,6 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--verbose", action="store_true", help="say which sampler ran and each sample's sentiment")
     return p
-
-
-def context_token(tokenizer, layout: str) -> int:
-    """The token that precedes a review: <bos> in the review layout, the line break in the book layout."""
-    return tokenizer.token_id(BOS) if layout == "review" else tokenizer.token_id(BOOK_SEPARATOR)
-
-
-@torch.no_grad()
-def draw_sentiments(model, tokenizer, context_id: int, n: int, generator) -> list:
-    """Sentiments drawn from the model's own p(<pos>|<neg> given the context token)."""
-    names = list(SENTIMENT_TOKENS)
-    ids = torch.tensor([tokenizer.token_id(SENTIMENT_TOKENS[s]) for s in names])
-    device = model.transformer.wte.weight.device
-    logits, _ = model(torch.tensor([[context_id]], device=device))
-    probs = logits[0, -1, ids.to(device)].float().softmax(-1).cpu()
-    return [names[i] for i in torch.multinomial(probs, n, replacement=True, generator=generator).tolist()]
-
-
-def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sentiment: str, num_samples: int,
-                  max_new_tokens: int, temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto"):
-    """Returns [(sentiment, text)] for num_samples samples that begin with `start`."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    try:
-        start_ids = tokenizer.encode(start)
-    except UnknownCharacterError as e:
-        raise UnknownCharacterError(f"--start {start!r}: {e}") from None
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    context_id = context_token(tokenizer, layout)
-    sentiments = (draw_sentiments(model, tokenizer, context_id, num_samples, generator)
-                  if sentiment == "auto" else [sentiment] * num_samples)
-    prompts = [[context_id, tokenizer.token_id(SENTIMENT_TOKENS[s])] + start_ids for s in sentiments]
-    if len(prompts[0]) > model.config.block_size:
-        raise ValueError(f"--start is {len(start_ids)} tokens; with its 2 prefix tokens it must fit the "
-                         f"block of {model.config.block_size}")
-    device = model.transformer.wte.weight.device
-    idx = torch.tensor(prompts, dtype=torch.long, device=device)
-    eos_id = tokenizer.token_id(eos_token)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_id=eos_id, seed=seed, sampler=sampler)
-    texts = []
-    for row in out[:, 2:].tolist():
-        if eos_id in row[len(start_ids):]:
-            row = row[:row.index(eos_id, len(start_ids))]
-        texts.append(tokenizer.decode(row))
-    return list(zip(sentiments, texts))
 
 
 def main(argv=None):

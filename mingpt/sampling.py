@@ -3,8 +3,8 @@
   reference  nanoGPT's loop: re-run the whole (cropped) context for every new token
   kvcache    eager PyTorch with a KV cache: the honest neighbour of `cached` in benchmarks
   cached     mingpt._C's KV-cached sampler: on the CPU every step of every sample runs in
-             compiled code (mingpt._C.KVSampler); on CUDA, the kvcache loop with the extension's
-             cache-append and single-query attention kernels
+             compiled code (mingpt._C.KVSampler); on CUDA, the kvcache loop, whose fused op table
+             brings the extension's cache-append and single-query attention kernels
   auto       cached where it can run for the model, else reference
 
 Context policy, shared by every sampler: the model sees at most the last `block_size` tokens;
@@ -17,12 +17,14 @@ import warnings
 import weakref
 
 import torch
-import torch.nn.functional as F
+
+from . import extension
+from .tokenizer import BOS, SENTIMENT_TOKENS, UnknownCharacterError
 
 SAMPLERS = ("auto", "reference", "kvcache", "cached")
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 1
+SAMPLER_VERSION = 2
 
 
 def check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, eos_id=None):
@@ -92,57 +94,19 @@ def reference_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
                         temperature, top_k, top_p, eos_id, generator, callback)
 
 
-def _attend_torch(k_cache, v_cache, q, k, v, start):
-    """Write k, v (B, H, T, hd) at positions start.. of the cache; attend q to positions 0..start+T-1."""
-    end = start + q.shape[2]
-    k_cache[:, :, start:end] = k
-    v_cache[:, :, start:end] = v
-    # Several queries come only in a prefill, which starts at position 0: causal from the top left.
-    return F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=q.shape[2] > 1)
-
-
-def _attend_cuda_kernels(k_cache, v_cache, q, k, v, start):
-    """_attend_torch with mingpt._C's CUDA kernels for the single-query (decode) steps."""
-    if q.shape[2] > 1:
-        return _attend_torch(k_cache, v_cache, q, k, v, start)
-    torch.ops.mingpt.kv_cache_append(k_cache, v_cache, k, v, start)
-    return torch.ops.mingpt.decode_attention(q.contiguous(), k_cache, v_cache, start + 1)
-
-
-def _kv_forward(model, tokens, start, cache, attend):
-    """Logits after the last of `tokens` (B, T) at positions start.., reading and extending `cache`."""
-    tr, cfg = model.transformer, model.config
-    B, T = tokens.shape
-    C, H = cfg.n_embd, cfg.n_head
-    x = tr.wte(tokens) + tr.wpe.weight[start:start + T]
-    for block, (k_cache, v_cache) in zip(tr.h, cache):
-        h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, 1e-5)
-        q, k, v = block.attn.c_attn(h).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
-        y = attend(k_cache, v_cache, q, k, v, start)
-        x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
-        h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, 1e-5)
-        x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(h), approximate="tanh"))
-    x = F.layer_norm(x[:, -1], (C,), tr.ln_f.weight, tr.ln_f.bias, 1e-5)
-    return model.lm_head(x)
-
-
 @torch.no_grad()
 def kvcache_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                     eos_id=None, generator=None, callback=None, attend=_attend_torch):
-    """Eager PyTorch with a KV cache: prefill the (cropped) prompt, then one position per step."""
-    cfg = model.config
-    block = cfg.block_size
-    weight = model.transformer.wte.weight
-    shape = (idx.shape[0], cfg.n_head, block, cfg.n_embd // cfg.n_head)
-    cache = [(torch.empty(shape, dtype=weight.dtype, device=weight.device),
-              torch.empty(shape, dtype=weight.dtype, device=weight.device)) for _ in range(cfg.n_layer)]
+                     eos_id=None, generator=None, callback=None):
+    """The model's own forward with a KV cache: prefill the (cropped) prompt, then one position per step."""
+    block = model.config.block_size
+    cache = model.new_cache(idx.shape[0])
     prompt_length = idx.shape[1]
 
     def next_logits(seq):
         length = seq.shape[1]
         if length == prompt_length or length > block:  # the prompt, or a slid window: prefill
-            return _kv_forward(model, seq[:, -block:], 0, cache, attend)
-        return _kv_forward(model, seq[:, -1:], length - 1, cache, attend)
+            return model(seq[:, -block:], cache=cache)[0][:, -1]
+        return model(seq[:, -1:], cache=cache, start=length - 1)[0][:, -1]
 
     return _decode_loop(next_logits, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback)
 
@@ -153,15 +117,12 @@ _packed_samplers = weakref.WeakKeyDictionary()
 
 def packed_sampler(model):
     """The model's weights packed for the compiled sampler, packed again only after they change."""
-    from .extension import require_extension
     key = (dataclasses.astuple(model.config),
            tuple((p.data_ptr(), p._version) for p in model.parameters()))
     hit = _packed_samplers.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    c = model.config
-    sampler = require_extension().KVSampler(model.state_dict(), c.n_layer, c.n_head, c.n_embd, c.block_size,
-                                            c.vocab_size, c.bias)
+    sampler = extension.require_extension().KVSampler(model.state_dict(), dataclasses.asdict(model.config))
     _packed_samplers[model] = (key, sampler)
     return sampler
 
@@ -185,12 +146,13 @@ def cached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 
 def cached_sampler_unavailable_reason(model=None):
     """None when the cached sampler can run (for `model`, if given), else why not."""
-    from .extension import REBUILD_HINT, UNAVAILABLE_REASON, _C
+    _C = extension._C
     if _C is None:
-        return UNAVAILABLE_REASON
+        return extension.UNAVAILABLE_REASON
     if getattr(_C, "SAMPLER_VERSION", None) != SAMPLER_VERSION:
         return (f"mingpt._C is a stale build (its KV-cached sampler is version "
-                f"{getattr(_C, 'SAMPLER_VERSION', 'none')}, this code needs {SAMPLER_VERSION}); {REBUILD_HINT}")
+                f"{getattr(_C, 'SAMPLER_VERSION', 'none')}, this code needs {SAMPLER_VERSION}); "
+                f"{extension.REBUILD_HINT}")
     if model is None:
         return None
     weight = model.transformer.wte.weight
@@ -234,11 +196,54 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
-    loops = {"reference": reference_generate, "kvcache": kvcache_generate,
-             "cached": lambda *args: kvcache_generate(*args, attend=_attend_cuda_kernels)}
+    loops = {"reference": reference_generate, "kvcache": kvcache_generate, "cached": kvcache_generate}
     was_training = model.training
     model.eval()
     try:
         return loops[name](model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback)
     finally:
         model.train(was_training)
+
+
+def context_token(tokenizer, layout: str) -> int:
+    """The token that precedes a review: <bos> in the review layout, the line break in the book layout."""
+    return tokenizer.token_id(BOS) if layout == "review" else tokenizer.token_id("\n")
+
+
+@torch.no_grad()
+def draw_sentiments(model, tokenizer, context_id: int, n: int, generator) -> list:
+    """Sentiments drawn from the model's own p(<pos>|<neg> given the context token)."""
+    names = list(SENTIMENT_TOKENS)
+    ids = torch.tensor([tokenizer.token_id(SENTIMENT_TOKENS[s]) for s in names])
+    logits, _ = model(torch.tensor([[context_id]], device=model.device))
+    probs = logits[0, -1, ids.to(model.device)].float().softmax(-1).cpu()
+    return [names[i] for i in torch.multinomial(probs, n, replacement=True, generator=generator).tolist()]
+
+
+def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sentiment: str, num_samples: int,
+                  max_new_tokens: int, temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto"):
+    """Returns [(sentiment, text)] for num_samples reviews that begin with `start`."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    try:
+        start_ids = tokenizer.encode(start)
+    except UnknownCharacterError as e:
+        raise UnknownCharacterError(f"--start {start!r}: {e}") from None
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    context_id = context_token(tokenizer, layout)
+    sentiments = (draw_sentiments(model, tokenizer, context_id, num_samples, generator)
+                  if sentiment == "auto" else [sentiment] * num_samples)
+    prompts = [[context_id, tokenizer.token_id(SENTIMENT_TOKENS[s])] + start_ids for s in sentiments]
+    if len(prompts[0]) > model.config.block_size:
+        raise ValueError(f"--start is {len(start_ids)} tokens; with its 2 prefix tokens it must fit the "
+                         f"block of {model.config.block_size}")
+    idx = torch.tensor(prompts, dtype=torch.long, device=model.device)
+    eos_id = tokenizer.token_id(eos_token)
+    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_id=eos_id, seed=seed, sampler=sampler)
+    texts = []
+    for row in out[:, 2:].tolist():
+        if eos_id in row[len(start_ids):]:
+            row = row[:row.index(eos_id, len(start_ids))]
+        texts.append(tokenizer.decode(row))
+    return list(zip(sentiments, texts))

@@ -12,7 +12,7 @@ from conftest import tiny_cfg
 
 from mingpt.checkpoint import load_checkpoint
 from mingpt.model import GPT
-from mingpt.train import train
+from mingpt.training import train
 
 
 def train_command(data_dir, out_dir, *extra):

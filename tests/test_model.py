@@ -1,9 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mingpt import GPT, GPTConfig
 from mingpt.config import preset_config
-from mingpt.ops import BackendUnavailable, get_ops, reference_causal_attention, sdpa_causal_attention
+from mingpt.ops import BackendUnavailable, get_ops, sdpa_causal_attention
+from mingpt.reference import reference_causal_attention
 
 
 def tiny_config(**overrides):
@@ -75,3 +77,38 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailable, match="CUDA"):
         get_ops("triton", "cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "auto"])
+def test_one_forward_serves_prefill_and_decode(backend):
+    """Logits from a prefill, a chunk at an offset and single-token steps through the KV cache equal
+    the logits of one forward over the whole sequence."""
+    model = GPT(tiny_config(), backend=backend).eval()
+    idx = torch.randint(50, (3, 17))
+    with torch.no_grad():
+        whole, _ = model(idx)
+        cache = model.new_cache(3)
+        pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:9], cache=cache, start=5)[0]]
+        pieces += [model(idx[:, t:t + 1], cache=cache, start=t)[0] for t in range(9, 17)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-5)
+
+
+def test_cached_forward_checks_its_inputs():
+    model = GPT(tiny_config())
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match="needs the KV cache"):
+        model(torch.zeros(2, 1, dtype=torch.long), start=3)
+    with pytest.raises(ValueError, match="holds 2 sequences, idx 3"):
+        model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"positions 16..17 exceeds block_size 17"):
+        model(torch.zeros(2, 2, dtype=torch.long), cache=cache, start=16)
+
+
+def test_modules_compute_what_their_names_say():
+    config = tiny_config(layer_norm_eps=1e-3)
+    model = GPT(config, backend="reference")
+    block, x = model.transformer.h[0], torch.randn(2, 5, 63)
+    ops = model.ops
+    torch.testing.assert_close(block.ln_1(x, ops), F.layer_norm(x, (63,), block.ln_1.weight, block.ln_1.bias, 1e-3))
+    fc = block.mlp.c_fc
+    torch.testing.assert_close(fc(x, ops), F.gelu(F.linear(x, fc.weight, fc.bias), approximate="tanh"))

@@ -7,7 +7,7 @@ from mingpt.checkpoint import CheckpointError, load_model
 from mingpt.data import DataError, Review, TokenData, prepare
 from mingpt.sample import write_samples
 from mingpt.tokenizer import BOS, NEG, POS, load_tokenizer
-from mingpt.train import train
+from mingpt.training import train
 
 
 def imbalanced_dir(tmp_path, negatives=20, positives=180):

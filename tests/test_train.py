@@ -9,7 +9,8 @@ from conftest import tiny_cfg
 
 from mingpt.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model
 from mingpt.config import preset_config
-from mingpt.train import config_from_args, learning_rate, train
+from mingpt.train import config_from_args
+from mingpt.training import learning_rate, train
 
 
 def test_loss_decreases_and_outputs_are_written(review_data_dir, tmp_path):

@@ -15,7 +15,7 @@ default blocks of 64 (three blocks with a ragged last one).
 import pytest
 import torch
 
-from mingpt import ops
+from mingpt import reference
 from op_check import BACKENDS, err
 
 TRITON = BACKENDS["triton"].load()
@@ -37,7 +37,7 @@ def gradcheck(fn, *inputs, **kw):
 
 def _add_layer_norm_reference(x, r, w, b):
     s = x + r
-    return s, ops.reference_layer_norm(s, w, b)
+    return s, reference.reference_layer_norm(s, w, b)
 
 
 @pytest.mark.parametrize("use_sum", [True, False], ids=["sum_and_norm_used", "norm_only"])

@@ -105,51 +105,31 @@ def _attn_bwd_preprocess(O, DO, Delta, T, H, D,
 
 
 @triton.jit
-def _attn_bwd(QKV, DO, LSE, Delta, DQKV, T, H, C, D,
-              stride_b, stride_t, stride_c, stride_db, stride_dt, stride_dc,
-              stride_gb, stride_gt, stride_gc,
-              sm_scale, qk_scale,
-              ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_blk = pid * BLOCK + tl.arange(0, BLOCK)
+def _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, C, D,
+                    stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
+                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK, dV for key block `pid`: walk the query blocks at or below the diagonal."""
     offs_0 = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
-    blk_ok = offs_blk < T
-    q_base = QKV + b.to(tl.int64) * stride_b + (h * D) * stride_c
-    k_base = q_base + C * stride_c
-    v_base = q_base + 2 * C * stride_c
-    do_base = DO + b.to(tl.int64) * stride_db + (h * D) * stride_dc
-    g_base = DQKV + b.to(tl.int64) * stride_gb + (h * D) * stride_gc
-    lse_base = LSE + pid_bh.to(tl.int64) * T
-    delta_base = Delta + pid_bh.to(tl.int64) * T
-
-    # ---- dK, dV for key block `pid`: walk the query blocks at or below the diagonal ----
-    offs_n = offs_blk
-    kv_mask = blk_ok[:, None] & d_ok
-    k = tl.load(k_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c,
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c,
-                mask=kv_mask, other=0.0)
+    offs_n = pid * BLOCK + offs_0
+    n_ok = offs_n < T
+    kv_mask = n_ok[:, None] & d_ok
+    k = tl.load(k_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     for start_m in range(pid * BLOCK, T, BLOCK):
         offs_m = start_m + offs_0
         m_ok = offs_m < T
         q_mask = m_ok[:, None] & d_ok
-        q = tl.load(q_base + offs_m[:, None] * stride_t + offs_d[None, :] * stride_c,
-                    mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dc,
-                     mask=q_mask, other=0.0)
+        q = tl.load(q_base + offs_m[:, None] * stride_t + offs_d[None, :] * stride_c, mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dc, mask=q_mask, other=0.0)
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         # Transposed scores: rows are keys, columns are queries.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC).to(ACC) * qk_scale
-        valid_t = (offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :] & blk_ok[:, None]
+        valid_t = (offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :] & n_ok[:, None]
         p_t = tl.where(valid_t, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(ACC)
@@ -157,39 +137,71 @@ def _attn_bwd(QKV, DO, LSE, Delta, DQKV, T, H, C, D,
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC).to(ACC)
     dk = dk * sm_scale
     g_cols = offs_d[None, :] * stride_gc
-    tl.store(g_base + C * stride_gc + offs_n[:, None] * stride_gt + g_cols,
-             dk.to(DQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(g_base + 2 * C * stride_gc + offs_n[:, None] * stride_gt + g_cols,
-             dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(g_base + C * stride_gc + offs_n[:, None] * stride_gt + g_cols, dk.to(g_base.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(g_base + 2 * C * stride_gc + offs_n[:, None] * stride_gt + g_cols, dv.to(g_base.dtype.element_ty),
+             mask=kv_mask)
 
-    # ---- dQ for query block `pid`: walk the key blocks up to the diagonal ----
-    offs_m = offs_blk
-    q_mask = blk_ok[:, None] & d_ok
-    q = tl.load(q_base + offs_m[:, None] * stride_t + offs_d[None, :] * stride_c,
-                mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dc,
-                 mask=q_mask, other=0.0)
-    lse = tl.load(lse_base + offs_m, mask=blk_ok, other=0.0)
-    delta = tl.load(delta_base + offs_m, mask=blk_ok, other=0.0)
+
+@triton.jit
+def _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, D,
+                 stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
+                 ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ for query block `pid`: walk the key blocks up to the diagonal."""
+    offs_0 = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    offs_m = pid * BLOCK + offs_0
+    m_ok = offs_m < T
+    q_mask = m_ok[:, None] & d_ok
+    q = tl.load(q_base + offs_m[:, None] * stride_t + offs_d[None, :] * stride_c, mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dc, mask=q_mask, other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     hi = tl.minimum((pid + 1) * BLOCK, T)
     for start_n in range(0, hi, BLOCK):
         offs_k = start_n + offs_0
         k_ok = offs_k < T
         kmask = k_ok[:, None] & d_ok
-        k = tl.load(k_base + offs_k[:, None] * stride_t + offs_d[None, :] * stride_c,
-                    mask=kmask, other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * stride_t + offs_d[None, :] * stride_c,
-                    mask=kmask, other=0.0)
+        k = tl.load(k_base + offs_k[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kmask, other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
-        valid = (offs_m[:, None] >= offs_k[None, :]) & k_ok[None, :] & blk_ok[:, None]
+        valid = (offs_m[:, None] >= offs_k[None, :]) & k_ok[None, :] & m_ok[:, None]
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC)
     dq = dq * sm_scale
-    tl.store(g_base + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gc,
-             dq.to(DQKV.dtype.element_ty), mask=q_mask)
+    tl.store(g_base + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gc, dq.to(g_base.dtype.element_ty),
+             mask=q_mask)
+
+
+@triton.jit
+def _attn_bwd(QKV, DO, LSE, Delta, DQKV, T, H, C, D,
+              stride_b, stride_t, stride_c, stride_db, stride_dt, stride_dc,
+              stride_gb, stride_gt, stride_gc,
+              sm_scale, qk_scale,
+              ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (pid, batch*head): dK and dV of key block pid, then dQ of query block pid."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = QKV + b.to(tl.int64) * stride_b + (h * D) * stride_c
+    k_base = q_base + C * stride_c
+    v_base = q_base + 2 * C * stride_c
+    do_base = DO + b.to(tl.int64) * stride_db + (h * D) * stride_dc
+    g_base = DQKV + b.to(tl.int64) * stride_gb + (h * D) * stride_gc
+    lse_base = LSE + pid_bh.to(tl.int64) * T
+    delta_base = Delta + pid_bh.to(tl.int64) * T
+    _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, C, D,
+                    stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
+                    ACC, DOT_PREC, BLOCK, BLOCK_D)
+    _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, D,
+                 stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
+                 ACC, DOT_PREC, BLOCK, BLOCK_D)
 
 
 def _seq_block(T: int, BLOCK_D: int, block_t=None, cap: int = 64) -> int:
@@ -285,5 +297,5 @@ class CausalAttentionFn(torch.autograd.Function):
 
 def causal_attention(qkv, n_head: int):
     """Causal self-attention from the fused (B, T, 3C) projection to (B, T, C); same signature
-    as mingpt.ops.reference_causal_attention."""
+    as mingpt.reference.reference_causal_attention."""
     return CausalAttentionFn.apply(qkv, n_head)

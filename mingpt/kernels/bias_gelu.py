@@ -148,5 +148,5 @@ class BiasGeluFn(torch.autograd.Function):
 
 
 def bias_gelu(x, bias):
-    """gelu_tanh(x + bias) over the last dim; same signature as mingpt.ops.reference_bias_gelu."""
+    """gelu_tanh(x + bias) over the last dim; same signature as mingpt.reference.reference_bias_gelu."""
     return BiasGeluFn.apply(x, bias)

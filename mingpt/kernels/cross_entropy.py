@@ -126,5 +126,5 @@ class CrossEntropyFn(torch.autograd.Function):
 
 def cross_entropy(logits, targets):
     """Mean cross entropy of logits (..., V) against targets (...), -1 ignored; same signature
-    as mingpt.ops.reference_cross_entropy."""
+    as mingpt.reference.reference_cross_entropy."""
     return CrossEntropyFn.apply(logits, targets)

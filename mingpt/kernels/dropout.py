@@ -44,7 +44,7 @@ class DropoutFn(torch.autograd.Function):
 
 
 def dropout(x, p: float, training: bool):
-    """Same signature and distribution as mingpt.ops.reference_dropout; the seed comes from torch's RNG."""
+    """Same signature and distribution as mingpt.reference.reference_dropout; the seed comes from torch's RNG."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0.0:

@@ -10,7 +10,7 @@ for its rows and keeping its own partial sums of dweight and dbias in registers;
 partial rows are folded by one torch sum, so dweight/dbias need no atomics and are
 deterministic.
 
-`layer_norm(x, weight, bias, eps)` matches mingpt.ops.reference_layer_norm (the op table's
+`layer_norm(x, weight, bias, eps)` matches mingpt.reference.reference_layer_norm (the op table's
 entry); `add_layer_norm(x, residual, weight, bias, eps)` returns (x + residual,
 layer_norm(x + residual)) from one pass over memory, the pre-LN block's residual stream.
 """
@@ -228,7 +228,7 @@ class AddLayerNormFn(torch.autograd.Function):
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
-    """Triton layer norm over the last dim; same signature as mingpt.ops.reference_layer_norm."""
+    """Triton layer norm over the last dim; same signature as mingpt.reference.reference_layer_norm."""
     return LayerNormFn.apply(x, weight, bias, eps)
 
 

@@ -1,0 +1,96 @@
+"""The reference ops: plain PyTorch, the oracle of every test and the baseline of every benchmark,
+with the input checks and head layout every backend shares. Imports nothing of mingpt."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def check_qkv(qkv: torch.Tensor, n_head: int):
+    if qkv.dim() != 3 or qkv.shape[-1] % 3:
+        raise ValueError(f"causal_attention expects qkv of shape (B, T, 3*C), got {tuple(qkv.shape)}")
+    n_embd = qkv.shape[-1] // 3
+    if n_head < 1 or n_embd % n_head:
+        raise ValueError(f"causal_attention: C={n_embd} is not divisible by n_head={n_head}")
+
+
+def split_heads(qkv, n_head: int):
+    """q, k, v of shape (B, n_head, T, head_dim) from the fused (B, T, 3*C) projection."""
+    check_qkv(qkv, n_head)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    return (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+
+
+def merge_heads(y):
+    """(B, n_head, T, head_dim) back to (B, T, C)."""
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def reference_layer_norm(x, weight, bias, eps: float = 1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def reference_bias_gelu(x, bias):
+    return F.gelu(x + bias if bias is not None else x, approximate="tanh")
+
+
+def reference_causal_attention(qkv, n_head: int):
+    q, k, v = split_heads(qkv, n_head)
+    T = q.shape[2]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    causal = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril()
+    att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return merge_heads(att @ v)
+
+
+def check_cache(qkv, k_cache, v_cache, start: int):
+    B, T = qkv.shape[:2]
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[0] != B:
+        raise ValueError(f"cached_attention: caches of shape {tuple(k_cache.shape)} and {tuple(v_cache.shape)} "
+                         f"do not serve a batch of {B} as (B, n_head, block_size, head_dim)")
+    if not 0 <= start <= k_cache.shape[2] - T:
+        raise ValueError(f"cached_attention: positions {start}..{start + T - 1} are outside the cache of "
+                         f"{k_cache.shape[2]} positions")
+
+
+def reference_cached_attention(qkv, n_head: int, k_cache, v_cache, start: int):
+    """Write this call's keys and values at positions start.. of the caches (B, n_head, block_size, head_dim),
+    then attend each query to every cached position up to its own."""
+    check_cache(qkv, k_cache, v_cache, start)
+    q, k, v = split_heads(qkv, n_head)
+    T = q.shape[2]
+    end = start + T
+    k_cache[:, :, start:end] = k
+    v_cache[:, :, start:end] = v
+    keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+    if start == 0 or T == 1:  # a prefill from the top left, or one query that sees every cached position
+        return merge_heads(F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1))
+    visible = torch.ones(T, end, dtype=torch.bool, device=qkv.device).tril(diagonal=start)
+    return merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=visible))
+
+
+def reference_cross_entropy(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=-1)
+
+
+def check_dropout_rate(p: float):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+
+
+def reference_dropout(x, p: float, training: bool):
+    check_dropout_rate(p)
+    return F.dropout(x, p, training)
+
+
+REFERENCE_OPS = {
+    "layer_norm": reference_layer_norm,
+    "bias_gelu": reference_bias_gelu,
+    "causal_attention": reference_causal_attention,
+    "cross_entropy": reference_cross_entropy,
+    "dropout": reference_dropout,
+    "cached_attention": reference_cached_attention,
+}

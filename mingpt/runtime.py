@@ -1,0 +1,50 @@
+"""Where and how a run computes: the device, autocast, and the process group torchrun describes."""
+import contextlib
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return device
+
+
+def init_distributed(device_name: str):
+    """Join the process group torchrun describes in the environment; a single process otherwise."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Distributed(), resolve_device(device_name)
+    dist_info = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist_info, device
+
+
+def autocast_context(dtype: str, device: torch.device):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if dtype == "float16" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    raise ValueError(f"dtype {dtype!r} is not supported on {device.type}; use float32 or bfloat16")

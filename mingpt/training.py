@@ -1,0 +1,360 @@
+"""The training loop: set-up, one optimizer step, evaluate-and-save, and the loop that runs them.
+
+Writes out_dir/ckpt.pt (the latest, at every evaluation) and out_dir/best.pt (best val loss), both
+atomically, plus out_dir/metrics.csv and out_dir/loss.png. SIGINT/SIGTERM write a checkpoint and stop.
+Under torchrun each process computes its share of the micro-batches (DistributedDataParallel).
+"""
+import contextlib
+import csv
+import dataclasses
+import glob
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_pretrained_weights, make_checkpoint
+from .config import GPTConfig, TrainConfig, apply_overrides
+from .data import TokenData
+from .model import GPT
+from .ops import get_ops
+from .runtime import Distributed, autocast_context, init_distributed
+
+METRIC_FIELDS = ("iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after writing a checkpoint."""
+
+
+def learning_rate(it: int, cfg: TrainConfig) -> float:
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, dtype) -> dict:
+    """Mean loss over the same eval_iters batches of each split at every evaluation."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = data.get_batch(split, cfg.batch_size, cfg.model.block_size, generator)
+            with autocast_context(dtype, device):
+                _, loss = model(x.to(device), y.to(device))
+            losses.append(loss.item())
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def rng_states() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": list(random.getstate()[1])}
+
+
+def restore_rng_states(states: dict):
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(states["python"]), None))
+
+
+def check_out_dir(out_dir: str, needed_bytes: int):
+    """Fail at start-up, not after an hour of training, if checkpoints cannot be written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write-test")
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
+    free = shutil.disk_usage(out_dir).free
+    if free < needed_bytes:
+        raise ValueError(f"out_dir {out_dir} has {free / 2**20:,.0f} MiB free; checkpoints need about "
+                         f"{needed_bytes / 2**20:,.0f} MiB")
+    for stale in glob.glob(os.path.join(out_dir, ".tmp-*.pt")):
+        os.unlink(stale)  # left by a process killed while writing
+
+
+def append_metrics(path: str, row: dict):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_losses(metrics_path: str, png_path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(metrics_path, encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["val_loss"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([int(r["iter"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train")
+    ax.plot([int(r["iter"]) for r in rows], [float(r["val_loss"]) for r in rows], label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a checkpoint is written."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def load_resume_checkpoint(path: str, cfg: TrainConfig, data: TokenData) -> dict:
+    ckpt = load_checkpoint(path)
+    if GPTConfig(**ckpt["model_config"]) != cfg.model:
+        raise CheckpointError(f"{path} was trained with model config {ckpt['model_config']}, "
+                              f"not {dataclasses.asdict(cfg.model)}")
+    if ckpt["tokenizer"] != data.tokenizer.to_dict():
+        raise CheckpointError(f"{path} was trained with another tokenizer than the one in {cfg.data_dir}")
+    return ckpt
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run holds from one step to the next."""
+    cfg: TrainConfig
+    ddp: Distributed
+    device: torch.device
+    data: TokenData
+    model: GPT
+    step_model: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    batch_generator: torch.Generator
+    log: Callable
+    writer: Optional[object] = None  # a TensorBoard SummaryWriter, when --tensorboard is on
+    it: int = 0
+    best_val: float = float("inf")
+    losses: dict = dataclasses.field(default_factory=dict)
+    tokens_per_s: float = 0.0
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cfg.out_dir, name)
+
+
+def build_model(cfg: TrainConfig, data: TokenData, device) -> GPT:
+    """A fresh model (seeded), or the --init_from checkpoint's weights and architecture for fine-tuning."""
+    pretrained = None
+    if cfg.init_from and not cfg.resume:
+        pretrained = load_checkpoint(cfg.init_from)
+        architecture = {k: v for k, v in pretrained["model_config"].items() if k not in ("vocab_size", "dropout")}
+        apply_overrides(cfg.model, architecture, cfg.init_from)
+    data.check_block_size(cfg.model.block_size)
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = GPT(cfg.model, backend=cfg.backend)
+    if pretrained:
+        load_pretrained_weights(model, pretrained, data.tokenizer, cfg.init_from)
+    return model.to(device)
+
+
+def open_tensorboard(cfg: TrainConfig):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+
+
+def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
+    """Data, model, optimizer and output folder, restored from out_dir/ckpt.pt with --resume."""
+    autocast_context(cfg.dtype, device)  # rejects a dtype the device cannot train in, before any work
+    if cfg.grad_accum % ddp.world_size:
+        raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the {ddp.world_size} processes")
+    data = TokenData(cfg.data_dir)
+    balance = data.set_balance(cfg.balance)
+    model = build_model(cfg, data, device)
+    if ddp.is_main:
+        # latest + best + their temporary copies, each weights and two AdamW moments
+        check_out_dir(cfg.out_dir, needed_bytes=4 * 3 * 4 * model.num_params())
+    run = Run(cfg, ddp, device, data, model, step_model=model,
+              optimizer=model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2)),
+              batch_generator=torch.Generator().manual_seed(cfg.seed),
+              log=print if ddp.is_main else (lambda *a, **k: None))
+    if cfg.resume:
+        restore(run)
+    elif ddp.is_main and os.path.exists(run.path("metrics.csv")):
+        os.unlink(run.path("metrics.csv"))
+    if ddp.world_size > 1:
+        run.step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    ops = get_ops(cfg.backend, device)
+    run.log(f"model: {model.num_params():,} parameters ({cfg.model.n_layer} layers, {cfg.model.n_head} heads, "
+            f"n_embd {cfg.model.n_embd}, block {cfg.model.block_size}, vocab {cfg.model.vocab_size}); "
+            f"device {device}, dtype {cfg.dtype}, {ddp.world_size} process(es), backend {cfg.backend} -> "
+            f"{ops.name} ({', '.join(f'{k}: {v}' for k, v in ops.sources.items())}); {balance}"
+            + (f"; fine-tuning from {cfg.init_from}" if cfg.init_from and not cfg.resume else ""))
+    if cfg.tensorboard and ddp.is_main:
+        run.writer = open_tensorboard(cfg)
+    return run
+
+
+def restore(run: Run):
+    resumed = load_resume_checkpoint(run.path("ckpt.pt"), run.cfg, run.data)
+    run.model.load_state_dict(resumed["model"])
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    run.it, run.best_val = resumed["iter_num"], resumed["best_val_loss"]
+    run.batch_generator.set_state(resumed["batch_rng"])
+    restore_rng_states(resumed["rng"])
+
+
+def save(run: Run, name: str):
+    if run.ddp.is_main:
+        atomic_torch_save(make_checkpoint(
+            run.model, run.data.tokenizer, run.data.meta, optimizer=run.optimizer.state_dict(), iter_num=run.it,
+            best_val_loss=run.best_val, train_config=dataclasses.asdict(run.cfg),
+            batch_rng=run.batch_generator.get_state(), rng=rng_states()), run.path(name))
+
+
+def optimizer_step(run: Run) -> torch.Tensor:
+    """One optimizer step over batch_size x grad_accum sequences; returns the step's mean loss."""
+    cfg, ddp = run.cfg, run.ddp
+    lr = learning_rate(run.it, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    positions = [run.data.sample_positions("train", cfg.batch_size, cfg.model.block_size, run.batch_generator)
+                 for _ in range(cfg.grad_accum)]
+    micro_steps = range(ddp.rank, cfg.grad_accum, ddp.world_size)
+    step_loss = torch.zeros((), device=run.device)
+    for n, micro in enumerate(micro_steps):
+        x, y = run.data.load_batch("train", positions[micro], cfg.model.block_size)
+        sync = n == len(micro_steps) - 1 or ddp.world_size == 1
+        with (contextlib.nullcontext() if sync else run.step_model.no_sync()):
+            with autocast_context(cfg.dtype, run.device):
+                _, loss = run.step_model(x.to(run.device), y.to(run.device))
+            (loss / len(micro_steps)).backward()
+        step_loss += loss.detach() / len(micro_steps)
+    if ddp.world_size > 1:
+        dist.all_reduce(step_loss)
+        step_loss /= ddp.world_size
+    if not torch.isfinite(step_loss):
+        raise FloatingPointError(f"loss became {step_loss.item()} at iteration {run.it}; the last "
+                                 f"good checkpoint {run.path('ckpt.pt')} is left as it was")
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.it += 1
+    return step_loss
+
+
+def evaluate_and_save(run: Run, elapsed_s: float) -> str:
+    """Losses of both splits, a metrics row and plot, ckpt.pt (and best.pt when val improved); returns the log line."""
+    run.losses = estimate_loss(run.model, run.data, run.cfg, run.device, run.cfg.dtype)
+    improved = run.losses["val"] < run.best_val
+    run.best_val = min(run.best_val, run.losses["val"])
+    if run.ddp.is_main:
+        append_metrics(run.path("metrics.csv"), dict(
+            iter=run.it, train_loss=f"{run.losses['train']:.4f}", val_loss=f"{run.losses['val']:.4f}",
+            lr=f"{learning_rate(run.it, run.cfg):.3e}", tokens_per_s=f"{run.tokens_per_s:.0f}",
+            elapsed_s=f"{elapsed_s:.1f}"))
+        plot_losses(run.path("metrics.csv"), run.path("loss.png"))
+        if run.writer:
+            run.writer.add_scalars("loss", run.losses, run.it)
+    save(run, "ckpt.pt")
+    if improved:
+        save(run, "best.pt")
+    return f"iter {run.it}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}"
+
+
+def progress_bar(run: Run):
+    if not (run.cfg.progress and run.ddp.is_main):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.cfg.max_iters, initial=run.it, desc="train", unit="it", dynamic_ncols=True,
+                mininterval=1.0)
+
+
+def train_loop(run: Run) -> float:
+    """Steps until max_iters or max_minutes, evaluating every eval_interval steps; returns the seconds it took."""
+    cfg, start_iter = run.cfg, run.it
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+    progress = progress_bar(run)
+    started = time.perf_counter()
+    window_start, window_tokens = started, 0
+    run.model.train()
+    with StopSignals() as signals:
+        while True:
+            out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
+            last = run.it >= cfg.max_iters or out_of_time
+            if (run.it % cfg.eval_interval == 0 and run.it > start_iter) or last:
+                message = evaluate_and_save(run, time.perf_counter() - started)
+                (progress.write if progress else run.log)(message)
+            if last:
+                break
+            if signals.received:
+                save(run, "ckpt.pt")
+                raise Interrupted(f"{signals.received} at iteration {run.it}: wrote {run.path('ckpt.pt')}; "
+                                  f"continue with --resume")
+            step_loss = optimizer_step(run)
+            window_tokens += tokens_per_step
+            if run.it % cfg.log_interval == 0 or run.it == cfg.max_iters:
+                now = time.perf_counter()
+                run.tokens_per_s = window_tokens / (now - window_start)
+                window_start, window_tokens = now, 0
+                if run.writer:
+                    run.writer.add_scalar("train/loss_step", step_loss.item(), run.it)
+                    run.writer.add_scalar("train/lr", learning_rate(run.it - 1, cfg), run.it)
+            if progress:
+                progress.set_postfix(loss=f"{step_loss.item():.3f}", tok_s=f"{run.tokens_per_s:,.0f}", refresh=False)
+                progress.update(1)
+    if progress:
+        progress.close()
+    return time.perf_counter() - started
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as configured; returns a summary with the final losses."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ddp, device = init_distributed(cfg.device)
+    try:
+        run = set_up(cfg, ddp, device)
+        elapsed_s = train_loop(run)
+        if run.writer:
+            run.writer.close()
+        return {"iters": run.it, "train_loss": run.losses["train"], "val_loss": run.losses["val"],
+                "best_val_loss": run.best_val, "elapsed_s": elapsed_s, "params": run.model.num_params(),
+                "ckpt": run.path("ckpt.pt")}
+    finally:
+        if ddp.world_size > 1:
+            dist.destroy_process_group()
