@@ -88,6 +88,16 @@ def test_review_layout_rows_and_long_review_policies():
     assert tok.decode(split_rows[0].tolist(), skip_special=False).startswith(f"{BOS}{NEG}")
 
 
+@pytest.fixture(scope="module")
+def small_dirs(tmp_path_factory):
+    """40 synthetic reviews prepared in each layout with block size 8."""
+    dirs = {}
+    for name in ("review", "book"):
+        dirs[name] = str(tmp_path_factory.mktemp(name))
+        prepare(synthetic_reviews(40), {}, dirs[name], layout=name, block_size=8)
+    return dirs
+
+
 def test_prepare_writes_readable_files_and_batches(review_data_dir, book_data_dir):
     meta = json.load(open(os.path.join(review_data_dir, "meta.json"), encoding="utf-8"))
     assert meta["layout"] == "review" and meta["reviews"] == 400 and meta["positive"] == 200
@@ -135,3 +145,28 @@ def test_shared_douban_loads_with_minus_one_labels():
     reviews, drops = load_csv(shared_csv("douban_comments_train.csv"))
     assert len(reviews) > 19_000 and not any(k.startswith("unknown label") for k in drops)
     assert abs(sum(r.sentiment == "neg" for r in reviews) / len(reviews) - 0.5) < 0.02
+
+
+# Positions and batches drawn for a fixed generator state: a resumed run must draw exactly these.
+def test_review_batches_for_a_seeded_generator(small_dirs):
+    data = TokenData(small_dirs["review"])
+    positions = data.sample_positions("train", 3, 8, torch.Generator().manual_seed(0))
+    assert positions.tolist() == [24, 3, 29]
+    x, y = data.load_batch("train", positions, 8)
+    assert x.tolist() == [[6, 12, 2, 0, 0, 0, 0, 0], [1, 3, 23, 42, 50, 7, 13, 2], [1, 3, 26, 23, 42, 15, 6, 11]]
+    assert y.tolist() == [[12, 2, -1, -1, -1, -1, -1, -1], [3, 23, 42, 50, 7, 13, 2, -1],
+                          [3, 26, 23, 42, 15, 6, 11, 2]]
+    data.set_balance("on")
+    assert data.sample_positions("train", 6, 8, torch.Generator().manual_seed(0)).tolist() == [28, 60, 33, 40, 30, 31]
+    assert data.sample_positions("val", 3, 8, torch.Generator().manual_seed(0)).tolist() == [4, 9, 3]
+
+
+def test_book_batches_for_a_seeded_generator(small_dirs):
+    data = TokenData(small_dirs["book"])
+    positions = data.sample_positions("train", 3, 8, torch.Generator().manual_seed(0))
+    assert positions.tolist() == [396, 269, 336]
+    x, y = data.load_batch("train", positions, 8)
+    assert x.tolist() == [[52, 23, 36, 52, 41, 42, 16, 8], [24, 43, 52, 19, 28, 17, 43, 52],
+                          [16, 7, 15, 5, 4, 18, 33, 46]]
+    assert y.tolist() == [[23, 36, 52, 41, 42, 16, 8, 9], [43, 52, 19, 28, 17, 43, 52, 30],
+                          [7, 15, 5, 4, 18, 33, 46, 16]]
