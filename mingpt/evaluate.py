@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .data import DataError, TokenData, load_csv, load_embedded_corpus
+from .corpus import DataError, load_csv, load_embedded_corpus
+from .data import TokenData
 from .sample import write_samples
 
 NEAR_COPY_JACCARD = 0.8

@@ -8,7 +8,8 @@ import sys
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .tokenizer import TOKENIZERS, load_tokenizer, tokenizer_from_dict
-from .data import LAYOUTS, LONG_REVIEW_POLICIES, DataError, load_csv, load_embedded_corpus, prepare, summary_line
+from .corpus import DataError, load_csv, load_embedded_corpus
+from .data import LAYOUTS, LONG_REVIEW_POLICIES, prepare, summary_line
 
 
 def build_parser():

@@ -4,7 +4,8 @@ import torch
 
 from conftest import synthetic_reviews, tiny_cfg
 from mingpt.checkpoint import CheckpointError, load_model
-from mingpt.data import DataError, Review, TokenData, prepare
+from mingpt.corpus import DataError, Review
+from mingpt.data import TokenData, prepare
 from mingpt.sample import write_samples
 from mingpt.tokenizer import BOS, NEG, POS, load_tokenizer
 from mingpt.train import train
