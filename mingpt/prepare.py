@@ -9,7 +9,8 @@ import sys
 from .checkpoint import CheckpointError, load_checkpoint
 from .tokenizer import TOKENIZERS, load_tokenizer, tokenizer_from_dict
 from .corpus import DataError, load_csv, load_embedded_corpus
-from .data import LAYOUTS, LONG_REVIEW_POLICIES, prepare, summary_line
+from .data import prepare, summary_line
+from .layouts import LAYOUTS, LONG_REVIEW_POLICIES
 
 
 def build_parser():

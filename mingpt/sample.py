@@ -9,10 +9,10 @@ import sys
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .data import BOOK_SEPARATOR
 from .hf import is_pretrained_dir, load_pretrained
+from .layouts import get_layout
 from .sampling import SAMPLERS, resolve_sampler
-from .tokenizer import BOS, SENTIMENT_TOKENS, UnknownCharacterError
+from .tokenizer import SENTIMENT_TOKENS, UnknownCharacterError
 
 
 def build_parser():
@@ -35,11 +35,6 @@ def build_parser():
     return p
 
 
-def context_token(tokenizer, layout: str) -> int:
-    """The token that precedes a review: <bos> in the review layout, the line break in the book layout."""
-    return tokenizer.token_id(BOS) if layout == "review" else tokenizer.token_id(BOOK_SEPARATOR)
-
-
 @torch.no_grad()
 def draw_sentiments(model, tokenizer, context_id: int, n: int, generator) -> list:
     """Sentiments drawn from the model's own p(<pos>|<neg> given the context token)."""
@@ -51,7 +46,7 @@ def draw_sentiments(model, tokenizer, context_id: int, n: int, generator) -> lis
     return [names[i] for i in torch.multinomial(probs, n, replacement=True, generator=generator).tolist()]
 
 
-def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sentiment: str, num_samples: int,
+def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samples: int,
                   max_new_tokens: int, temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto"):
     """Returns [(sentiment, text)] for num_samples samples that begin with `start`."""
     if num_samples < 1:
@@ -61,7 +56,7 @@ def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sen
     except UnknownCharacterError as e:
         raise UnknownCharacterError(f"--start {start!r}: {e}") from None
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    context_id = context_token(tokenizer, layout)
+    context_id = tokenizer.token_id(layout.context_token)
     sentiments = (draw_sentiments(model, tokenizer, context_id, num_samples, generator)
                   if sentiment == "auto" else [sentiment] * num_samples)
     prompts = [[context_id, tokenizer.token_id(SENTIMENT_TOKENS[s])] + start_ids for s in sentiments]
@@ -70,7 +65,7 @@ def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sen
                          f"block of {model.config.block_size}")
     device = model.transformer.wte.weight.device
     idx = torch.tensor(prompts, dtype=torch.long, device=device)
-    eos_id = tokenizer.token_id(eos_token)
+    eos_id = tokenizer.token_id(layout.end_token)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_id=eos_id, seed=seed, sampler=sampler)
     texts = []
@@ -90,7 +85,7 @@ def main(argv=None):
             ckpt = load_checkpoint(args.ckpt)
             model, tokenizer = model_from_checkpoint(ckpt, args.ckpt, device=args.device)
             data = ckpt["data"]
-        samples = write_samples(model.eval(), tokenizer, data["layout"], data["eos_token"],
+        samples = write_samples(model.eval(), tokenizer, get_layout(data["layout"]),
                                 args.start, args.sentiment, args.num_samples, args.max_new_tokens,
                                 args.temperature, args.top_k, args.top_p, args.seed, args.sampler)
     except (CheckpointError, ValueError, RuntimeError) as e:

@@ -1,32 +1,13 @@
-import collections
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import synthetic_reviews
-from mingpt.corpus import DataError, Review
-from mingpt.data import TokenData, encode_review_layout, prepare
-from mingpt.tokenizer import BOS, EOS, NEG, PAD, POS, CharTokenizer
-
-
-def test_review_layout_rows_and_long_review_policies():
-    tok = CharTokenizer.train(["好看难"])
-    short, long_ = Review("好看", "pos"), Review("好看难" * 5, "neg")  # 15 chars + 3 specials = 18 tokens
-    for policy, n_rows in (("split", 1 + 3), ("truncate", 2), ("drop", 1)):
-        counts = collections.Counter()
-        rows, labels = encode_review_layout([short, long_], tok, block_size=7, long_reviews=policy, counts=counts)
-        assert rows.shape == (n_rows, 8) and rows.dtype == np.uint16
-        assert labels.tolist() == [1] + [0] * (n_rows - 1)
-        assert counts == {f"long reviews ({policy})": 1}
-    rows, _ = encode_review_layout([short], tok, 7, "split", collections.Counter())
-    assert tok.decode(rows[0].tolist(), skip_special=False) == f"{BOS}{POS}好看{EOS}{PAD}{PAD}{PAD}"
-    split_rows, _ = encode_review_layout([long_], tok, 7, "split", collections.Counter())
-    # windows overlap by one token so that every target is predicted exactly once
-    assert [int(r[0]) for r in split_rows[1:]] == [int(r[-1]) for r in split_rows[:-1]]
-    assert tok.decode(split_rows[0].tolist(), skip_special=False).startswith(f"{BOS}{NEG}")
+from mingpt.corpus import DataError
+from mingpt.data import TokenData, prepare
+from mingpt.tokenizer import BOS, PAD
 
 
 @pytest.fixture(scope="module")
