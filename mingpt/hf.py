@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import GPTConfig
-from .data import LAYOUTS
+from .layouts import get_layout
 from .model import GPT
 from .sampling import generate
 from .tokenizer import BOS, EOS, NEG, PAD, POS, CharTokenizer, tokenizer_from_dict
@@ -181,7 +181,7 @@ def tokenizer_from_json(data: dict, source: str):
 def model_card(ckpt: dict, model: GPT, tokenizer, out_dir: str) -> str:
     config, data = model.config, ckpt["data"]
     tokens = "character-level" if tokenizer.kind == "char" else "byte-level BPE"
-    review = "`<bos> <pos|neg> text <eos>`" if data.get("layout") == "review" else "`<pos|neg> text` and a line break"
+    review = get_layout(data.get("layout")).review_format
     preset = (ckpt.get("train_config") or {}).get("preset", "unknown")
     val_loss = ckpt.get("best_val_loss")
     val_text = (f"{float(val_loss):.4f} nats per token" if isinstance(val_loss, (int, float)) and math.isfinite(val_loss)
@@ -271,8 +271,10 @@ def load_pretrained(path: str, device="cpu", backend="auto", require_tokenizer=F
     from safetensors.torch import load_file
     metadata_path = os.path.join(path, METADATA_FILE)
     metadata = {**DEFAULT_METADATA, **(read_json(metadata_path) if os.path.isfile(metadata_path) else {})}
-    if metadata["layout"] not in LAYOUTS:
-        raise HFFormatError(f"{metadata_path}: layout must be one of {LAYOUTS}, got {metadata['layout']!r}")
+    try:
+        get_layout(metadata["layout"])
+    except ValueError as e:
+        raise HFFormatError(f"{metadata_path}: {e}") from None
     config = mingpt_config(read_json(os.path.join(path, "config.json")), metadata["bias"], f"{path}/config.json")
     weights_path = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights_path):

@@ -8,7 +8,9 @@ import sys
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .tokenizer import TOKENIZERS, load_tokenizer, tokenizer_from_dict
-from .data import LAYOUTS, LONG_REVIEW_POLICIES, DataError, load_csv, load_embedded_corpus, prepare, summary_line
+from .corpus import DataError, load_csv, load_embedded_corpus
+from .data import prepare, summary_line
+from .layouts import LAYOUTS, LONG_REVIEW_POLICIES
 
 
 def build_parser():

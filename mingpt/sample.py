@@ -8,6 +8,7 @@ import sys
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .hf import is_pretrained_dir, load_pretrained
+from .layouts import get_layout
 from .sampling import SAMPLERS, resolve_sampler, write_samples
 
 
@@ -40,7 +41,7 @@ def main(argv=None):
             ckpt = load_checkpoint(args.ckpt)
             model, tokenizer = model_from_checkpoint(ckpt, args.ckpt, device=args.device)
             data = ckpt["data"]
-        samples = write_samples(model.eval(), tokenizer, data["layout"], data["eos_token"],
+        samples = write_samples(model.eval(), tokenizer, get_layout(data["layout"]),
                                 args.start, args.sentiment, args.num_samples, args.max_new_tokens,
                                 args.temperature, args.top_k, args.top_p, args.seed, args.sampler)
     except (CheckpointError, ValueError, RuntimeError) as e:

@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from . import extension
-from .tokenizer import BOS, SENTIMENT_TOKENS, UnknownCharacterError
+from .tokenizer import SENTIMENT_TOKENS, UnknownCharacterError
 
 SAMPLERS = ("auto", "reference", "kvcache", "cached")
 
@@ -205,11 +205,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         model.train(was_training)
 
 
-def context_token(tokenizer, layout: str) -> int:
-    """The token that precedes a review: <bos> in the review layout, the line break in the book layout."""
-    return tokenizer.token_id(BOS) if layout == "review" else tokenizer.token_id("\n")
-
-
 @torch.no_grad()
 def draw_sentiments(model, tokenizer, context_id: int, n: int, generator) -> list:
     """Sentiments drawn from the model's own p(<pos>|<neg> given the context token)."""
@@ -220,9 +215,9 @@ def draw_sentiments(model, tokenizer, context_id: int, n: int, generator) -> lis
     return [names[i] for i in torch.multinomial(probs, n, replacement=True, generator=generator).tolist()]
 
 
-def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sentiment: str, num_samples: int,
-                  max_new_tokens: int, temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto"):
-    """Returns [(sentiment, text)] for num_samples reviews that begin with `start`."""
+def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samples: int, max_new_tokens: int,
+                  temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto"):
+    """Returns [(sentiment, text)] for num_samples reviews of `layout` (mingpt.layouts) that begin with `start`."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     try:
@@ -230,7 +225,7 @@ def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sen
     except UnknownCharacterError as e:
         raise UnknownCharacterError(f"--start {start!r}: {e}") from None
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    context_id = context_token(tokenizer, layout)
+    context_id = tokenizer.token_id(layout.context_token)
     sentiments = (draw_sentiments(model, tokenizer, context_id, num_samples, generator)
                   if sentiment == "auto" else [sentiment] * num_samples)
     prompts = [[context_id, tokenizer.token_id(SENTIMENT_TOKENS[s])] + start_ids for s in sentiments]
@@ -238,7 +233,7 @@ def write_samples(model, tokenizer, layout: str, eos_token: str, start: str, sen
         raise ValueError(f"--start is {len(start_ids)} tokens; with its 2 prefix tokens it must fit the "
                          f"block of {model.config.block_size}")
     idx = torch.tensor(prompts, dtype=torch.long, device=model.device)
-    eos_id = tokenizer.token_id(eos_token)
+    eos_id = tokenizer.token_id(layout.end_token)
     out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    eos_id=eos_id, seed=seed, sampler=sampler)
     texts = []

@@ -12,7 +12,7 @@ import sys
 from .checkpoint import CheckpointError
 from .config import (PRESETS, GPTConfig, TrainConfig, add_dataclass_arguments, apply_overrides, collect_overrides,
                      load_config_file, preset_config)
-from .data import DataError
+from .corpus import DataError
 from .ops import BACKENDS, BackendUnavailable
 from .training import Interrupted, train
 

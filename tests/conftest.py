@@ -8,7 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mingpt.data import Review, prepare
+from mingpt.corpus import Review
+from mingpt.data import prepare
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

@@ -1,91 +1,23 @@
-import collections
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import shared_csv, synthetic_reviews
-from mingpt.data import (DataError, Review, TokenData, encode_review_layout, load_csv, load_embedded_corpus,
-                         prepare, split_reviews)
-from mingpt.tokenizer import BOS, EOS, NEG, PAD, POS, CharTokenizer
+from conftest import synthetic_reviews
+from mingpt.corpus import DataError
+from mingpt.data import TokenData, prepare
+from mingpt.tokenizer import BOS, PAD
 
 
-def write(path, text, encoding="utf-8"):
-    path.write_bytes(text.encode(encoding))
-    return str(path)
-
-
-def test_csv_handles_bom_crlf_quotes_empty_and_unknown_labels(tmp_path):
-    path = write(tmp_path / "r.csv", '\ufeffreview,sentiment\r\n"好看,真的",1\r\n"难看\n太差",0\r\n,1\r\n还行,5\r\n好看,1\r\n"好看,真的",1\r\n')
-    reviews, drops = load_csv(path)
-    assert reviews == [Review("好看,真的", "pos"), Review("难看 太差", "neg"), Review("好看", "pos")]
-    assert drops == {"empty review": 1, "unknown label '5'": 1, "duplicate": 1}
-
-
-def test_csv_douban_columns_and_custom_labels(tmp_path):
-    path = write(tmp_path / "d.csv", "CONTENT,RATING,label\n很好,5,1\n很差,1,-1\n")
-    reviews, _ = load_csv(path)
-    assert [r.sentiment for r in reviews] == ["pos", "neg"]
-    reviews, _ = load_csv(path, text_column="CONTENT", label_column="RATING", pos_labels=["5"], neg_labels=["1"])
-    assert [r.sentiment for r in reviews] == ["pos", "neg"]
-
-
-def test_conflicting_labels_are_dropped(tmp_path):
-    path = write(tmp_path / "c.csv", "review,sentiment\n一般,1\n一般,0\n好,1\n")
-    reviews, drops = load_csv(path)
-    assert reviews == [Review("好", "pos")]
-    assert drops["labelled both positive and negative"] == 2  # both rows
-
-
-@pytest.mark.parametrize("content, message", [
-    ("body,stars\nabc,1\n", "cannot guess the text column"),
-    ("text,stars\nabc,1\n", "cannot guess the label column"),
-    ("", "empty file"),
-    ("review,sentiment\n\"unclosed,1\n", "malformed CSV|no usable"),
-])
-def test_csv_errors_name_the_problem(tmp_path, content, message):
-    path = write(tmp_path / "bad.csv", content)
-    with pytest.raises(DataError, match=message):
-        reviews, drops = load_csv(path)
-        prepare(reviews, drops, str(tmp_path / "out"), source=path)
-
-
-def test_csv_not_utf8_and_missing_file(tmp_path):
-    path = write(tmp_path / "gbk.csv", "review,sentiment\n好看,1\n", encoding="gbk")
-    with pytest.raises(DataError, match="not UTF-8"):
-        load_csv(path)
-    with pytest.raises(DataError, match="not found"):
-        load_csv(str(tmp_path / "nope.csv"))
-    with pytest.raises(DataError, match="no text column 'body'"):
-        load_csv(write(tmp_path / "ok.csv", "review,sentiment\n好,1\n"), text_column="body")
-
-
-def test_split_is_deterministic_and_disjoint():
-    reviews = synthetic_reviews(100)
-    train_a, val_a = split_reviews(reviews, 0.1, seed=1)
-    train_b, val_b = split_reviews(reviews, 0.1, seed=1)
-    assert (train_a, val_a) == (train_b, val_b)
-    assert len(val_a) == 10 and not set(train_a) & set(val_a)
-    assert split_reviews(reviews, 0.1, seed=2)[1] != val_a
-
-
-def test_review_layout_rows_and_long_review_policies():
-    tok = CharTokenizer.train(["好看难"])
-    short, long_ = Review("好看", "pos"), Review("好看难" * 5, "neg")  # 15 chars + 3 specials = 18 tokens
-    for policy, n_rows in (("split", 1 + 3), ("truncate", 2), ("drop", 1)):
-        counts = collections.Counter()
-        rows, labels = encode_review_layout([short, long_], tok, block_size=7, long_reviews=policy, counts=counts)
-        assert rows.shape == (n_rows, 8) and rows.dtype == np.uint16
-        assert labels.tolist() == [1] + [0] * (n_rows - 1)
-        assert counts == {f"long reviews ({policy})": 1}
-    rows, _ = encode_review_layout([short], tok, 7, "split", collections.Counter())
-    assert tok.decode(rows[0].tolist(), skip_special=False) == f"{BOS}{POS}好看{EOS}{PAD}{PAD}{PAD}"
-    split_rows, _ = encode_review_layout([long_], tok, 7, "split", collections.Counter())
-    # windows overlap by one token so that every target is predicted exactly once
-    assert [int(r[0]) for r in split_rows[1:]] == [int(r[-1]) for r in split_rows[:-1]]
-    assert tok.decode(split_rows[0].tolist(), skip_special=False).startswith(f"{BOS}{NEG}")
+@pytest.fixture(scope="module")
+def small_dirs(tmp_path_factory):
+    """40 synthetic reviews prepared in each layout with block size 8."""
+    dirs = {}
+    for name in ("review", "book"):
+        dirs[name] = str(tmp_path_factory.mktemp(name))
+        prepare(synthetic_reviews(40), {}, dirs[name], layout=name, block_size=8)
+    return dirs
 
 
 def test_prepare_writes_readable_files_and_batches(review_data_dir, book_data_dir):
@@ -118,20 +50,26 @@ def test_token_data_errors(tmp_path, review_data_dir):
         TokenData(str(broken))
 
 
-def test_embedded_corpus_is_deduplicated():
-    reviews, drops = load_embedded_corpus()
-    assert 17_000 < len(reviews) < 17_500
-    assert drops["duplicate"] > 17_000
-    assert len({r.text for r in reviews}) == len(reviews)
+# Positions and batches drawn for a fixed generator state: a resumed run must draw exactly these.
+def test_review_batches_for_a_seeded_generator(small_dirs):
+    data = TokenData(small_dirs["review"])
+    positions = data.sample_positions("train", 3, 8, torch.Generator().manual_seed(0))
+    assert positions.tolist() == [24, 3, 29]
+    x, y = data.load_batch("train", positions, 8)
+    assert x.tolist() == [[6, 12, 2, 0, 0, 0, 0, 0], [1, 3, 23, 42, 50, 7, 13, 2], [1, 3, 26, 23, 42, 15, 6, 11]]
+    assert y.tolist() == [[12, 2, -1, -1, -1, -1, -1, -1], [3, 23, 42, 50, 7, 13, 2, -1],
+                          [3, 26, 23, 42, 15, 6, 11, 2]]
+    data.set_balance("on")
+    assert data.sample_positions("train", 6, 8, torch.Generator().manual_seed(0)).tolist() == [28, 60, 33, 40, 30, 31]
+    assert data.sample_positions("val", 3, 8, torch.Generator().manual_seed(0)).tolist() == [4, 9, 3]
 
 
-def test_shared_movie_reviews_load():
-    reviews, drops = load_csv(shared_csv("movie_reviews_5k.csv"))
-    assert 4_500 < len(reviews) <= 5_000
-    assert 0.8 < sum(r.sentiment == "pos" for r in reviews) / len(reviews) < 0.9
-
-
-def test_shared_douban_loads_with_minus_one_labels():
-    reviews, drops = load_csv(shared_csv("douban_comments_train.csv"))
-    assert len(reviews) > 19_000 and not any(k.startswith("unknown label") for k in drops)
-    assert abs(sum(r.sentiment == "neg" for r in reviews) / len(reviews) - 0.5) < 0.02
+def test_book_batches_for_a_seeded_generator(small_dirs):
+    data = TokenData(small_dirs["book"])
+    positions = data.sample_positions("train", 3, 8, torch.Generator().manual_seed(0))
+    assert positions.tolist() == [396, 269, 336]
+    x, y = data.load_batch("train", positions, 8)
+    assert x.tolist() == [[52, 23, 36, 52, 41, 42, 16, 8], [24, 43, 52, 19, 28, 17, 43, 52],
+                          [16, 7, 15, 5, 4, 18, 33, 46]]
+    assert y.tolist() == [[23, 36, 52, 41, 42, 16, 8, 9], [43, 52, 19, 28, 17, 43, 52, 30],
+                          [7, 15, 5, 4, 18, 33, 46, 16]]

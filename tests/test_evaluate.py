@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import shared_csv
-from mingpt.data import Review
+from mingpt.corpus import Review
 from mingpt.evaluate import CopyDetector, SentimentJudge, distinct_n, load_judge_sets, parse_prompts
 
 

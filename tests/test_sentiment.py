@@ -4,8 +4,10 @@ import torch
 
 from conftest import synthetic_reviews, tiny_cfg
 from mingpt.checkpoint import CheckpointError, load_model
-from mingpt.data import DataError, Review, TokenData, prepare
-from mingpt.sample import write_samples
+from mingpt.corpus import DataError, Review
+from mingpt.data import TokenData, prepare
+from mingpt.layouts import get_layout
+from mingpt.sampling import write_samples
 from mingpt.tokenizer import BOS, NEG, POS, load_tokenizer
 from mingpt.training import train
 
@@ -49,9 +51,9 @@ def test_balance_stays_off_for_balanced_data_and_book_layout(review_data_dir, bo
 def test_sentiment_prompt_is_explicit(review_data_dir, tmp_path):
     train(tiny_cfg(review_data_dir, tmp_path, max_iters=30))
     model, tok = load_model(str(tmp_path))
-    samples = write_samples(model, tok, "review", "<eos>", "难看", "neg", 4, 10, seed=0)
+    samples = write_samples(model, tok, get_layout("review"), "难看", "neg", 4, 10, seed=0)
     assert all(s == "neg" and text.startswith("难看") for s, text in samples)
-    drawn = write_samples(model, tok, "review", "<eos>", "", "auto", 40, 2, seed=0)
+    drawn = write_samples(model, tok, get_layout("review"), "", "auto", 40, 2, seed=0)
     assert {s for s, _ in drawn} == {"pos", "neg"}   # auto draws the sentiment from the model
 
 
@@ -91,8 +93,8 @@ def test_bpe_tokenizer_end_to_end(tmp_path):
     assert result["val_loss"] < 4.0
     model, tok = load_model(str(tmp_path / "out"))
     for sampler in ("reference", "auto"):
-        samples = write_samples(model, tok, "review", "<eos>", "好看", "pos", 3, 12, seed=1, sampler=sampler)
+        samples = write_samples(model, tok, get_layout("review"), "好看", "pos", 3, 12, seed=1, sampler=sampler)
         assert all(text.startswith("好看") for _, text in samples)
-    greedy = [write_samples(model, tok, "review", "<eos>", "好看", "pos", 2, 12, temperature=0, sampler=s)
+    greedy = [write_samples(model, tok, get_layout("review"), "好看", "pos", 2, 12, temperature=0, sampler=s)
               for s in ("reference", "auto")]
     assert greedy[0] == greedy[1]
