@@ -12,20 +12,22 @@ from .model import GPT
 from .tokenizer import tokenizer_from_dict
 
 FORMAT = "mingpt-checkpoint-v1"
+TMP_PREFIX = ".tmp-"  # atomic_write's temporary files; a process killed mid-write leaves one
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
-def atomic_torch_save(obj, path: str):
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write(path: str, write, suffix: str = ""):
+    """Call write(binary file) on a temporary file in the same folder, fsync, then rename over `path`:
+    a reader (or a kill -9) sees the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -38,6 +40,11 @@ def atomic_torch_save(obj, path: str):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_torch_save(obj, path: str):
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f), suffix=".pt")
 
 
 def make_checkpoint(model: GPT, tokenizer, data_meta: dict, **state) -> dict:

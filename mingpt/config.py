@@ -54,9 +54,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 100
     eval_iters: int = 20
+    eval_sample_tokens: int = 32
     log_interval: int = 10
     max_minutes: Optional[float] = None
     resume: bool = False
+    overwrite: bool = False
     init_from: Optional[str] = None
     balance: str = "auto"
     tensorboard: bool = False

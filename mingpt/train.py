@@ -1,7 +1,9 @@
 """Train a GPT on prepared token files: `python -m mingpt.train --preset demo --data_dir DIR --out_dir DIR`.
 
 Writes out_dir/ckpt.pt (the latest, at every evaluation) and out_dir/best.pt (best val loss), both
-atomically, plus out_dir/metrics.csv and out_dir/loss.png. SIGINT/SIGTERM write a checkpoint and exit.
+atomically, plus out_dir/metrics.csv, out_dir/loss.png and out_dir/run.json (how the run was made and
+how it went). An out_dir that holds another run is refused: --resume it, choose another --out_dir, or
+--overwrite (which moves the old run to out_dir/previous/). SIGINT/SIGTERM write a checkpoint and exit.
 Multi-process: `torchrun --nproc_per_node=N -m mingpt.train ...` (DistributedDataParallel, gloo on
 CPU, NCCL on CUDA); the global batch is batch_size x grad_accum, split across the ranks.
 """
@@ -29,6 +31,9 @@ HELP = {
     "eval_iters": "batches per split in an evaluation", "log_interval": "steps between tokens/s updates",
     "max_minutes": "stop (with a final evaluation and checkpoint) after this many minutes",
     "resume": "continue exactly from out_dir/ckpt.pt",
+    "overwrite": "start a new run in an out_dir that holds another: move that run to out_dir/previous/ first "
+                 "(without it such an out_dir is refused)",
+    "eval_sample_tokens": "length of the sample printed per sentiment at each evaluation (0: none)",
     "init_from": "fine-tune: start from this checkpoint's weights and architecture (a fresh optimizer and schedule)",
     "balance": "review layout: oversample the minority sentiment (auto: when it is under 35%%), on or off",
     "tensorboard": "also log to out_dir/tensorboard",

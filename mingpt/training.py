@@ -1,7 +1,9 @@
 """The training loop: set-up, one optimizer step, evaluate-and-save, and the loop that runs them.
 
 Writes out_dir/ckpt.pt (the latest, at every evaluation) and out_dir/best.pt (best val loss), both
-atomically, plus out_dir/metrics.csv and out_dir/loss.png. SIGINT/SIGTERM write a checkpoint and stop.
+atomically, plus out_dir/metrics.csv, out_dir/loss.png and out_dir/run.json (mingpt.runs), and prints
+one short sample per sentiment at every evaluation. A new run refuses an out_dir that holds another
+(mingpt.runs.claim_out_dir). SIGINT/SIGTERM write a checkpoint and stop.
 Under torchrun each process computes its share of the micro-batches (DistributedDataParallel).
 """
 import contextlib
@@ -20,12 +22,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_pretrained_weights, make_checkpoint
+from .checkpoint import (TMP_PREFIX, CheckpointError, atomic_torch_save, load_checkpoint, load_pretrained_weights,
+                         make_checkpoint)
 from .config import GPTConfig, TrainConfig, apply_overrides
 from .data import TokenData
 from .model import GPT
 from .ops import get_ops
+from .runs import claim_out_dir, data_summary, new_record, record_end, record_evaluation, write_record
 from .runtime import Distributed, autocast_context, init_distributed
+from .sampling import cached_sampler_unavailable_reason, write_samples
+from .tokenizer import SENTIMENT_TOKENS
 
 METRIC_FIELDS = ("iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
 
@@ -88,7 +94,7 @@ def check_out_dir(out_dir: str, needed_bytes: int):
     if free < needed_bytes:
         raise ValueError(f"out_dir {out_dir} has {free / 2**20:,.0f} MiB free; checkpoints need about "
                          f"{needed_bytes / 2**20:,.0f} MiB")
-    for stale in glob.glob(os.path.join(out_dir, ".tmp-*.pt")):
+    for stale in glob.glob(os.path.join(out_dir, TMP_PREFIX + "*")):
         os.unlink(stale)  # left by a process killed while writing
 
 
@@ -160,6 +166,8 @@ class Run:
     batch_generator: torch.Generator
     log: Callable
     writer: Optional[object] = None  # a TensorBoard SummaryWriter, when --tensorboard is on
+    sampler: str = "reference"  # the sampler of the evaluation samples
+    record: Optional[dict] = None  # what out_dir/run.json holds (main process only)
     it: int = 0
     best_val: float = float("inf")
     losses: dict = dataclasses.field(default_factory=dict)
@@ -203,6 +211,7 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
     data = TokenData(cfg.data_dir)
     balance = data.set_balance(cfg.balance)
     model = build_model(cfg, data, device)
+    moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
     if ddp.is_main:
         # latest + best + their temporary copies, each weights and two AdamW moments
         check_out_dir(cfg.out_dir, needed_bytes=4 * 3 * 4 * model.num_params())
@@ -212,8 +221,6 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
               log=print if ddp.is_main else (lambda *a, **k: None))
     if cfg.resume:
         restore(run)
-    elif ddp.is_main and os.path.exists(run.path("metrics.csv")):
-        os.unlink(run.path("metrics.csv"))
     if ddp.world_size > 1:
         run.step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -223,9 +230,34 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
             f"device {device}, dtype {cfg.dtype}, {ddp.world_size} process(es), backend {cfg.backend} -> "
             f"{ops.name} ({', '.join(f'{k}: {v}' for k, v in ops.sources.items())}); {balance}"
             + (f"; fine-tuning from {cfg.init_from}" if cfg.init_from and not cfg.resume else ""))
+    if moved:
+        run.log(f"--overwrite: moved the earlier run in {cfg.out_dir} to {moved}")
+    run.sampler = "cached" if cached_sampler_unavailable_reason(model) is None else "reference"
+    if ddp.is_main:
+        start_record(run, ops, balance)
     if cfg.tensorboard and ddp.is_main:
         run.writer = open_tensorboard(cfg)
     return run
+
+
+def start_record(run: Run, ops, balance: str):
+    """out_dir/run.json as the run starts (or resumes): how it was made."""
+    cfg = run.cfg
+    setup = {"device": str(run.device), "dtype": cfg.dtype, "processes": run.ddp.world_size,
+             "parameters": run.model.num_params(), "sampler": run.sampler,
+             "backend": {"requested": cfg.backend, "resolved": ops.name, "ops": dict(ops.sources)}}
+    run.record = new_record(dataclasses.asdict(cfg), data_summary(cfg.data_dir, run.data.meta, balance), setup,
+                            run.it if cfg.resume else None, cfg.out_dir)
+    run.record["best_val_loss"] = None if run.best_val == float("inf") else run.best_val
+    write_record(cfg.out_dir, run.record)
+
+
+def end_record(run: Run, status: str):
+    """The run's last word in run.json; a failure to write it never hides the error that ended the run."""
+    if run.record is not None:
+        record_end(run.record, status)
+        with contextlib.suppress(OSError):
+            write_record(run.cfg.out_dir, run.record)
 
 
 def restore(run: Run):
@@ -277,11 +309,25 @@ def optimizer_step(run: Run) -> torch.Tensor:
     return step_loss
 
 
+def eval_samples(run: Run) -> list:
+    """[(sentiment, text)]: one short review per sentiment from the model as it is now (main process).
+
+    They are drawn with a generator of their own seeded by the run's seed, so the training RNG streams
+    are untouched and a resumed run prints what the straight run printed at the same iteration."""
+    cfg = run.cfg
+    if not cfg.eval_sample_tokens or not run.ddp.is_main or run.model.config.block_size < 2:
+        return []
+    return [write_samples(run.model, run.data.tokenizer, run.data.layout, "", sentiment, 1, cfg.eval_sample_tokens,
+                          seed=cfg.seed, sampler=run.sampler)[0] for sentiment in SENTIMENT_TOKENS]
+
+
 def evaluate_and_save(run: Run, elapsed_s: float) -> str:
-    """Losses of both splits, a metrics row and plot, ckpt.pt (and best.pt when val improved); returns the log line."""
+    """Losses of both splits, a metrics row and plot, samples, ckpt.pt (and best.pt when val improved) and
+    run.json; returns the log lines."""
     run.losses = estimate_loss(run.model, run.data, run.cfg, run.device, run.cfg.dtype)
     improved = run.losses["val"] < run.best_val
     run.best_val = min(run.best_val, run.losses["val"])
+    samples = eval_samples(run)
     if run.ddp.is_main:
         append_metrics(run.path("metrics.csv"), dict(
             iter=run.it, train_loss=f"{run.losses['train']:.4f}", val_loss=f"{run.losses['val']:.4f}",
@@ -290,10 +336,16 @@ def evaluate_and_save(run: Run, elapsed_s: float) -> str:
         plot_losses(run.path("metrics.csv"), run.path("loss.png"))
         if run.writer:
             run.writer.add_scalars("loss", run.losses, run.it)
+            for sentiment, text in samples:
+                run.writer.add_text(f"samples/{sentiment}", text, run.it)
     save(run, "ckpt.pt")
     if improved:
         save(run, "best.pt")
-    return f"iter {run.it}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}"
+    if run.record is not None:
+        record_evaluation(run.record, run.it, run.losses, run.best_val, samples)
+        write_record(run.cfg.out_dir, run.record)
+    return "\n".join([f"iter {run.it}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}"]
+                     + [f"  [{sentiment}] {' '.join(text.split())}" for sentiment, text in samples])
 
 
 def progress_bar(run: Run):
@@ -349,7 +401,12 @@ def train(cfg: TrainConfig) -> dict:
     ddp, device = init_distributed(cfg.device)
     try:
         run = set_up(cfg, ddp, device)
-        elapsed_s = train_loop(run)
+        try:
+            elapsed_s = train_loop(run)
+        except BaseException as e:
+            end_record(run, f"stopped: {e}" if isinstance(e, Interrupted) else f"failed: {type(e).__name__}: {e}")
+            raise
+        end_record(run, "finished")
         if run.writer:
             run.writer.close()
         return {"iters": run.it, "train_loss": run.losses["train"], "val_loss": run.losses["val"],

@@ -2,6 +2,8 @@
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -35,7 +37,27 @@ def trained(tmp_path_factory):
 
 def test_train_writes_checkpoint_metrics_and_plot(trained):
     _, out_dir = trained
-    assert sorted(f for f in os.listdir(out_dir) if not f.startswith(".")) == ["best.pt", "ckpt.pt", "loss.png", "metrics.csv"]
+    assert sorted(f for f in os.listdir(out_dir) if not f.startswith(".")) == ["best.pt", "ckpt.pt", "loss.png",
+                                                                             "metrics.csv", "run.json"]
+
+
+def test_a_reused_out_dir_is_refused_then_overwritten_from_the_command_line(trained, tmp_path):
+    data_dir, out_dir = trained
+    copy = tmp_path / "out"
+    shutil.copytree(out_dir, copy)
+    before = {name: (copy / name).read_bytes() for name in os.listdir(copy)}
+    command = ("mingpt.train", "--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(copy), "--max_iters", "2",
+               "--eval_interval", "2", "--eval_iters", "1", "--progress", "false")
+    refused = run(*command, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith(f"train: error: {copy} already holds a run (iter 40, val loss ")
+    assert "--resume" in refused.stderr and "--out_dir NEW_DIR" in refused.stderr and "--overwrite" in refused.stderr
+    assert {name: (copy / name).read_bytes() for name in os.listdir(copy)} == before
+    replaced = run(*command, "--overwrite")
+    (moved,) = os.listdir(copy / "previous")
+    assert f"moved the earlier run in {copy} to {copy / 'previous' / moved}" in replaced.stdout
+    assert {name: (copy / "previous" / moved / name).read_bytes() for name in before} == before
+    assert re.search(r"iter 2: train loss .*\n  \[pos\] .*\n  \[neg\] ", replaced.stdout)
 
 
 def test_sample_prints_one_review_per_line(trained):

@@ -1,4 +1,5 @@
 """Training that survives faults: signals, kill -9, NaN, unwritable or full output, several processes."""
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,8 @@ def test_sigterm_writes_a_checkpoint_and_exits(book_data_dir, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    record = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
+    assert record["status"].startswith(f"stopped: SIGTERM at iteration {ckpt['iter_num']}") and record["ended"]
     assert ckpt["iter_num"] >= 5
     result = subprocess.run(train_command(book_data_dir, tmp_path, "--max_iters", str(ckpt["iter_num"] + 2),
                                           "--eval_interval", "5", "--resume", "true"),
@@ -62,6 +65,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(book_data_dir, tmp_pa
             time.sleep(delay)
             os.kill(proc.pid, signal.SIGSTOP)
             load_checkpoint(str(tmp_path / "ckpt.pt"))
+            assert json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))["status"] == "running"
             os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.037)
     finally:
@@ -69,9 +73,13 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(book_data_dir, tmp_pa
         proc.wait()
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter_num"] >= 1
+    record = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))  # whole after a kill -9
+    assert record["status"] == "running" and record["ended"] is None and record["iter"] >= 1
     train(tiny_cfg(book_data_dir, tmp_path, max_iters=ckpt["iter_num"] + 1, eval_interval=1, eval_iters=1,
                    resume=True))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    record = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
+    assert record["status"] == "finished" and record["iter"] == ckpt["iter_num"] + 1
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(book_data_dir, tmp_path, monkeypatch):
@@ -87,6 +95,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(book_data_dir, tmp_pa
     with pytest.raises(FloatingPointError, match="at iteration 4"):
         train(tiny_cfg(book_data_dir, tmp_path, max_iters=8, eval_interval=4, eval_iters=1, resume=True))
     assert (tmp_path / "ckpt.pt").read_bytes() == good
+    status = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))["status"]
+    assert status.startswith("failed: FloatingPointError: loss became nan at iteration 4")
 
 
 def test_unwritable_or_full_out_dir_fails_at_start(book_data_dir, tmp_path, monkeypatch):

@@ -39,6 +39,9 @@ def test_resume_continues_bitwise(book_data_dir, tmp_path):
         assert torch.equal(a["model"][name], b["model"][name]), name
     losses = [line.split(",")[:3] for line in (tmp_path / "a" / "metrics.csv").read_text().splitlines()]
     assert losses == [line.split(",")[:3] for line in (tmp_path / "b" / "metrics.csv").read_text().splitlines()]
+    records = [json.loads((tmp_path / run / "run.json").read_text(encoding="utf-8")) for run in "ab"]
+    assert records[0]["samples"] == records[1]["samples"]  # the evaluation samples repeat after a resume
+    assert [r["iter"] for r in records[1]["resumes"]] == [10]
 
 
 def test_resume_refuses_another_model(book_data_dir, tmp_path):
