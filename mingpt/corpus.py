@@ -13,8 +13,8 @@ import os
 import random
 from dataclasses import dataclass
 
-TEXT_COLUMN_GUESSES = ("review", "CONTENT", "content", "text", "comment")
-LABEL_COLUMN_GUESSES = ("sentiment", "label", "labels", "polarity")
+TEXT_COLUMN_GUESSES = ("review", "CONTENT", "content", "text", "comment", "评论", "内容", "评价", "文本")
+LABEL_COLUMN_GUESSES = ("sentiment", "label", "labels", "polarity", "情感", "标签", "倾向")
 # Label values read as positive / negative by default (matched without regard to case).
 POS_LABELS = ("1", "pos", "positive", "好评")
 NEG_LABELS = ("0", "-1", "neg", "negative", "差评")

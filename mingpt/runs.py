@@ -48,7 +48,7 @@ def _progress_from_metrics(path: str) -> Optional[str]:
         return None
     if best is None:
         return None
-    return f"iter {rows[-1].get('iter')}, val loss {float(rows[-1]['val_loss']):.4f} (best {best:.4f})"
+    return f"iter {rows[-1].get('iter')}, val loss {float(rows[-1]['val_loss']):.4f}, best {best:.4f}"
 
 
 def _progress_from_checkpoint(path: str) -> Optional[str]:
@@ -62,7 +62,7 @@ def _progress_from_checkpoint(path: str) -> Optional[str]:
 
 
 def describe_run(out_dir: str, found) -> str:
-    """'iter 40, val loss 2.3107 (best 2.2950), last written 2025-06-01 12:03' from metrics.csv, else ckpt.pt."""
+    """'iter 40, val loss 2.3107, best 2.2950, last written 2025-06-01 12:03' from metrics.csv, else ckpt.pt."""
     progress = (_progress_from_metrics(os.path.join(out_dir, "metrics.csv"))
                 or _progress_from_checkpoint(os.path.join(out_dir, "ckpt.pt")))
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(_last_written(out_dir, found)))

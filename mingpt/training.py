@@ -312,13 +312,14 @@ def optimizer_step(run: Run) -> torch.Tensor:
 def eval_samples(run: Run) -> list:
     """[(sentiment, text)]: one short review per sentiment from the model as it is now (main process).
 
-    They are drawn with a generator of their own seeded by the run's seed, so the training RNG streams
-    are untouched and a resumed run prints what the straight run printed at the same iteration."""
+    They are drawn with generators of their own seeded by the run's seed (one seed per sentiment), so the
+    training RNG streams are untouched and a resumed run prints what the straight run printed at the same
+    iteration."""
     cfg = run.cfg
     if not cfg.eval_sample_tokens or not run.ddp.is_main or run.model.config.block_size < 2:
         return []
     return [write_samples(run.model, run.data.tokenizer, run.data.layout, "", sentiment, 1, cfg.eval_sample_tokens,
-                          seed=cfg.seed, sampler=run.sampler)[0] for sentiment in SENTIMENT_TOKENS]
+                          seed=cfg.seed + n, sampler=run.sampler)[0] for n, sentiment in enumerate(SENTIMENT_TOKENS)]
 
 
 def evaluate_and_save(run: Run, elapsed_s: float) -> str:

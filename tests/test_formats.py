@@ -10,8 +10,8 @@ from mingpt.corpus import DataError, Review, load_table
 
 GB18030_BOM = "\ufeff".encode("gb18030")  # b"\x84\x31\x95\x33"
 ROWS = [("好看，演员很棒", "1"), ("难看，浪费时间", "0"), ("值得一看", "1"), ("剧情拖沓", "-1")]
-EXPECTED = [Review("好看，演员很棒", "pos"), Review("难看，浪费时间", "neg"), Review("值得一看", "pos"),
-            Review("剧情拖沓", "neg")]
+EXPECTED = [Review("好看，演员很棒", "pos"), Review("难看，浪费时间", "neg"),
+            Review("值得一看", "pos"), Review("剧情拖沓", "neg")]
 
 
 def write(path, text, encoding="utf-8", prefix=b""):
@@ -78,7 +78,8 @@ def test_json_lines(tmp_path, capsys):
              {"text": "  ", "label": 1}, {"text": "还行", "label": "pos"}, {"text": "很差", "label": -1.0}]
     path = write(tmp_path / "reviews.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in lines) + "\n\n")
     reviews, drops, read_as = load_table(path)
-    assert reviews == [Review("好看", "pos"), Review("难看", "neg"), Review("还行", "pos"), Review("很差", "neg")]
+    kept = (("好看", "pos"), ("难看", "neg"), ("还行", "pos"), ("很差", "neg"))
+    assert reviews == [Review(text, sentiment) for text, sentiment in kept]
     assert drops == {"missing label": 1, "empty review": 1} and read_as == "JSONL, UTF-8"
     code, out, _ = run_prepare(capsys, "--csv", path, "--format", "jsonl", "--data_dir", str(tmp_path / "d"),
                                "--val_fraction", "0.25")
@@ -103,7 +104,8 @@ def test_word_labels_by_default_and_by_flag(tmp_path, capsys):
     (b"review,sentiment\nok,1\n\xff\xfe\x80,0\n", [],
      r"not UTF-8 or GB18030 text \(UTF-8: bad byte 0xff on line 3; GB18030: bad byte 0xff on line 3\); "
      r"name its encoding with --encoding"),
-    ("review,sentiment\n好看,1\n".encode("gbk"), ["--encoding", "utf-8"], r"not UTF-8 text \(bad byte 0xba on line 2\)"),
+    ("review,sentiment\n好看,1\n".encode("gbk"), ["--encoding", "utf-8"],
+     r"not UTF-8 text \(bad byte 0xba on line 2\)"),
     (b"review,sentiment\nx,1\n", ["--encoding", "klingon"], "unknown encoding 'klingon'"),
     (b'{"text": "x", "label": 1}\n{"text": "y", "label": \n', [],
      "malformed JSON Lines: line 2 is not JSON: Expecting value at column 24"),

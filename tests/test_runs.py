@@ -34,7 +34,7 @@ def test_a_reused_out_dir_is_refused_and_nothing_in_it_changes(book_data_dir, tm
         train(tiny_cfg(book_data_dir, tmp_path, max_iters=8, eval_interval=2, eval_iters=1))
     message = str(refused.value)
     assert message.startswith(f"{tmp_path} already holds a run (iter 4, val loss ")
-    assert re.search(r"\(best \d+\.\d{4}\), last written \d{4}-\d\d-\d\d \d\d:\d\d\)", message)
+    assert re.search(r", best \d+\.\d{4}, last written \d{4}-\d\d-\d\d \d\d:\d\d\)", message)
     assert "overwrite its ckpt.pt, best.pt, metrics.csv" in message
     for choice in ("--resume ", "--out_dir NEW_DIR ", "--overwrite ", "nothing is deleted"):
         assert choice in message
@@ -47,7 +47,8 @@ def test_overwrite_moves_the_old_run_aside(book_data_dir, tmp_path, capsys):
     train(tiny_cfg(book_data_dir, tmp_path, max_iters=2, eval_interval=2, eval_iters=1, overwrite=True))
     (moved,) = os.listdir(tmp_path / "previous")
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", moved)
-    assert f"--overwrite: moved the earlier run in {tmp_path} to {tmp_path / 'previous' / moved}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"--overwrite: moved the earlier run in {tmp_path} to {tmp_path / 'previous' / moved}" in out
     kept = snapshot(tmp_path / "previous" / moved)
     assert {name: data for name, (data, _) in kept.items()} == {name: data for name, (data, _) in before.items()}
     assert load_checkpoint(str(tmp_path / "previous" / moved / "ckpt.pt"))["iter_num"] == 4
@@ -61,7 +62,7 @@ def test_overwrite_moves_the_old_run_aside(book_data_dir, tmp_path, capsys):
 def test_what_is_found_decides_the_message(book_data_dir, tmp_path):
     (tmp_path / "metrics.csv").write_text("iter,train_loss,val_loss,lr,tokens_per_s,elapsed_s\n"
                                           "100,2.0,2.5000,1e-3,0,1\n200,1.5,2.2500,1e-3,0,2\n")
-    with pytest.raises(RunExists, match=r"iter 200, val loss 2\.2500 \(best 2\.2500\)") as refused:
+    with pytest.raises(RunExists, match=r"iter 200, val loss 2\.2500, best 2\.2500, last") as refused:
         train(tiny_cfg(book_data_dir, tmp_path, max_iters=1))
     assert "--resume" not in str(refused.value)  # nothing to resume from without ckpt.pt
     with pytest.raises(ValueError, match="choose one"):
@@ -81,7 +82,8 @@ def test_run_json_records_how_the_run_was_made(review_data_dir, tmp_path):
     assert record["command"] and record["cwd"]
     data = record["data"]
     assert (data["source"], data["reviews"], data["layout"]) == ("synthetic", 400, "review")
-    assert data["split"]["seed"] == 1337 and data["split"]["val"]["reviews"] == 40 and "class balance" in data["balance"]
+    assert data["split"]["seed"] == 1337 and data["split"]["val"]["reviews"] == 40
+    assert "class balance" in data["balance"]
     assert data["vocab_size"] == record["config"]["model"]["vocab_size"]
     assert record["versions"]["torch"] == torch.__version__ and "extension" in record["versions"]
     assert record["backend"]["requested"] == "auto" and record["backend"]["resolved"] in ("reference", "sdpa", "cpp")
