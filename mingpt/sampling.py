@@ -22,7 +22,7 @@ import torch.nn.functional as F
 SAMPLERS = ("auto", "reference", "kvcache", "cached")
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 1
+SAMPLER_VERSION = 2
 
 
 def check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, eos_id=None):
@@ -159,9 +159,7 @@ def packed_sampler(model):
     hit = _packed_samplers.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    c = model.config
-    sampler = require_extension().KVSampler(model.state_dict(), c.n_layer, c.n_head, c.n_embd, c.block_size,
-                                            c.vocab_size, c.bias)
+    sampler = require_extension().KVSampler(model.state_dict(), dataclasses.asdict(model.config))
     _packed_samplers[model] = (key, sampler)
     return sampler
 
