@@ -91,8 +91,9 @@ def test_layer_norm_rejects_bad_input():
         OPS["layer_norm"](x.double(), torch.ones(8), None)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         OPS["layer_norm"](x.half(), torch.ones(8), None)
-    with pytest.raises((RuntimeError, NotImplementedError), match="mingpt::layer_norm_forward"):
-        OPS["layer_norm"](x.to("meta"), torch.ones(8, device="meta"), None)
+    # Meta tensors run the fake kernel (what torch.compile traces with): shapes and dtypes, no data.
+    y = OPS["layer_norm"](x.to("meta"), torch.ones(8, device="meta"), None)
+    assert y.device.type == "meta" and y.shape == x.shape and y.dtype == x.dtype
 
 
 # ---------------------------------------------------------------------------- bias + GELU
