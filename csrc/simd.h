@@ -47,7 +47,7 @@ inline float horizontal_max(V v) {
   return out;
 }
 
-// 2^n for whole numbers n in [-126, 127], by building the float's exponent bits.
+// 2^n for whole numbers n in [-126, 127] (and 0 for n = -127), by building the float's exponent bits.
 inline float exp2_whole(float n) {
   const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
   float out;
@@ -59,12 +59,13 @@ inline vec8 exp2_whole(vec8 n) { return (vec8)((__builtin_convertvector(n, ivec8
 
 inline vec16 exp2_whole(vec16 n) { return (vec16)((__builtin_convertvector(n, ivec16) + 127) << 23); }
 
-// exp(x) for a float or a vector of them, relative error ~2 ulp: exactly 0 below -87 and exp(88)
-// above 88. Cephes' polynomial on the range reduced by ln 2 (split in two parts, so the reduction is
-// exact); unlike std::exp it inlines and vectorises without -ffast-math.
+// exp(x) for a float or a vector of them, relative error ~2 ulp: exactly 0 below -87.7 (there 2^n
+// reaches 2^-127, whose exponent bits are those of 0) and exp(88) above 88. Cephes' polynomial on the
+// range reduced by ln 2 (split in two parts, so the reduction is exact); unlike std::exp it inlines and
+// vectorises without -ffast-math.
 template <typename F>
 inline F exp_approx(F x) {
-  const F lowest = F{} - 87.0f, highest = F{} + 88.0f, round_shift = F{} + 12582912.0f;  // 1.5 * 2^23
+  const F lowest = F{} - 88.0f, highest = F{} + 88.0f, round_shift = F{} + 12582912.0f;  // 1.5 * 2^23
   const F clamped = x < lowest ? lowest : (x > highest ? highest : x);
   const F n = (clamped * 1.44269504088896341f + round_shift) - round_shift;  // nearest whole number
   const F r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -75,8 +76,7 @@ inline F exp_approx(F x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const F result = p * exp2_whole(n);
-  return x < lowest ? F{} : result;
+  return p * exp2_whole(n);
 }
 
 // Reductions over n floats, n a multiple of the lanes (rows in scratch, zero padded): four independent
