@@ -245,10 +245,10 @@ def speedups(rows):
 
 
 def print_table(rows, file=sys.stdout):
-    print(f"{'task':<26}{'backend':<11}{'dtype':<10}{'batch':>5}{'tokens/s':>12}{'ms':>10}{'x ref':>7}{'MFU':>7}  note",
+    print(f"{'task':<26}{'backend':<13}{'dtype':<10}{'batch':>5}{'tokens/s':>12}{'ms':>10}{'x ref':>7}{'MFU':>7}  note",
           file=file)
     for row, speedup in zip(rows, speedups(rows)):
-        print(f"{row.task:<26}{row.backend:<11}{row.dtype:<10}{row.batch:>5}"
+        print(f"{row.task:<26}{row.backend:<13}{row.dtype:<10}{row.batch:>5}"
               f"{'' if row.tokens_per_s is None else f'{row.tokens_per_s:,.0f}':>12}"
               f"{'' if row.ms is None else f'{row.ms:.2f}':>10}"
               f"{'' if not speedup else f'{speedup:.2f}':>7}"
