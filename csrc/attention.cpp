@@ -23,10 +23,10 @@ inline void block_product(const float* a, int64_t a_row, int64_t a_k, const floa
   for (int64_t x = 0; x < n; x += kLanes) {
     vec8 acc[kRows] = {};
     for (int64_t k = 0; k < K; ++k) {
-      const vec8 panel = load_vec(b + k * ldb + x);
+      const vec8 panel = load<vec8>(b + k * ldb + x);
       for (int64_t r = 0; r < kRows; ++r) acc[r] += a[r * a_row + k * a_k] * panel;
     }
-    for (int64_t r = 0; r < kRows; ++r) store_vec(c + r * ldc + x, acc[r]);
+    for (int64_t r = 0; r < kRows; ++r) store(c + r * ldc + x, acc[r]);
   }
 }
 
@@ -102,14 +102,14 @@ void attend_head(const float* q, const float* kt, const float* v, const HeadShap
       const vec8 keys_after_i = kKeyIndex - float(i0 + r);  // > 0 where key j is masked for query i
       vec8 max = vec8{} - std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < seen_padded; j += kLanes) {
-        const vec8 score = keys_after_i + float(j) > 0.0f ? max : load_vec(p_r + j);
+        const vec8 score = keys_after_i + float(j) > 0.0f ? max : load<vec8>(p_r + j);
         max = score > max ? score : max;
       }
       const float row_max = horizontal_max(max);
       vec8 sum = {};
       for (int64_t j = 0; j < seen_padded; j += kLanes) {
-        const vec8 e = keys_after_i + float(j) > 0.0f ? vec8{} : exp_nonpositive(load_vec(p_r + j) - row_max);
-        store_vec(p_r + j, e);
+        const vec8 e = keys_after_i + float(j) > 0.0f ? vec8{} : exp_approx(load<vec8>(p_r + j) - row_max);
+        store(p_r + j, e);
         sum += e;
       }
       const float row_sum = horizontal_sum(sum);
@@ -166,9 +166,9 @@ void attend_head_backward(const float* q, const float* k, const float* kt, const
       float* ds_r = ds_block + r * s.keys;
       const vec8 keys_after_i = kKeyIndex - float(i);
       for (int64_t j = 0; j < seen_padded; j += kLanes) {
-        store_vec(p_r + j, keys_after_i + float(j) > 0.0f ? vec8{} : exp_nonpositive(load_vec(p_r + j) - lse[i]));
+        store(p_r + j, keys_after_i + float(j) > 0.0f ? vec8{} : exp_approx(load<vec8>(p_r + j) - lse[i]));
       }
-      const float p_dp = dot_padded(p_r, ds_r, seen_padded);
+      const float p_dp = dot_padded<vec8>(p_r, ds_r, seen_padded);
 #pragma omp simd
       for (int64_t j = 0; j < seen_padded; ++j) ds_r[j] = scale * p_r[j] * (ds_r[j] - p_dp);
     }

@@ -16,7 +16,7 @@ float row_logsumexp(const T* row, int64_t V) {
   for (int64_t v = 0; v < V; ++v) max = max > to_float(row[v]) ? max : to_float(row[v]);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t v = 0; v < V; ++v) sum += exp_nonpositive(to_float(row[v]) - max);
+  for (int64_t v = 0; v < V; ++v) sum += exp_approx(to_float(row[v]) - max);
   return max + std::log(sum);
 }
 
@@ -42,8 +42,8 @@ void cross_entropy_backward_kernel(const T* logits, const int64_t* targets, cons
       const int64_t target = targets[r];
       const float row_scale = target == -1 ? 0.0f : scale, row_lse = lse[r];
 #pragma omp simd
-      for (int64_t v = 0; v < V; ++v) drow[v] = from_float<T>(exp_nonpositive(to_float(row[v]) - row_lse) * row_scale);
-      if (target != -1) drow[target] = from_float<T>((exp_nonpositive(to_float(row[target]) - row_lse) - 1.0f) * scale);
+      for (int64_t v = 0; v < V; ++v) drow[v] = from_float<T>(exp_approx(to_float(row[v]) - row_lse) * row_scale);
+      if (target != -1) drow[target] = from_float<T>((exp_approx(to_float(row[target]) - row_lse) - 1.0f) * scale);
     }
   });
 }

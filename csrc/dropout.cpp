@@ -34,10 +34,15 @@ void dropout_kernel(const T* in, T* out, int64_t n, double p, uint64_t seed) {
 }
 
 // The backward is this same op applied to the gradient with the same seed: the same mask, the same scale.
-at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
+// The seed is an int64 scalar tensor, so that a compiled graph carries it as an input.
+at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed_tensor) {
   const char* op = "mingpt::dropout";
   check_cpu_float(x, op, "x");
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  TORCH_CHECK(seed_tensor.device().is_cpu() && seed_tensor.scalar_type() == at::kLong && seed_tensor.numel() == 1,
+              op, ": seed must be an int64 CPU tensor of one element, got ", seed_tensor.scalar_type(), " of shape ",
+              seed_tensor.sizes(), " on ", seed_tensor.device());
+  const int64_t seed = seed_tensor.item<int64_t>();
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
   MINGPT_DISPATCH_FLOAT_BF16(x.scalar_type(), op, [&] {
@@ -49,6 +54,6 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
 }  // namespace
 }  // namespace mingpt
 
-TORCH_LIBRARY_FRAGMENT(mingpt, m) { m.def("dropout(Tensor x, float p, int seed) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(mingpt, m) { m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(mingpt, CPU, m) { m.impl("dropout", &mingpt::dropout); }

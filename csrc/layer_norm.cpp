@@ -21,10 +21,10 @@ void layer_norm_forward_kernel(const T* x, const float* weight, const float* bia
       const T* xr = x + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) centred[c] = to_float(xr[c]);
-      const float mu = sum_padded(centred.data(), padded) / C;
+      const float mu = sum_padded<vec8>(centred.data(), padded) / C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) centred[c] -= mu;
-      const float rs = 1.0f / std::sqrt(dot_padded(centred.data(), centred.data(), padded) / C + eps);
+      const float rs = 1.0f / std::sqrt(dot_padded<vec8>(centred.data(), centred.data(), padded) / C + eps);
       T* yr = y + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) yr[c] = from_float<T>(centred[c] * rs * weight[c] + bias[c]);
@@ -60,8 +60,8 @@ void layer_norm_backward_kernel(const T* dy, const T* x, const float* weight, co
           dw[c] += d * xhat[c];
           db[c] += d;
         }
-        const float g_mean = sum_padded(g.data(), padded) / C;
-        const float g_xhat_mean = dot_padded(g.data(), xhat.data(), padded) / C;
+        const float g_mean = sum_padded<vec8>(g.data(), padded) / C;
+        const float g_xhat_mean = dot_padded<vec8>(g.data(), xhat.data(), padded) / C;
         T* dxr = dx + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) dxr[c] = from_float<T>(rs * (g[c] - g_mean - xhat[c] * g_xhat_mean));

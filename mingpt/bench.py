@@ -23,7 +23,8 @@ from .ops import OP_NAMES, BackendUnavailable, get_ops
 from .sampling import SAMPLERS, generate, resolve_sampler
 from .runtime import autocast_context
 
-TRAIN_BACKENDS = ("reference", "sdpa", "compile", "triton", "cpp")
+TRAIN_BACKENDS = ("reference", "sdpa", "compile", "triton", "cpp", "compile-cpp")
+COMPILED = {"compile": "reference", "compile-cpp": "cpp"}  # torch.compile of a model on that backend
 OP_BACKENDS = ("reference", "sdpa", "triton", "cpp")
 
 
@@ -56,8 +57,7 @@ def backend_unavailable(backend: str, device) -> str:
     """Why `backend` cannot be measured here, or None."""
     if backend == "triton" and device.type != "cuda":
         return "no CUDA device; the Triton interpreter is a correctness check, not a speed path"
-    if backend == "compile":
-        return None
+    backend = COMPILED.get(backend, backend)
     try:
         get_ops(backend, device)
     except BackendUnavailable as e:
@@ -82,8 +82,8 @@ def bench_model(preset: str, vocab_size: int, device, backend="reference") -> GP
 
 def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batch_size: int, device):
     """A closure running one AdamW training step of `preset` on random tokens."""
-    model = bench_model(preset, vocab_size, device, "reference" if backend == "compile" else backend)
-    forward = torch.compile(model) if backend == "compile" else model
+    model = bench_model(preset, vocab_size, device, COMPILED.get(backend, backend))
+    forward = torch.compile(model) if backend in COMPILED else model
     optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.99))
     block = model.config.block_size
     x = torch.randint(vocab_size, (batch_size, block), device=device)
@@ -166,7 +166,7 @@ def bench_training(args, device, peaks) -> list:
     for dtype in args.dtypes:
         for backend in args.backends:
             reason = backend_unavailable(backend, device)
-            if reason is None and dtype == "bfloat16" and backend == "compile":
+            if reason is None and dtype == "bfloat16" and backend in COMPILED:
                 reason = "bf16 autocast under torch.compile is not measured"
             if reason:
                 rows.append(Row("train_step", backend, dtype, args.batch_size, note=f"skipped: {reason}"))
@@ -245,10 +245,10 @@ def speedups(rows):
 
 
 def print_table(rows, file=sys.stdout):
-    print(f"{'task':<26}{'backend':<11}{'dtype':<10}{'batch':>5}{'tokens/s':>12}{'ms':>10}{'x ref':>7}{'MFU':>7}  note",
+    print(f"{'task':<26}{'backend':<13}{'dtype':<10}{'batch':>5}{'tokens/s':>12}{'ms':>10}{'x ref':>7}{'MFU':>7}  note",
           file=file)
     for row, speedup in zip(rows, speedups(rows)):
-        print(f"{row.task:<26}{row.backend:<11}{row.dtype:<10}{row.batch:>5}"
+        print(f"{row.task:<26}{row.backend:<13}{row.dtype:<10}{row.batch:>5}"
               f"{'' if row.tokens_per_s is None else f'{row.tokens_per_s:,.0f}':>12}"
               f"{'' if row.ms is None else f'{row.ms:.2f}':>10}"
               f"{'' if not speedup else f'{speedup:.2f}':>7}"

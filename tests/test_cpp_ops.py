@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 
-from mingpt import extension, ops
+from mingpt import extension, ops, reference
 from op_check import BACKENDS
 
 CPP = BACKENDS["cpp"].load()
@@ -91,8 +91,9 @@ def test_layer_norm_rejects_bad_input():
         OPS["layer_norm"](x.double(), torch.ones(8), None)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         OPS["layer_norm"](x.half(), torch.ones(8), None)
-    with pytest.raises((RuntimeError, NotImplementedError), match="mingpt::layer_norm_forward"):
-        OPS["layer_norm"](x.to("meta"), torch.ones(8, device="meta"), None)
+    # Meta tensors run the fake kernel (what torch.compile traces with): shapes and dtypes, no data.
+    y = OPS["layer_norm"](x.to("meta"), torch.ones(8, device="meta"), None)
+    assert y.device.type == "meta" and y.shape == x.shape and y.dtype == x.dtype
 
 
 # ---------------------------------------------------------------------------- bias + GELU
@@ -116,7 +117,7 @@ def test_causal_attention_long_blocks(T, H, D):
 def test_causal_attention_empty_input(shape):
     qkv = torch.zeros(shape, requires_grad=True)
     out = OPS["causal_attention"](qkv, 2)
-    assert out.shape == ops.reference_causal_attention(qkv, 2).shape
+    assert out.shape == reference.reference_causal_attention(qkv, 2).shape
     out.sum().backward()
     assert qkv.grad.shape == qkv.shape
 

@@ -101,9 +101,11 @@ def test_rate_outside_unit_interval_is_refused(backend, p):
 def test_cpp_kernel_checks_its_inputs():
     backend_ops("cpp")
     with pytest.raises(RuntimeError, match="p must be in"):
-        torch.ops.mingpt.dropout(torch.ones(3), 1.0, 0)
+        torch.ops.mingpt.dropout(torch.ones(3), 1.0, torch.tensor(0))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        torch.ops.mingpt.dropout(torch.ones(3, dtype=torch.float64), 0.1, 0)
+        torch.ops.mingpt.dropout(torch.ones(3, dtype=torch.float64), 0.1, torch.tensor(0))
+    with pytest.raises(RuntimeError, match="seed must be an int64"):
+        torch.ops.mingpt.dropout(torch.ones(3), 0.1, torch.tensor(0.5))
 
 
 def test_cpp_mask_does_not_depend_on_thread_count():
@@ -112,9 +114,9 @@ def test_cpp_mask_does_not_depend_on_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.mingpt.dropout(x, 0.25, 12345)
+        one = torch.ops.mingpt.dropout(x, 0.25, torch.tensor(12345))
         torch.set_num_threads(max(2, threads))
-        assert torch.equal(torch.ops.mingpt.dropout(x, 0.25, 12345), one)
+        assert torch.equal(torch.ops.mingpt.dropout(x, 0.25, torch.tensor(12345)), one)
     finally:
         torch.set_num_threads(threads)
 

@@ -226,3 +226,18 @@ def test_cuda_cached_sampler_matches_reference():
     new_tokens = model.config.block_size + 4 - 4
     expected = reference_generate(model, idx, new_tokens, temperature=0)
     assert torch.equal(generate(model, idx, new_tokens, temperature=0, sampler="cached"), expected)
+
+
+@requires_cached
+def test_layer_norm_eps_of_the_config_is_the_samplers():
+    """A model with layer_norm_eps = 0.1 (large enough to move the logits by ~1e-1) gives the PyTorch
+    forward's logits from the sampler."""
+    model = GPT(GPTConfig(**CONFIGS["odd"], layer_norm_eps=0.1), backend="reference").eval()
+    model.load_state_dict(spread_model("odd").state_dict())
+    idx = torch.randint(model.config.vocab_size, (3, 4), generator=torch.Generator().manual_seed(5))
+    new_tokens = model.config.block_size + 3 - 4
+    out, logits = packed_sampler(model).generate(idx, new_tokens, temperature=0, num_threads=2, record_logits=True)
+    assert torch.equal(out, reference_generate(model, idx, new_tokens, temperature=0))
+    torch.testing.assert_close(logits, reference_step_logits(model, out, 4), rtol=0, atol=1e-4)
+    default_eps = packed_sampler(spread_model("odd")).generate(idx, 1, temperature=0, record_logits=True)[1]
+    assert (default_eps[:, 0] - logits[:, 0]).abs().max() > 1e-2, "eps should move the logits"

@@ -27,8 +27,8 @@ MODEL = make_model()
 
 def kv_sampler(weights, config=CONFIG):
     from mingpt.extension import require_extension
-    c = config
-    return require_extension().KVSampler(weights, c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, c.bias)
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return require_extension().KVSampler(weights, config)
 
 
 @st.composite
@@ -168,9 +168,37 @@ def test_untied_or_non_tensor_weights_are_refused():
         kv_sampler(weights)
 
 
+def config_with(**changes):
+    return {**dataclasses.asdict(CONFIG), **changes}
+
+
 def test_config_that_cannot_exist_is_a_value_error():
-    from mingpt.extension import require_extension
     with pytest.raises(ValueError, match="divisible"):
-        require_extension().KVSampler(MODEL.state_dict(), 1, 3, 20, 10, 17, True)
-    with pytest.raises(ValueError, match=">= 1"):
-        require_extension().KVSampler(MODEL.state_dict(), 0, 2, 20, 10, 17, True)
+        kv_sampler(MODEL.state_dict(), config_with(n_head=3))
+    with pytest.raises(ValueError, match="'n_layer' must be >= 1"):
+        kv_sampler(MODEL.state_dict(), config_with(n_layer=0))
+    with pytest.raises(ValueError, match="'layer_norm_eps' must be > 0"):
+        kv_sampler(MODEL.state_dict(), config_with(layer_norm_eps=0.0))
+
+
+@pytest.mark.parametrize("key", ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "layer_norm_eps"])
+def test_missing_config_key_is_a_value_error_naming_it(key):
+    config = dataclasses.asdict(CONFIG)
+    del config[key]
+    with pytest.raises(ValueError, match=f"missing '{key}'"):
+        kv_sampler(MODEL.state_dict(), config)
+
+
+@pytest.mark.parametrize("key, value", [("n_layer", 1.0), ("n_head", "2"), ("n_embd", True), ("block_size", None),
+                                        ("vocab_size", 17.5), ("bias", 1), ("layer_norm_eps", "1e-5")])
+def test_ill_typed_config_value_is_a_type_error_naming_it(key, value):
+    with pytest.raises(TypeError, match=f"'{key}' must be"):
+        kv_sampler(MODEL.state_dict(), config_with(**{key: value}))
+
+
+def test_unknown_config_key_is_refused_and_dropout_ignored():
+    with pytest.raises(ValueError, match="'rotary'"):
+        kv_sampler(MODEL.state_dict(), config_with(rotary=True))
+    idx = torch.zeros((1, 2), dtype=torch.long)
+    greedy = kv_sampler(MODEL.state_dict()).generate(idx, 5, temperature=0)
+    assert torch.equal(kv_sampler(MODEL.state_dict(), config_with(dropout=0.5)).generate(idx, 5, temperature=0), greedy)

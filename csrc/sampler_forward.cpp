@@ -1,0 +1,113 @@
+#include "sampler_forward.h"
+
+#include "sampler_math.h"
+
+namespace mingpt {
+namespace sampler {
+
+ForwardStep::ForwardStep(const PackedGPT& model, int batch, int max_rows, int positions, int n_threads)
+    : g_(model), c_(model.cfg), max_rows_(max_rows) {
+  ld_c_ = round_up(c_.n_embd, kLanes);
+  ld_qkv_ = g_.layers[0].qkv.padded_rows();
+  ld_hidden_ = g_.layers[0].fc.padded_rows();
+  ld_vocab_ = g_.lm_head.padded_rows();
+  ld_t_ = round_up(positions, kLanes);
+  x_ = alloc_floats(size_t(max_rows_) * ld_c_);
+  normed_ = alloc_floats(size_t(n_threads) * max_rows_ * ld_c_);
+  qkv_ = alloc_floats(size_t(max_rows_) * ld_qkv_);
+  attn_out_ = alloc_floats(size_t(max_rows_) * ld_c_);
+  hidden_ = alloc_floats(size_t(max_rows_) * ld_hidden_);
+  logits_ = alloc_floats(size_t(batch) * ld_vocab_);
+  head_cache_ = 2 * size_t(c_.head_dim) * ld_t_ + kLanes;  // + lanes: whole-vector reads past the end
+  kv_cache_ = alloc_floats(size_t(batch) * c_.n_layer * c_.n_head * head_cache_);
+  scores_ = alloc_floats(size_t(n_threads) * ld_t_);
+}
+
+void ForwardStep::embed(const StepRows& step, int tid, int nth) {
+  const int C = c_.n_embd, rows = step.tokens.size();
+  for (int r = part(rows, tid, nth); r < part(rows, tid + 1, nth); ++r) {
+    const int pos = step.first_pos + r % step.per_sample;
+    float* x = x_.get() + size_t(r) * ld_c_;
+    for (int c = 0; c < C; ++c) x[c] = g_.wte(step.tokens[r], c) + g_.wpe[size_t(pos) * C + c];
+  }
+}
+
+void ForwardStep::run(const StepRows& step, int tid, int nth) {
+  const int C = c_.n_embd, rows = step.tokens.size();
+  const float eps = c_.layer_norm_eps;
+  embed(step, tid, nth);
+#pragma omp barrier
+  float* normed = normed_.get() + size_t(tid) * max_rows_ * ld_c_;
+  const auto add_to_residual = [&](int r, int n0, vec16 y) {
+    float* x = x_.get() + size_t(r) * ld_c_ + n0;
+    store(x, load<vec16>(x) + y);
+  };
+  for (int l = 0; l < c_.n_layer; ++l) {
+    const Layer& layer = g_.layers[l];
+    for (int r = 0; r < rows; ++r)
+      layer_norm_row(x_.get() + size_t(r) * ld_c_, layer.ln_1, eps, normed + size_t(r) * ld_c_, C);
+    matmul(layer.qkv, normed, ld_c_, rows, tid, nth,
+           [&](int r, int n0, vec16 y) { store(qkv_.get() + size_t(r) * ld_qkv_ + n0, y); });
+#pragma omp barrier
+    attention(step, l, tid, nth);
+#pragma omp barrier
+    matmul(layer.attn_proj, attn_out_.get(), ld_c_, rows, tid, nth, add_to_residual);
+#pragma omp barrier
+    for (int r = 0; r < rows; ++r)
+      layer_norm_row(x_.get() + size_t(r) * ld_c_, layer.ln_2, eps, normed + size_t(r) * ld_c_, C);
+    matmul(layer.fc, normed, ld_c_, rows, tid, nth,
+           [&](int r, int n0, vec16 y) { store(hidden_.get() + size_t(r) * ld_hidden_ + n0, gelu16(y)); });
+#pragma omp barrier
+    matmul(layer.mlp_proj, hidden_.get(), ld_hidden_, rows, tid, nth, add_to_residual);
+#pragma omp barrier
+  }
+  const int n = step.samples.size();  // one logit row per sample: its last
+  for (int i = 0; i < n; ++i)
+    layer_norm_row(x_.get() + size_t(i * step.per_sample + step.per_sample - 1) * ld_c_, g_.ln_f, eps,
+                   normed + size_t(i) * ld_c_, C);
+  matmul(g_.lm_head, normed, ld_c_, n, tid, nth,
+         [&](int i, int n0, vec16 y) { store(logits_.get() + size_t(i) * ld_vocab_ + n0, y); });
+#pragma omp barrier
+}
+
+// A (sample, head) pair's cache: keys in blocks of 16 positions, [block][dim][16], so that scores
+// vectorise over positions, then values [position][dim]: the first n positions of either are one prefix.
+float* ForwardStep::head_cache(int sample, int layer, int head) const {
+  return kv_cache_.get() + ((size_t(sample) * c_.n_layer + layer) * c_.n_head + head) * head_cache_;
+}
+
+// Appends this step's keys and values to the cache and attends, one (sample, head) pair at a time,
+// so the rows of a prefill see each other's keys without another barrier.
+void ForwardStep::attention(const StepRows& step, int l, int tid, int nth) {
+  const int C = c_.n_embd, H = c_.n_head, hd = c_.head_dim, pairs = step.samples.size() * H;
+  const int end = part(pairs, tid + 1, nth), n_keys = step.first_pos + step.per_sample;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  float* scores = scores_.get() + size_t(tid) * ld_t_;
+  for (int pair = part(pairs, tid, nth); pair < end; ++pair) {
+    const int i = pair / H, h = pair % H;
+    float* keys = head_cache(step.samples[i], l, h);
+    float* values = keys + size_t(ld_t_) * hd;
+    if (pair + 1 < end) {  // the next pair's cache, which the hardware would fetch only on demand
+      const float* next = head_cache(step.samples[(pair + 1) / H], l, (pair + 1) % H);
+      for (int k = 0; k < round_up(n_keys, kLanes) * hd; k += kLanes) __builtin_prefetch(next + k);
+      for (int k = 0; k < n_keys * hd; k += kLanes) __builtin_prefetch(next + size_t(ld_t_) * hd + k);
+    }
+    for (int t = 0; t < step.per_sample; ++t) {
+      const float* src = qkv_.get() + size_t(i * step.per_sample + t) * ld_qkv_ + h * hd;
+      const int pos = step.first_pos + t;
+      float* key = keys + size_t(pos / kLanes) * hd * kLanes + pos % kLanes;
+      for (int d = 0; d < hd; ++d) {
+        key[d * kLanes] = src[C + d];
+        values[size_t(pos) * hd + d] = src[2 * C + d];
+      }
+    }
+    for (int t = 0; t < step.per_sample; ++t) {
+      const int r = i * step.per_sample + t;
+      attend_row(qkv_.get() + size_t(r) * ld_qkv_ + h * hd, keys, values, step.first_pos + t + 1, hd, scale, scores,
+                 attn_out_.get() + size_t(r) * ld_c_ + h * hd);
+    }
+  }
+}
+
+}  // namespace sampler
+}  // namespace mingpt

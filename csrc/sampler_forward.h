@@ -1,0 +1,48 @@
+// One forward step of the packed model over the new rows of the active samples, with their KV cache.
+//
+// All threads of the generate call's parallel region run a step together: they split each matrix's
+// panels (and the attention heads) and meet at a barrier between phases. Layer norm runs redundantly
+// in every thread, which saves a barrier; bias, GELU and the residual add are fused into the matrix
+// products.
+#pragma once
+
+#include <vector>
+
+#include "sampler_weights.h"
+
+namespace mingpt {
+namespace sampler {
+
+// The input rows of one step: `per_sample` consecutive positions from first_pos of each active sample.
+struct StepRows {
+  std::vector<int> samples;     // the active samples, in batch order
+  std::vector<int64_t> tokens;  // samples.size() * per_sample
+  int first_pos = 0, per_sample = 0;
+};
+
+class ForwardStep {
+ public:
+  // Buffers for `batch` samples, steps of up to max_rows rows, and a cache of `positions` positions.
+  ForwardStep(const PackedGPT& model, int batch, int max_rows, int positions, int n_threads);
+
+  // Every thread of the team calls it; the logits are ready after it returns (it ends at a barrier).
+  void run(const StepRows& step, int tid, int nth);
+
+  // The logits of active sample i's last row.
+  const float* logits(int i) const { return logits_.get() + size_t(i) * ld_vocab_; }
+  int padded_vocab() const { return ld_vocab_; }
+
+ private:
+  void embed(const StepRows& step, int tid, int nth);
+  void attention(const StepRows& step, int layer, int tid, int nth);
+  float* head_cache(int sample, int layer, int head) const;
+
+  const PackedGPT& g_;
+  const ModelConfig& c_;
+  int ld_c_, ld_qkv_, ld_hidden_, ld_vocab_, ld_t_, max_rows_;
+  size_t head_cache_;
+  Floats x_, normed_, qkv_, attn_out_, hidden_, logits_, kv_cache_, scores_;
+};
+
+}  // namespace sampler
+}  // namespace mingpt

@@ -1,0 +1,136 @@
+// The sampler's arithmetic on packed weights: the matrix product of a panel with a few rows, layer norm
+// of one row, GELU, and softmax attention of one query over a cached head.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "sampler_weights.h"
+#include "simd.h"
+
+namespace mingpt {
+namespace sampler {
+
+constexpr int kMaxTile = 12;  // batch rows per matrix tile: one accumulator register each
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The start of share i of n items split into `parts` nearly equal shares.
+inline int part(int n, int i, int parts) { return static_cast<int>(int64_t(n) * i / parts); }
+
+// GELU, tanh approximation: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)).
+inline vec16 gelu16(vec16 x) {
+  const vec16 u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.0f + exp_approx(-2.0f * u));
+}
+
+inline void layer_norm_row(const float* x, const LayerNormWeights& ln, float eps, float* out, int n) {
+  float mean = 0.0f;
+#pragma omp simd reduction(+ : mean)
+  for (int i = 0; i < n; ++i) mean += x[i];
+  mean /= n;
+  float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+  for (int i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.0f / std::sqrt(var / n + eps);
+  for (int i = 0; i < n; ++i) out[i] = (x[i] - mean) * rstd * ln.weight[i] + ln.bias[i];
+}
+
+// out[b] (16 lanes) = panel . in[b] for NB batch rows, prefetching `ahead` (a later panel) line
+// by line. Small tiles split k over several accumulators so that the FMA latency does not bound them.
+template <int NB>
+void panel_tile(const float* panel, int cols, const float* in, int ld, const float* ahead, vec16* out) {
+  constexpr int kSplit = NB == 1 ? 4 : NB <= 3 ? 2 : 1;
+  vec16 acc[kSplit][NB];
+  for (int s = 0; s < kSplit; ++s)
+    for (int b = 0; b < NB; ++b) acc[s][b] = vec16{};
+  int k = 0;
+  for (; k + kSplit <= cols; k += kSplit) {
+#pragma GCC unroll 4
+    for (int s = 0; s < kSplit; ++s) {
+      __builtin_prefetch(ahead + size_t(k + s) * kLanes);
+      const vec16 w = load<vec16>(panel + size_t(k + s) * kLanes);
+#pragma GCC unroll 12
+      for (int b = 0; b < NB; ++b) acc[s][b] += w * in[size_t(b) * ld + k + s];
+    }
+  }
+  for (; k < cols; ++k) {
+    const vec16 w = load<vec16>(panel + size_t(k) * kLanes);
+    for (int b = 0; b < NB; ++b) acc[0][b] += w * in[size_t(b) * ld + k];
+  }
+  for (int b = 0; b < NB; ++b) {
+    vec16 sum = acc[0][b];
+    for (int s = 1; s < kSplit; ++s) sum += acc[s][b];
+    out[b] = sum;
+  }
+}
+
+using TileFn = void (*)(const float*, int, const float*, int, const float*, vec16*);
+template <int... N>
+constexpr std::array<TileFn, sizeof...(N)> tile_table(std::integer_sequence<int, N...>) {
+  return {&panel_tile<N + 1>...};
+}
+constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kMaxTile>{});
+
+// This thread's share of out = in . W^T + bias for `rows` input rows of stride ld: every panel it
+// owns is read once, and epilogue(row, first column, 16 values) stores each result. Panels are
+// prefetched two ahead, so that the memory keeps streaming while the cores compute.
+template <class Epilogue>
+void matmul(const PackedMatrix& m, const float* in, int ld, int rows, int tid, int nth, Epilogue&& epilogue) {
+  const int tiles = (rows + kMaxTile - 1) / kMaxTile;
+  vec16 acc[kMaxTile];
+  for (int p = part(m.panels, tid, nth); p < part(m.panels, tid + 1, nth); ++p) {
+    const vec16 bias = load<vec16>(m.bias.data() + p * kLanes);
+    for (int t = 0; t < tiles; ++t) {
+      const int r0 = part(rows, t, tiles), r1 = part(rows, t + 1, tiles);
+      kTiles[r1 - r0 - 1](m.panel(p), m.cols, in + size_t(r0) * ld, ld, m.panel(std::min(p + 2, m.panels - 1)), acc);
+      for (int r = r0; r < r1; ++r) epilogue(r, p * kLanes, acc[r - r0] + bias);
+    }
+  }
+}
+
+// out = softmax(q . keys * scale) . values over the first n_keys positions of a head's cache: keys in
+// blocks of 16 positions [block][dim][16], values [position][dim]. `scores` holds n_keys rounded up to 16.
+inline void attend_row(const float* q, const float* keys, const float* values, int n_keys, int hd, float scale,
+                       float* scores, float* out) {
+  const ivec16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  vec16 max = splat<vec16>(kNegInf);
+  for (int t0 = 0; t0 < n_keys; t0 += 4 * kLanes) {  // 4 blocks at once: independent FMA chains
+    const int blocks = std::min(4, (n_keys - t0 + kLanes - 1) / kLanes);
+    const float* block = keys + size_t(t0 / kLanes) * hd * kLanes;
+    vec16 s[4] = {};
+    for (int d = 0; d < hd; ++d)
+#pragma GCC unroll 4
+      for (int b = 0; b < 4; ++b)
+        if (b < blocks) s[b] += q[d] * load<vec16>(block + size_t(b * hd + d) * kLanes);
+    for (int b = 0; b < blocks; ++b) {
+      const vec16 masked = lane < n_keys - t0 - b * kLanes ? s[b] * scale : splat<vec16>(kNegInf);
+      max = masked > max ? masked : max;
+      store(scores + t0 + b * kLanes, masked);
+    }
+  }
+  const float m = horizontal_max(max);
+  vec16 sum{};
+  for (int t0 = 0; t0 < n_keys; t0 += kLanes) {
+    const vec16 e = exp_approx(load<vec16>(scores + t0) - m);
+    sum += e;
+    store(scores + t0, e);
+  }
+  const float total = horizontal_sum(sum);
+  // 16 dims at a time; lanes past hd read the next position's values and are dropped.
+  for (int d0 = 0; d0 < hd; d0 += kLanes) {
+    vec16 acc[4] = {};
+    int k = 0;
+    for (; k + 4 <= n_keys; k += 4)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) acc[u] += scores[k + u] * load<vec16>(values + size_t(k + u) * hd + d0);
+    for (; k < n_keys; ++k) acc[0] += scores[k] * load<vec16>(values + size_t(k) * hd + d0);
+    const vec16 weighted = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / total;
+    for (int d = d0; d < std::min(hd, d0 + kLanes); ++d) out[d] = weighted[d - d0];
+  }
+}
+
+}  // namespace sampler
+}  // namespace mingpt

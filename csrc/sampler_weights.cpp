@@ -1,0 +1,186 @@
+#include "sampler_weights.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+#include <utility>
+
+namespace py = pybind11;
+
+namespace mingpt {
+namespace sampler {
+
+Floats alloc_floats(size_t n) {
+  const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  if (p == nullptr) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return Floats(static_cast<float*>(p));
+}
+
+namespace {
+
+PackedMatrix pack_matrix(const torch::Tensor& weight, const torch::Tensor* bias) {
+  PackedMatrix m;
+  m.rows = weight.size(0);
+  m.cols = weight.size(1);
+  m.panels = (m.rows + kLanes - 1) / kLanes;
+  m.data = alloc_floats(size_t(m.panels) * m.cols * kLanes);
+  const torch::Tensor w = weight.contiguous();
+  const float* src = w.data_ptr<float>();
+  for (int row = 0; row < m.rows; ++row) {
+    float* dst = m.data.get() + size_t(row / kLanes) * m.cols * kLanes + row % kLanes;
+    for (int k = 0; k < m.cols; ++k) dst[size_t(k) * kLanes] = src[size_t(row) * m.cols + k];
+  }
+  m.bias.assign(m.padded_rows(), 0.0f);
+  if (bias != nullptr) {
+    const torch::Tensor b = bias->contiguous();
+    std::copy(b.data_ptr<float>(), b.data_ptr<float>() + m.rows, m.bias.begin());
+  }
+  return m;
+}
+
+const py::handle config_value(const py::dict& config, const char* key) {
+  TORCH_CHECK_VALUE(config.contains(key), "KVSampler: config is missing '", key,
+                    "' (pass dataclasses.asdict(model.config))");
+  return config[key];
+}
+
+int config_int(const py::dict& config, const char* key) {
+  const py::handle value = config_value(config, key);
+  TORCH_CHECK_TYPE(py::isinstance<py::int_>(value) && !py::isinstance<py::bool_>(value), "KVSampler: config '",
+                   key, "' must be an int, got ", std::string(py::str(value.get_type().attr("__name__"))));
+  const int64_t n = value.cast<int64_t>();
+  TORCH_CHECK_VALUE(n >= 1, "KVSampler: config '", key, "' must be >= 1, got ", n);
+  TORCH_CHECK_VALUE(n < (1 << 24), "KVSampler: config '", key, "' must be below 2^24, got ", n);
+  return int(n);
+}
+
+double config_float(const py::dict& config, const char* key) {
+  const py::handle value = config_value(config, key);
+  TORCH_CHECK_TYPE((py::isinstance<py::float_>(value) || py::isinstance<py::int_>(value)) &&
+                       !py::isinstance<py::bool_>(value),
+                   "KVSampler: config '", key, "' must be a float, got ",
+                   std::string(py::str(value.get_type().attr("__name__"))));
+  return value.cast<double>();
+}
+
+bool config_bool(const py::dict& config, const char* key) {
+  const py::handle value = config_value(config, key);
+  TORCH_CHECK_TYPE(py::isinstance<py::bool_>(value), "KVSampler: config '", key, "' must be a bool, got ",
+                   std::string(py::str(value.get_type().attr("__name__"))));
+  return value.cast<bool>();
+}
+
+// Reads the weights of a state dict, checking that they are exactly the config's.
+class WeightReader {
+ public:
+  explicit WeightReader(const std::map<std::string, torch::Tensor>& weights) : weights_(weights) {}
+
+  const torch::Tensor& get(const std::string& name, std::vector<int64_t> shape) {
+    const auto it = weights_.find(name);
+    TORCH_CHECK_VALUE(it != weights_.end(), "KVSampler: weight '", name,
+                      "' is missing: the weights are not from a model with this config");
+    const torch::Tensor& t = it->second;
+    TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat, "KVSampler: weight '", name,
+                     "' must be float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "KVSampler: weight '", name, "' must be on the CPU, got ",
+                      t.device());
+    TORCH_CHECK_VALUE(t.sizes() == torch::IntArrayRef(shape), "KVSampler: weight '", name, "' has shape ",
+                      t.sizes(), " but the config needs ", torch::IntArrayRef(shape));
+    used_.insert(name);
+    return t;
+  }
+
+  std::vector<float> copy(const std::string& name, std::vector<int64_t> shape) {
+    const torch::Tensor t = get(name, shape).contiguous();
+    return std::vector<float>(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
+  }
+
+  LayerNormWeights layer_norm(const std::string& prefix, int n, bool bias) {
+    return {copy(prefix + ".weight", {n}), bias ? copy(prefix + ".bias", {n}) : std::vector<float>(n, 0.0f)};
+  }
+
+  PackedMatrix linear(const std::string& prefix, int64_t out, int64_t in, bool bias) {
+    const torch::Tensor& w = get(prefix + ".weight", {out, in});
+    return bias ? pack_matrix(w, &get(prefix + ".bias", {out})) : pack_matrix(w, nullptr);
+  }
+
+  void check_all_used() const {
+    std::string unused;
+    for (const auto& kv : weights_)
+      if (!used_.count(kv.first)) unused += (unused.empty() ? "" : ", ") + kv.first;
+    TORCH_CHECK_VALUE(unused.empty(), "KVSampler: weights not in a model of this config: ", unused);
+  }
+
+ private:
+  const std::map<std::string, torch::Tensor>& weights_;
+  std::set<std::string> used_;
+};
+
+}  // namespace
+
+ModelConfig read_config(const py::dict& config) {
+  static const std::set<std::string> known = {"n_layer",  "n_head", "n_embd",         "block_size",
+                                              "vocab_size", "bias", "layer_norm_eps", "dropout"};
+  for (const auto& item : config) {
+    const std::string key = py::str(item.first);
+    TORCH_CHECK_VALUE(known.count(key), "KVSampler: config key '", key, "' is not one the sampler knows");
+  }
+  ModelConfig c;
+  c.n_layer = config_int(config, "n_layer");
+  c.n_head = config_int(config, "n_head");
+  c.n_embd = config_int(config, "n_embd");
+  c.block_size = config_int(config, "block_size");
+  c.vocab_size = config_int(config, "vocab_size");
+  c.bias = config_bool(config, "bias");
+  const double eps = config_float(config, "layer_norm_eps");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "KVSampler: config 'layer_norm_eps' must be > 0, got ", eps);
+  c.layer_norm_eps = float(eps);
+  TORCH_CHECK_VALUE(c.n_embd % c.n_head == 0, "KVSampler: config 'n_embd' (", c.n_embd,
+                    ") must be divisible by 'n_head' (", c.n_head, ")");
+  c.head_dim = c.n_embd / c.n_head;
+  return c;
+}
+
+PackedGPT pack_gpt(const std::map<std::string, torch::Tensor>& weights, const ModelConfig& cfg) {
+  const int64_t C = cfg.n_embd, V = cfg.vocab_size;
+  PackedGPT g;
+  g.cfg = cfg;
+  WeightReader reader(weights);
+  const torch::Tensor& wte = reader.get("transformer.wte.weight", {V, C});
+  if (weights.count("lm_head.weight")) {
+    const torch::Tensor& lm = reader.get("lm_head.weight", {V, C});
+    TORCH_CHECK_VALUE(lm.is_same(wte) || torch::equal(lm, wte),
+                      "KVSampler: lm_head.weight differs from transformer.wte.weight; the sampler needs "
+                      "the tied embedding of GPT");
+  }
+  g.lm_head = pack_matrix(wte, nullptr);
+  g.wpe = reader.copy("transformer.wpe.weight", {cfg.block_size, C});
+  for (int i = 0; i < cfg.n_layer; ++i) {
+    const std::string p = "transformer.h." + std::to_string(i);
+    Layer layer;
+    layer.ln_1 = reader.layer_norm(p + ".ln_1", C, cfg.bias);
+    layer.ln_2 = reader.layer_norm(p + ".ln_2", C, cfg.bias);
+    layer.qkv = reader.linear(p + ".attn.c_attn", 3 * C, C, cfg.bias);
+    layer.attn_proj = reader.linear(p + ".attn.c_proj", C, C, cfg.bias);
+    layer.fc = reader.linear(p + ".mlp.c_fc", 4 * C, C, cfg.bias);
+    layer.mlp_proj = reader.linear(p + ".mlp.c_proj", C, 4 * C, cfg.bias);
+    g.layers.push_back(std::move(layer));
+  }
+  g.ln_f = reader.layer_norm("transformer.ln_f", C, cfg.bias);
+  reader.check_all_used();
+  return g;
+}
+
+size_t PackedGPT::bytes() const {
+  const size_t norm_bytes = 2 * ln_f.weight.size() * sizeof(float);
+  size_t n = lm_head.bytes() + wpe.size() * sizeof(float) + norm_bytes;
+  for (const Layer& l : layers)
+    n += l.qkv.bytes() + l.attn_proj.bytes() + l.fc.bytes() + l.mlp_proj.bytes() + 2 * norm_bytes;
+  return n;
+}
+
+}  // namespace sampler
+}  // namespace mingpt
