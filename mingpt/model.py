@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .ops import get_ops
+from .ops import BackendUnavailable, get_ops
 
 
 class KVCache:
@@ -107,8 +107,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.backend = backend
-        self._resolved_ops = None
+        self.set_backend(backend)
 
     @staticmethod
     def _init_weights(module):
@@ -125,16 +124,28 @@ class GPT(nn.Module):
 
     @property
     def ops(self):
-        """The op table of `self.backend` for the device the weights are on, resolved once per device."""
-        if self._resolved_ops is None or self._resolved_ops[0] != (self.backend, self.device):
-            self._resolved_ops = ((self.backend, self.device), get_ops(self.backend, self.device))
-        return self._resolved_ops[1]
+        """The op table of `self.backend` for the weights' device. It is resolved when the backend is
+        chosen and whenever the weights move, so that forward (a compiled one too) only reads it."""
+        if self._ops_unavailable is not None:
+            raise BackendUnavailable(self._ops_unavailable)
+        return self._ops
 
     def set_backend(self, backend: str):
-        """Choose the op backend (see mingpt.ops); resolved for the weights' device on next use."""
+        """Choose the op backend (see mingpt.ops); a backend that cannot run on this device raises at forward."""
         self.backend = backend
-        self._resolved_ops = None
+        self._resolve_ops()
         return self
+
+    def _resolve_ops(self):
+        try:
+            self._ops, self._ops_unavailable = get_ops(self.backend, self.device), None
+        except BackendUnavailable as e:
+            self._ops, self._ops_unavailable = None, str(e)
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self._resolve_ops()
+        return module
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

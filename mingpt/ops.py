@@ -15,7 +15,6 @@ the reference op, and `Ops.sources` says which op came from where.
 """
 import importlib
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +34,13 @@ def sdpa_causal_attention(qkv, n_head: int):
     return merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-@dataclass(frozen=True)
 class Ops:
-    name: str
-    layer_norm: callable
-    bias_gelu: callable
-    causal_attention: callable
-    cross_entropy: callable
-    dropout: callable
-    cached_attention: callable
-    sources: dict
+    """One backend's table: every op of REFERENCE_OPS as an attribute (ops.layer_norm(...)), `name`, and
+    `sources`, which says which provider each op came from."""
+
+    def __init__(self, name: str, table: dict, sources: dict):
+        self.name, self.sources = name, sources
+        self.__dict__.update(table)
 
     @classmethod
     def build(cls, name: str, providers: dict):
@@ -56,7 +52,7 @@ class Ops:
                 raise ValueError(f"backend {name!r} provides unknown ops: {sorted(unknown)}")
             table.update(provided)
             sources.update({op: provider for op in provided})
-        return cls(name=name, sources=sources, **table)
+        return cls(name, table, sources)
 
 
 def _import_backend_ops(module_name: str, backend: str) -> dict:

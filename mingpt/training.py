@@ -27,7 +27,6 @@ from .checkpoint import (TMP_PREFIX, CheckpointError, atomic_torch_save, load_ch
 from .config import GPTConfig, TrainConfig, apply_overrides
 from .data import TokenData
 from .model import GPT
-from .ops import get_ops
 from .runs import claim_out_dir, data_summary, new_record, record_end, record_evaluation, write_record
 from .runtime import Distributed, autocast_context, init_distributed
 from .sampling import cached_sampler_unavailable_reason, write_samples
@@ -224,7 +223,7 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
     if ddp.world_size > 1:
         run.step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    ops = get_ops(cfg.backend, device)
+    ops = model.ops
     run.log(f"model: {model.num_params():,} parameters ({cfg.model.n_layer} layers, {cfg.model.n_head} heads, "
             f"n_embd {cfg.model.n_embd}, block {cfg.model.block_size}, vocab {cfg.model.vocab_size}); "
             f"device {device}, dtype {cfg.dtype}, {ddp.world_size} process(es), backend {cfg.backend} -> "

@@ -103,8 +103,8 @@ def test_compiled_model_matches_eager_without_dropout():
     torch._dynamo.reset()
     model = tiny_model(dropout=0.0)
     idx, targets = batch()
-    eager_loss, eager_grads = loss_and_grads(model, model, idx, targets)
     compiled_loss, compiled_grads = loss_and_grads(model, torch.compile(model, fullgraph=True), idx, targets)
+    eager_loss, eager_grads = loss_and_grads(model, model, idx, targets)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
@@ -117,9 +117,9 @@ def test_compiled_model_with_dropout_runs_forward_and_backward():
     torch._dynamo.reset()
     model = tiny_model(dropout=0.2)
     idx, targets = batch()
-    eager_loss, _ = loss_and_grads(model, model, idx, targets)  # first: the model resolves its op table eagerly
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True)  # its first call: the op table is resolved already
     loss, grads = loss_and_grads(model, compiled, idx, targets)
+    eager_loss, _ = loss_and_grads(model, model, idx, targets)
     assert torch.isfinite(loss) and abs(float(loss) - float(eager_loss)) < 0.5
     assert set(grads) == {name for name, _ in model.named_parameters()}
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
