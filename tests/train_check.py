@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mingpt import GPT, GPTConfig
+from mingpt import GPT, GPTConfig, ops
 from mingpt import train as train_cli
 from mingpt.checkpoint import load_checkpoint
 from mingpt.data import TokenData
@@ -31,7 +31,7 @@ def train_steps(backend: str, data: TokenData, config: GPTConfig, steps: int, ba
     the same initial weights and batches."""
     torch.manual_seed(1234)
     model = GPT(config, backend=backend).to(device)
-    assert set(model.ops.sources.values()) == {backend}
+    assert {model.ops.sources[op] for op in ops.OP_NAMES} == {backend}
     optimizer = model.configure_optimizer(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(5678)
     losses, first_grads = [], None

@@ -105,6 +105,29 @@ def _attn_bwd_preprocess(O, DO, Delta, T, H, D,
 
 
 @triton.jit
+def _load_query_rows(q_base, do_base, lse_base, delta_base, offs_m, T, offs_d, d_ok,
+                     stride_t, stride_c, stride_dt, stride_dc):
+    """q, dO, log-sum-exp and delta of query rows offs_m (zeros past T), with the row mask and tile mask."""
+    m_ok = offs_m < T
+    q_mask = m_ok[:, None] & d_ok
+    q = tl.load(q_base + offs_m[:, None] * stride_t + offs_d[None, :] * stride_c, mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dc, mask=q_mask, other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+    return m_ok, q_mask, q, do, lse, delta
+
+
+@triton.jit
+def _load_key_rows(k_base, v_base, offs_n, T, offs_d, d_ok, stride_t, stride_c):
+    """k and v of key rows offs_n (zeros past T), with the row mask and tile mask."""
+    n_ok = offs_n < T
+    kv_mask = n_ok[:, None] & d_ok
+    k = tl.load(k_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kv_mask, other=0.0)
+    return n_ok, kv_mask, k, v
+
+
+@triton.jit
 def _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, C, D,
                     stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -113,20 +136,13 @@ def _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_bas
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     offs_n = pid * BLOCK + offs_0
-    n_ok = offs_n < T
-    kv_mask = n_ok[:, None] & d_ok
-    k = tl.load(k_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kv_mask, other=0.0)
+    n_ok, kv_mask, k, v = _load_key_rows(k_base, v_base, offs_n, T, offs_d, d_ok, stride_t, stride_c)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     for start_m in range(pid * BLOCK, T, BLOCK):
         offs_m = start_m + offs_0
-        m_ok = offs_m < T
-        q_mask = m_ok[:, None] & d_ok
-        q = tl.load(q_base + offs_m[:, None] * stride_t + offs_d[None, :] * stride_c, mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dc, mask=q_mask, other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        m_ok, _, q, do, lse, delta = _load_query_rows(q_base, do_base, lse_base, delta_base, offs_m, T,
+                                                      offs_d, d_ok, stride_t, stride_c, stride_dt, stride_dc)
         # Transposed scores: rows are keys, columns are queries.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC).to(ACC) * qk_scale
         valid_t = (offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :] & n_ok[:, None]
@@ -152,20 +168,13 @@ def _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     offs_m = pid * BLOCK + offs_0
-    m_ok = offs_m < T
-    q_mask = m_ok[:, None] & d_ok
-    q = tl.load(q_base + offs_m[:, None] * stride_t + offs_d[None, :] * stride_c, mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dc, mask=q_mask, other=0.0)
-    lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+    m_ok, q_mask, q, do, lse, delta = _load_query_rows(q_base, do_base, lse_base, delta_base, offs_m, T,
+                                                       offs_d, d_ok, stride_t, stride_c, stride_dt, stride_dc)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     hi = tl.minimum((pid + 1) * BLOCK, T)
     for start_n in range(0, hi, BLOCK):
         offs_k = start_n + offs_0
-        k_ok = offs_k < T
-        kmask = k_ok[:, None] & d_ok
-        k = tl.load(k_base + offs_k[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kmask, other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * stride_t + offs_d[None, :] * stride_c, mask=kmask, other=0.0)
+        k_ok, _, k, v = _load_key_rows(k_base, v_base, offs_k, T, offs_d, d_ok, stride_t, stride_c)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
         valid = (offs_m[:, None] >= offs_k[None, :]) & k_ok[None, :] & m_ok[:, None]
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
