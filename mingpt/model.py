@@ -176,8 +176,8 @@ class GPT(nn.Module):
         """
         self.check_inputs(idx, targets, cache, start)
         ops = self.ops
-        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
-        x = ops.dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), self.config.dropout, self.training)
+        positions = self.transformer.wpe.weight[start:start + idx.shape[1]]
+        x = ops.dropout(self.transformer.wte(idx) + positions, self.config.dropout, self.training)
         for i, block in enumerate(self.transformer.h):
             x = block(x, ops, None if cache is None else cache.layer(i), start)
         logits = self.lm_head(self.transformer.ln_f(x, ops))

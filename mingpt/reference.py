@@ -83,7 +83,7 @@ def check_dropout_rate(p: float):
 
 def reference_dropout(x, p: float, training: bool):
     check_dropout_rate(p)
-    return F.dropout(x, p, training)
+    return F.dropout(x, p, training) if training and p > 0.0 else x
 
 
 REFERENCE_OPS = {
