@@ -21,7 +21,7 @@ install-test: $(BIN)/python
 
 demo: install
 	$(BIN)/python -m mingpt.prepare --data_dir data/default
-	$(BIN)/python -m mingpt.train --preset demo --data_dir data/default --out_dir out/demo
+	$(BIN)/python -m mingpt.train --preset demo --data_dir data/default --out_dir out/demo --overwrite
 	$(BIN)/python -m mingpt.sample --ckpt out/demo --start 好看 --sentiment pos --num_samples 5 --seed 1
 	$(BIN)/python -m mingpt.sample --ckpt out/demo --start 难看 --sentiment neg --num_samples 5 --seed 1
 
