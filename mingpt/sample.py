@@ -90,7 +90,7 @@ def write_and_print(model, tokenizer, layout, args, out=sys.stdout):
 
 def interactive(model, tokenizer, layout, args, parser, lines=sys.stdin, out=sys.stdout):
     """The prompt loop of --interactive: each line is a prompt, or a `:command`."""
-    args.stream = True
+    args.stream, parser.exit_on_error = True, False  # a bad value is reported, and the loop goes on
     out.write(f"mingpt interactive: a prompt per line; :pos :neg :auto, :{' :'.join(INTERACTIVE_FLAGS[1:])} VALUE, :quit\n")
     out.write("> ")
     out.flush()
@@ -109,8 +109,8 @@ def interactive(model, tokenizer, layout, args, parser, lines=sys.stdin, out=sys
             else:
                 args.start = line
                 write_and_print(model, tokenizer, layout, args, out)
-        except (ValueError, RuntimeError, SystemExit) as e:
-            out.write(f"error: {e}\n" if not isinstance(e, SystemExit) else "")
+        except (ValueError, RuntimeError, argparse.ArgumentError) as e:
+            out.write(f"error: {e}\n")
         out.write("> ")
         out.flush()
 

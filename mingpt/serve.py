@@ -36,13 +36,13 @@ def build_parser():
     return p
 
 
-def build_server(args):
-    """(app, engine) for the parsed flags; the engine's worker is running."""
+def build_server(args, start_engine=True):
+    """(app, engine) for the parsed flags; the engine's worker is running unless start_engine is False."""
     from .api import Limits, create_app, model_card
     from .serving import Engine
     model, tokenizer, data, _ = load_for_sampling(args.ckpt, device=args.device)
     engine = Engine(model, tokenizer, get_layout(data["layout"]), sampler=args.sampler,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+                    max_batch=args.max_batch, max_queue=args.max_queue, start=start_engine)
     folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
     name = os.path.basename(os.path.abspath(folder)) or "mingpt"
     limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),

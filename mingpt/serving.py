@@ -87,14 +87,17 @@ class Choice:
 
     def __init__(self, request, index: int, start_ids: list, sentiment: str):
         self.request, self.index, self.start_ids, self.sentiment = request, index, start_ids, sentiment
-        self.prompt_ids, self.decoder, self.tokens, self.done = None, None, 0, False
+        self.prompt_ids, self.decoder, self.tokens, self.finish_reason = None, None, 0, None
         self.matcher = StopMatcher(request.stop)
         seeded = request.settings.seed is not None
         self.key = (len(start_ids), request.settings, request.id if seeded else None)
 
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
     def emit(self, text: str = "", finish_reason=None, error=None):
-        if finish_reason is not None:
-            self.done = True
+        self.finish_reason = self.finish_reason or finish_reason
         if text or finish_reason is not None:
             self.request.sink(Event(self.index, text, self.sentiment, finish_reason, self.tokens, error))
 
@@ -213,6 +216,7 @@ class Engine:
             for choice in self.pending:
                 if choice.request.cancelled.is_set():
                     choice.emit(finish_reason="cancelled")
+                    self.stats["cancelled_samples"] += 1
                 elif choice.key == key and len(batch) < self.max_batch:
                     batch.append(choice)
                 else:
@@ -265,4 +269,4 @@ class Engine:
         for choice in batch:
             if not choice.done:
                 choice.emit(choice.matcher.flush(), "length")
-        self.stats["cancelled_samples"] += sum(c.request.cancelled.is_set() for c in batch)
+        self.stats["cancelled_samples"] += sum(c.finish_reason == "cancelled" for c in batch)
