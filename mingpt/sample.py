@@ -75,8 +75,9 @@ class StreamPrinter:
             self.on_text(row, None, None)
 
 
-def write_and_print(model, tokenizer, layout, args, out=sys.stdout):
+def write_and_print(model, tokenizer, layout, args, out=None):
     """Samples for args (write_samples' arguments), printed one per line, streamed with args.stream."""
+    out = out or sys.stdout
     options = (args.start, args.sentiment, args.num_samples, args.max_new_tokens, args.temperature,
                args.top_k, args.top_p, args.seed, args.sampler)
     if not args.stream:
@@ -88,8 +89,9 @@ def write_and_print(model, tokenizer, layout, args, out=sys.stdout):
     printer.end()
 
 
-def interactive(model, tokenizer, layout, args, parser, lines=sys.stdin, out=sys.stdout):
+def interactive(model, tokenizer, layout, args, parser, lines=None, out=None):
     """The prompt loop of --interactive: each line is a prompt, or a `:command`."""
+    lines, out = lines or sys.stdin, out or sys.stdout
     args.stream, parser.exit_on_error = True, False  # a bad value is reported, and the loop goes on
     out.write(f"mingpt interactive: a prompt per line; :pos :neg :auto, :{' :'.join(INTERACTIVE_FLAGS[1:])} VALUE, :quit\n")
     out.write("> ")
