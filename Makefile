@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test demo test bench
+.PHONY: install install-test browser demo test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,16 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH) ninja wheel "setuptools>=64"
 	$(BIN)/pip install --quiet --no-build-isolation -e .
 
-install-test: $(BIN)/python
+# Debian's Chromium and chromedriver for the browser test (tests/test_playground.py), skipped when
+# present; as root with apt-get (CI), else the test skips and says why (and fails under CI=true).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "make: chromium and chromium-driver are not installed and cannot be here (apt-get as root):" \
+	  "the browser test will skip" >&2; fi
+
+install-test: $(BIN)/python browser
 	$(BIN)/pip install --quiet $(TORCH) ninja wheel "setuptools>=64"
 	$(BIN)/pip install --quiet --no-build-isolation -e ".[test]"
 

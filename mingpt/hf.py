@@ -305,6 +305,17 @@ def load_pretrained(path: str, device="cpu", backend="auto", require_tokenizer=F
     return model.to(device).eval(), tokenizer, data
 
 
+def load_for_sampling(path: str, device="cpu"):
+    """(model in eval mode, tokenizer, data {layout, eos_token, source, ...}, checkpoint dict or None)
+    from a mingpt checkpoint (file or directory) or a Hugging Face GPT-2 directory with its tokenizer."""
+    if is_pretrained_dir(path):
+        model, tokenizer, data = load_pretrained(path, device=device, require_tokenizer=True)
+        return model, tokenizer, data, None
+    ckpt = load_checkpoint(path)
+    model, tokenizer = model_from_checkpoint(ckpt, path, device=device)
+    return model.eval(), tokenizer, ckpt["data"], ckpt
+
+
 # --- verification against transformers ---------------------------------------------------------
 
 @torch.no_grad()

@@ -2,12 +2,15 @@
 
 Samples print one per line. In the `review` layout each sample is <bos> <sentiment> start...
 and stops at its end token; --sentiment auto lets the model draw the sentiment token itself.
+--stream prints each sample character by character as it is written; --interactive reads
+prompts in a loop (`:pos`, `:neg`, `:auto` switch the sentiment, `:temperature 0.5` or any other
+sampling flag sets it for the next prompts, `:quit` or end of input stops).
 """
 import argparse
 import sys
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .hf import is_pretrained_dir, load_pretrained
+from .checkpoint import CheckpointError
+from .hf import load_for_sampling
 from .layouts import get_layout
 from .sampling import SAMPLERS, resolve_sampler, write_samples
 
@@ -29,28 +32,106 @@ def build_parser():
     p.add_argument("--sampler", choices=SAMPLERS, default="auto", help="decode loop")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--verbose", action="store_true", help="say which sampler ran and each sample's sentiment")
+    p.add_argument("--stream", action="store_true", help="print each sample character by character as it is written")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from standard input in a loop, streaming each answer (see above)")
     return p
 
 
+# The flags an --interactive line `:name value` may set between prompts.
+INTERACTIVE_FLAGS = ("sentiment", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
+
+
+class StreamPrinter:
+    """Prints the samples of one batch in order, each as it is written: the earliest unfinished sample
+    live, the later ones buffered until those before them have ended (so the output is the same
+    text as unstreamed)."""
+
+    def __init__(self, num_samples: int, verbose: bool, out):
+        self.pending, self.ended = [[] for _ in range(num_samples)], [False] * num_samples
+        self.verbose, self.out, self.current = verbose, out, 0
+
+    def write(self, text: str):
+        self.out.write(text)
+        self.out.flush()
+
+    def on_text(self, row: int, piece, sentiment: str):
+        if piece is None:
+            self.ended[row] = True
+        elif not self.pending[row] and self.verbose:
+            self.pending[row].append(f"[{sentiment}] ")
+        self.pending[row].append(piece or "")
+        while self.current < len(self.pending):
+            self.write("".join(self.pending[self.current]))
+            self.pending[self.current] = [""]  # printed; keeps the row marked as started
+            if not self.ended[self.current]:
+                break
+            self.write("\n")
+            self.current += 1
+
+    def end(self):
+        """Called once generation is done: the samples that ran out of tokens end here."""
+        for row in range(self.current, len(self.pending)):
+            self.on_text(row, None, None)
+
+
+def write_and_print(model, tokenizer, layout, args, out=None):
+    """Samples for args (write_samples' arguments), printed one per line, streamed with args.stream."""
+    out = out or sys.stdout
+    options = (args.start, args.sentiment, args.num_samples, args.max_new_tokens, args.temperature,
+               args.top_k, args.top_p, args.seed, args.sampler)
+    if not args.stream:
+        for sentiment, text in write_samples(model, tokenizer, layout, *options):
+            out.write(f"[{sentiment}] {text}\n" if args.verbose else f"{text}\n")
+        return
+    printer = StreamPrinter(args.num_samples, args.verbose, out)
+    write_samples(model, tokenizer, layout, *options, on_text=printer.on_text)
+    printer.end()
+
+
+def interactive(model, tokenizer, layout, args, parser, lines=None, out=None):
+    """The prompt loop of --interactive: each line is a prompt, or a `:command`."""
+    lines, out = lines or sys.stdin, out or sys.stdout
+    args.stream, parser.exit_on_error = True, False  # a bad value is reported, and the loop goes on
+    out.write(f"mingpt interactive: a prompt per line; :pos :neg :auto, :{' :'.join(INTERACTIVE_FLAGS[1:])} VALUE, :quit\n")
+    out.write("> ")
+    out.flush()
+    for line in lines:
+        line = line.rstrip("\n")
+        command, _, value = line[1:].partition(" ") if line.startswith(":") else (None, "", "")
+        try:
+            if command in ("quit", "q", "exit"):
+                break
+            if command in ("pos", "neg", "auto"):
+                args.sentiment = command
+            elif command in INTERACTIVE_FLAGS:
+                parser.parse_args([f"--{command}", value.strip()], namespace=args)
+            elif command is not None:
+                out.write(f"unknown command :{command}\n")
+            else:
+                args.start = line
+                write_and_print(model, tokenizer, layout, args, out)
+        except (ValueError, RuntimeError, argparse.ArgumentError) as e:
+            out.write(f"error: {e}\n")
+        out.write("> ")
+        out.flush()
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        if is_pretrained_dir(args.ckpt):
-            model, tokenizer, data = load_pretrained(args.ckpt, device=args.device, require_tokenizer=True)
+        model, tokenizer, data, _ = load_for_sampling(args.ckpt, device=args.device)
+        layout = get_layout(data["layout"])
+        if args.verbose:
+            print(f"sampler: {resolve_sampler(args.sampler, model)}; checkpoint {args.ckpt}", file=sys.stderr)
+        if args.interactive:
+            interactive(model.eval(), tokenizer, layout, args, parser)
         else:
-            ckpt = load_checkpoint(args.ckpt)
-            model, tokenizer = model_from_checkpoint(ckpt, args.ckpt, device=args.device)
-            data = ckpt["data"]
-        samples = write_samples(model.eval(), tokenizer, get_layout(data["layout"]),
-                                args.start, args.sentiment, args.num_samples, args.max_new_tokens,
-                                args.temperature, args.top_k, args.top_p, args.seed, args.sampler)
+            write_and_print(model.eval(), tokenizer, layout, args)
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"sample: error: {e}", file=sys.stderr)
         return 2
-    if args.verbose:
-        print(f"sampler: {resolve_sampler(args.sampler, model)}; checkpoint {args.ckpt}", file=sys.stderr)
-    for sentiment, text in samples:
-        print(f"[{sentiment}] {text}" if args.verbose else text)
     return 0
 
 

@@ -13,6 +13,8 @@ token's position changes when the window slides), so the cached samplers re-pref
 from the last window at each such step: the reference's logits at the reference's cost.
 """
 import dataclasses
+import queue
+import threading
 import warnings
 import weakref
 
@@ -215,30 +217,114 @@ def draw_sentiments(model, tokenizer, context_id: int, n: int, generator) -> lis
     return [names[i] for i in torch.multinomial(probs, n, replacement=True, generator=generator).tolist()]
 
 
-def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samples: int, max_new_tokens: int,
-                  temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto"):
-    """Returns [(sentiment, text)] for num_samples reviews of `layout` (mingpt.layouts) that begin with `start`."""
+class StopGeneration(Exception):
+    """Raised by a `generate` callback to end the generation after the column it was given."""
+
+
+class IncrementalDecoder:
+    """One sample's text as its tokens arrive: `feed(id)` returns only whole characters, never half a
+    UTF-8 sequence or half a BPE piece (a byte-level BPE token can end mid-character: its text is held
+    back until the character completes); special tokens read as nothing."""
+
+    def __init__(self, tokenizer, ids=()):
+        self.tokenizer, self.ids, self.sent = tokenizer, list(ids), len(tokenizer.decode(list(ids)))
+
+    def feed(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
+            return ""
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
+_DONE = object()
+
+
+def generate_stream(model, idx, max_new_tokens, **options):
+    """`generate` as an iterator over its new columns (one token id per row, each step as it is made);
+    closing the iterator early stops the generation at its next step. Options are generate's."""
+    columns, stop = queue.Queue(), threading.Event()
+
+    def callback(column):
+        if stop.is_set():
+            raise StopGeneration
+        columns.put(column)
+
+    def run():
+        try:
+            generate(model, idx, max_new_tokens, callback=callback, **options)
+        except StopGeneration:
+            pass
+        except BaseException as e:  # handed to the consumer's thread
+            columns.put(e)
+        columns.put(_DONE)
+
+    thread = threading.Thread(target=run, name="mingpt-generate-stream", daemon=True)
+    thread.start()
+    try:
+        while (item := columns.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def review_prompts(model, tokenizer, layout, start: str, sentiments, num_samples: int, generator=None):
+    """The prompt rows of num_samples reviews of `layout` that begin with `start`: (sentiment of each,
+    rows of token ids). sentiments is "pos", "neg", "auto" (the model draws each) or a list, one per row."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     try:
         start_ids = tokenizer.encode(start)
     except UnknownCharacterError as e:
         raise UnknownCharacterError(f"--start {start!r}: {e}") from None
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     context_id = tokenizer.token_id(layout.context_token)
-    sentiments = (draw_sentiments(model, tokenizer, context_id, num_samples, generator)
-                  if sentiment == "auto" else [sentiment] * num_samples)
-    prompts = [[context_id, tokenizer.token_id(SENTIMENT_TOKENS[s])] + start_ids for s in sentiments]
-    if len(prompts[0]) > model.config.block_size:
+    if sentiments == "auto":
+        sentiments = draw_sentiments(model, tokenizer, context_id, num_samples, generator)
+    elif isinstance(sentiments, str):
+        sentiments = [sentiments] * num_samples
+    if len(start_ids) + 2 > model.config.block_size:
         raise ValueError(f"--start is {len(start_ids)} tokens; with its 2 prefix tokens it must fit the "
                          f"block of {model.config.block_size}")
+    return sentiments, [[context_id, tokenizer.token_id(SENTIMENT_TOKENS[s])] + start_ids for s in sentiments]
+
+
+def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samples: int, max_new_tokens: int,
+                  temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto", on_text=None):
+    """Returns [(sentiment, text)] for num_samples reviews of `layout` (mingpt.layouts) that begin with `start`.
+
+    on_text(row, piece, sentiment), if given, receives each sample's text as it is written, in whole
+    characters: first `start`, then each new piece, then None when the sample reaches its end token;
+    a row's pieces add up to its returned text.
+    """
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    sentiments, prompts = review_prompts(model, tokenizer, layout, start, sentiment, num_samples, generator)
     idx = torch.tensor(prompts, dtype=torch.long, device=model.device)
     eos_id = tokenizer.token_id(layout.end_token)
+    callback = None
+    if on_text is not None:
+        decoders = [IncrementalDecoder(tokenizer, row[2:]) for row in prompts]
+        ended = [False] * num_samples
+        for row in range(num_samples):
+            on_text(row, start, sentiments[row])
+
+        def callback(column):
+            for row, token in enumerate(column):
+                if ended[row]:
+                    continue
+                ended[row] = token == eos_id
+                piece = None if ended[row] else decoders[row].feed(token)
+                if piece != "":
+                    on_text(row, piece, sentiments[row])
     out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=eos_id, seed=seed, sampler=sampler)
+                   eos_id=eos_id, seed=seed, sampler=sampler, callback=callback)
+    prompt_length = len(prompts[0]) - 2
     texts = []
     for row in out[:, 2:].tolist():
-        if eos_id in row[len(start_ids):]:
-            row = row[:row.index(eos_id, len(start_ids))]
+        if eos_id in row[prompt_length:]:
+            row = row[:row.index(eos_id, prompt_length)]
         texts.append(tokenizer.decode(row))
     return list(zip(sentiments, texts))

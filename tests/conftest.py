@@ -64,3 +64,60 @@ def book_data_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_ckpt(review_data_dir, tmp_path_factory):
+    """A tiny untrained model on the synthetic reviews' vocabulary, as a checkpoint directory."""
+    from mingpt.checkpoint import atomic_torch_save, make_checkpoint
+    from mingpt.config import GPTConfig
+    from mingpt.model import GPT
+    from mingpt.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(f"{review_data_dir}/tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size))
+    folder = tmp_path_factory.mktemp("serve_ckpt")
+    atomic_torch_save(make_checkpoint(model, tokenizer, {"layout": "review", "eos_token": "<eos>",
+                                                         "source": "synthetic reviews"}), str(folder / "ckpt.pt"))
+    return str(folder)
+
+
+class LiveServer:
+    """`python -m mingpt.serve`'s app and engine, served by uvicorn on a loopback port in a thread."""
+
+    def __init__(self, ckpt, *flags, start_engine=True):
+        import threading
+        import uvicorn
+        from mingpt.serve import build_parser, build_server
+        self.port = free_port()
+        args = build_parser().parse_args(["--ckpt", ckpt, "--port", str(self.port), *flags])
+        self.app, self.engine = build_server(args, start_engine=start_engine)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.close()
+
+
+@pytest.fixture(scope="session")
+def live_server(serve_ckpt):
+    pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install -e '.[serve]'")
+    server = LiveServer(serve_ckpt)
+    yield server
+    server.stop()

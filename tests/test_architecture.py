@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mingpt"
-ENTRY_POINTS = {"prepare", "train", "sample", "evaluate", "export", "bench"}
+ENTRY_POINTS = {"prepare", "train", "sample", "evaluate", "export", "bench", "serve"}
 MAX_FUNCTION_LINES = 60
 
 
