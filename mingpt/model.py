@@ -22,13 +22,11 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.layers = list(zip(self.keys, self.values))  # (keys, values) of each layer, views into the two
 
     @property
     def batch_size(self) -> int:
         return self.keys.shape[1]
-
-    def layer(self, i: int):
-        return self.keys[i], self.values[i]
 
 
 class LayerNorm(nn.Module):
@@ -179,7 +177,7 @@ class GPT(nn.Module):
         positions = self.transformer.wpe.weight[start:start + idx.shape[1]]
         x = ops.dropout(self.transformer.wte(idx) + positions, self.config.dropout, self.training)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, ops, None if cache is None else cache.layer(i), start)
+            x = block(x, ops, None if cache is None else cache.layers[i], start)
         logits = self.lm_head(self.transformer.ln_f(x, ops))
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss

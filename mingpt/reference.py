@@ -18,8 +18,7 @@ def split_heads(qkv, n_head: int):
     """q, k, v of shape (B, n_head, T, head_dim) from the fused (B, T, 3*C) projection."""
     check_qkv(qkv, n_head)
     B, T, C3 = qkv.shape
-    C = C3 // 3
-    return (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+    return qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def merge_heads(y):
