@@ -226,16 +226,16 @@ class IncrementalDecoder:
     UTF-8 sequence or half a BPE piece (a byte-level BPE token can end mid-character: its text is held
     back until the character completes); special tokens read as nothing."""
 
-    def __init__(self, tokenizer, ids=()):
-        self.tokenizer, self.ids, self.sent = tokenizer, list(ids), len(tokenizer.decode(list(ids)))
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pending = tokenizer, []  # the tokens of a character not yet complete
 
     def feed(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
             return ""
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
+        self.pending = []
+        return text
 
 
 _DONE = object()
@@ -306,7 +306,7 @@ def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samp
     eos_id = tokenizer.token_id(layout.end_token)
     callback = None
     if on_text is not None:
-        decoders = [IncrementalDecoder(tokenizer, row[2:]) for row in prompts]
+        decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
         ended = [False] * num_samples
         for row in range(num_samples):
             on_text(row, start, sentiments[row])

@@ -241,7 +241,7 @@ class Engine:
         for choice in batch:
             choice.prompt_ids = ([self.context_id, self.tokenizer.token_id(SENTIMENT_TOKENS[choice.sentiment])]
                                  + choice.start_ids)
-            choice.decoder = IncrementalDecoder(self.tokenizer, choice.start_ids)
+            choice.decoder = IncrementalDecoder(self.tokenizer)
 
     def _run_batch(self, batch):
         settings = batch[0].request.settings

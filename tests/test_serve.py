@@ -234,6 +234,8 @@ def test_load_50_concurrent_streaming_clients_without_an_error(live_server):
                                 timeout=60)
     summary = summarize(results, wall)
     assert summary["requests"] == 100 and summary["errors"] == 0, [r.error for r in results if r.error][:3]
-    assert all(r.done and r.first_char_s is not None for r in results)
+    # the untrained test model may end a review at its first token: such a stream has no first character
+    assert all(r.done and (r.first_char_s is not None) == (r.chars > 0) for r in results)
+    assert summary["chars"] > 0
     assert wall < 60
     assert stream_completion("127.0.0.1", live_server.port, body).error is None  # still serving
