@@ -272,6 +272,17 @@ def generate_stream(model, idx, max_new_tokens, **options):
         thread.join()
 
 
+def check_prompt_fits(model, start_ids: list, what: str):
+    if len(start_ids) + 2 > model.config.block_size:
+        raise ValueError(f"{what} is {len(start_ids)} tokens; with its 2 prefix tokens it must fit the "
+                         f"block of {model.config.block_size}")
+
+
+def prompt_row(tokenizer, layout, sentiment: str, start_ids: list) -> list:
+    """A review's prompt: the layout's context token, the sentiment token, then the start of its text."""
+    return [tokenizer.token_id(layout.context_token), tokenizer.token_id(SENTIMENT_TOKENS[sentiment])] + start_ids
+
+
 def review_prompts(model, tokenizer, layout, start: str, sentiments, num_samples: int, generator=None):
     """The prompt rows of num_samples reviews of `layout` that begin with `start`: (sentiment of each,
     rows of token ids). sentiments is "pos", "neg", "auto" (the model draws each) or a list, one per row."""
@@ -286,10 +297,8 @@ def review_prompts(model, tokenizer, layout, start: str, sentiments, num_samples
         sentiments = draw_sentiments(model, tokenizer, context_id, num_samples, generator)
     elif isinstance(sentiments, str):
         sentiments = [sentiments] * num_samples
-    if len(start_ids) + 2 > model.config.block_size:
-        raise ValueError(f"--start is {len(start_ids)} tokens; with its 2 prefix tokens it must fit the "
-                         f"block of {model.config.block_size}")
-    return sentiments, [[context_id, tokenizer.token_id(SENTIMENT_TOKENS[s])] + start_ids for s in sentiments]
+    check_prompt_fits(model, start_ids, "--start")
+    return sentiments, [prompt_row(tokenizer, layout, s, start_ids) for s in sentiments]
 
 
 def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samples: int, max_new_tokens: int,

@@ -20,8 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .sampling import IncrementalDecoder, StopGeneration, draw_sentiments, generate, resolve_sampler
-from .tokenizer import SENTIMENT_TOKENS
+from .sampling import (IncrementalDecoder, StopGeneration, check_prompt_fits, draw_sentiments, generate, prompt_row,
+                       resolve_sampler)
 
 SENTIMENTS = ("pos", "neg", "auto")
 
@@ -160,9 +160,7 @@ class Engine:
     def encode(self, text: str) -> list:
         """A prompt's token ids; ValueError (UnknownCharacterError among them) if it cannot be one."""
         ids = self.tokenizer.encode(text)
-        if len(ids) + 2 > self.model.config.block_size:
-            raise ValueError(f"the prompt is {len(ids)} tokens; with its 2 prefix tokens it must fit the "
-                             f"block of {self.model.config.block_size}")
+        check_prompt_fits(self.model, ids, "the prompt")
         return ids
 
     def submit(self, request: Request):
@@ -239,8 +237,7 @@ class Engine:
                         self.model, self.tokenizer, self.context_id, len(auto), generator)):
                     choice.sentiment = sentiment
         for choice in batch:
-            choice.prompt_ids = ([self.context_id, self.tokenizer.token_id(SENTIMENT_TOKENS[choice.sentiment])]
-                                 + choice.start_ids)
+            choice.prompt_ids = prompt_row(self.tokenizer, self.layout, choice.sentiment, choice.start_ids)
             choice.decoder = IncrementalDecoder(self.tokenizer)
 
     def _run_batch(self, batch):
