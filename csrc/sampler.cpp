@@ -93,7 +93,7 @@ class KVSampler {
 
 void init_sampler(py::module& m) {
   using mingpt::sampler::KVSampler;
-  m.attr("SAMPLER_VERSION") = 2;  // bump with any change to KVSampler's interface (see mingpt/sampling.py)
+  m.attr("SAMPLER_VERSION") = 3;  // bump with any change to KVSampler's interface (see mingpt/sampling.py)
   py::class_<KVSampler>(m, "KVSampler",
                         "A GPT's weights packed for the KV-cached sampler; build once, generate many times.")
       .def(py::init<const std::map<std::string, torch::Tensor>&, const py::dict&>(), py::arg("weights"),
@@ -107,7 +107,7 @@ void init_sampler(py::module& m) {
            "Continue each row of idx (int64, (batch, prompt_length <= block_size)) by up to max_new_tokens; a "
            "row that emits eos_id is padded with it, and the call stops when every row has. temperature 0 is "
            "greedy; top_k 0 and top_p 1 disable those filters. callback(tokens) gets each new column as a "
-           "list. With record_logits, returns (tokens, logits of shape (batch, steps, vocab)), NaN for rows "
+           "list and may return row indices to stop after it (padded with eos_id from then on). With record_logits, returns (tokens, logits of shape (batch, steps, vocab)), NaN for rows "
            "already finished.")
       .def_property_readonly("packed_bytes", &KVSampler::packed_bytes, "bytes of packed weights held");
 }

@@ -39,6 +39,7 @@ Generation::Generation(const PackedGPT& model, const torch::Tensor& idx, int max
     rngs_.push_back(sample_stream(seed, s));
   }
   next_.assign(batch_, 0);
+  retired_.assign(batch_, false);
   rows_.tokens.reserve(max_step_rows(c_.block_size, batch_, length_, max_new));
   pickers_.assign(n_threads, TokenPicker(c_.vocab_size, forward_.padded_vocab()));
   set_rows(/*prefill=*/true);
@@ -62,6 +63,19 @@ std::exception_ptr Generation::run(const py::object& callback) {
     }
   }
   return callback_error_;
+}
+
+// A callback's answer: None, or the rows to stop after this column (padded with eos_id from then on).
+void Generation::retire(const py::object& rows) {
+  if (rows.is_none()) return;
+  for (const py::handle row : rows) {
+    TORCH_CHECK_VALUE(py::isinstance<py::int_>(row) && !py::isinstance<py::bool_>(row),
+                      "generate: a callback returns None or row indices, got an item ", py::repr(row).cast<std::string>());
+    const int64_t s = row.cast<int64_t>();
+    TORCH_CHECK_VALUE(s >= 0 && s < batch_, "generate: a callback returned row ", s, ", outside [0, ", batch_, ")");
+    TORCH_CHECK_VALUE(opt_.eos_id >= 0, "generate: a callback retired rows, but there is no eos_id to pad them with");
+    retired_[s] = true;
+  }
 }
 
 torch::Tensor Generation::tokens() const {
@@ -105,12 +119,13 @@ void Generation::advance(const py::object& callback) {
     try {
       py::list column;
       for (int s = 0; s < batch_; ++s) column.append(tokens_[size_t(s) * stride_ + length_ - 1]);
-      callback(column);
+      retire(callback(column));
     } catch (...) {
       callback_error_ = std::current_exception();
     }
   }
-  active.erase(std::remove_if(active.begin(), active.end(), [this](int s) { return next_[s] == opt_.eos_id; }),
+  active.erase(std::remove_if(active.begin(), active.end(),
+                              [this](int s) { return next_[s] == opt_.eos_id || retired_[s]; }),
                active.end());
   stop_ = step_ == max_new_ || active.empty() || callback_error_ != nullptr;
   if (!stop_) set_rows(/*prefill=*/false);

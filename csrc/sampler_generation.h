@@ -34,6 +34,7 @@ class Generation {
  private:
   void set_rows(bool prefill);
   void advance(const pybind11::object& callback);
+  void retire(const pybind11::object& rows);
 
   const ModelConfig& c_;
   const SamplingOptions opt_;
@@ -45,6 +46,7 @@ class Generation {
 
   std::vector<int64_t> tokens_;  // batch x stride: prompt, then the picked tokens
   std::vector<int64_t> next_;
+  std::vector<bool> retired_;  // rows the callback stopped
   std::vector<std::mt19937_64> rngs_;
   StepRows rows_;  // this step's input; rows_.samples: the samples still generating
   ForwardStep forward_;

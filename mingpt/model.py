@@ -28,6 +28,11 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
+    def keep_rows(self, rows: torch.Tensor):
+        """Drop every sequence but `rows` (indices into the batch, in their new order)."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        self.layers = list(zip(self.keys, self.values))
+
 
 class LayerNorm(nn.Module):
     def __init__(self, ndim: int, bias: bool, eps: float):

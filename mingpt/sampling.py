@@ -26,7 +26,7 @@ from .tokenizer import SENTIMENT_TOKENS, UnknownCharacterError
 SAMPLERS = ("auto", "reference", "kvcache", "cached")
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 2
+SAMPLER_VERSION = 3
 
 
 def check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, eos_id=None):
@@ -72,19 +72,39 @@ def pick_next(logits, temperature, top_k, top_p, generator):
 
 
 def _decode_loop(next_logits, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback):
-    """The loop every Python sampler shares; next_logits(idx) gives each row's next-token logits."""
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    """The loop every Python sampler shares. next_logits(seq, kept) gives the next-token logits of the
+    running rows `seq` (kept: which rows of the previous call's seq still run, None if all do); rows
+    that end (eos_id, or retired by the callback) are padded with eos_id and no longer computed."""
+    running = torch.arange(idx.shape[0], device=idx.device)
+    kept = None
     for _ in range(max_new_tokens):
-        next_id = pick_next(next_logits(idx), temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
-            finished |= next_id.squeeze(1) == eos_id
-        idx = torch.cat([idx, next_id], dim=1)
+        picked = pick_next(next_logits(idx[running], kept), temperature, top_k, top_p, generator).squeeze(1)
+        column = torch.full_like(idx[:, 0], -1 if eos_id is None else eos_id).index_copy(0, running, picked)
+        idx = torch.cat([idx, column.unsqueeze(1)], dim=1)
+        ended = picked == eos_id if eos_id is not None else torch.zeros_like(running, dtype=torch.bool)
         if callback is not None:
-            callback(next_id.squeeze(1).tolist())
-        if eos_id is not None and bool(finished.all()):
+            retired = check_retired_rows(callback(column.tolist()), idx.shape[0], eos_id)
+            ended |= torch.isin(running, torch.tensor(retired, dtype=torch.long, device=idx.device))
+        if bool(ended.any()):
+            kept = (~ended).nonzero().squeeze(1)
+            running = running[kept]
+        else:
+            kept = None
+        if running.numel() == 0:
             break
     return idx
+
+
+def check_retired_rows(retired, batch: int, eos_id) -> list:
+    """A callback's answer: None, or the rows (indices into the batch) to stop after this column."""
+    if retired is None:
+        return []
+    retired = list(retired)
+    if any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < batch for r in retired):
+        raise ValueError(f"a generate callback returns None or row indices in [0, {batch}), got {retired}")
+    if retired and eos_id is None:
+        raise ValueError("a generate callback retired rows, but there is no eos_id to pad them with")
+    return retired
 
 
 @torch.no_grad()
@@ -92,7 +112,7 @@ def reference_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
                        eos_id=None, generator=None, callback=None):
     """The plain loop: re-run the whole (cropped) context for every new token."""
     block_size = model.config.block_size
-    return _decode_loop(lambda seq: model(seq[:, -block_size:])[0][:, -1, :], idx, max_new_tokens,
+    return _decode_loop(lambda seq, kept: model(seq[:, -block_size:])[0][:, -1, :], idx, max_new_tokens,
                         temperature, top_k, top_p, eos_id, generator, callback)
 
 
@@ -104,7 +124,9 @@ def kvcache_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, to
     cache = model.new_cache(idx.shape[0])
     prompt_length = idx.shape[1]
 
-    def next_logits(seq):
+    def next_logits(seq, kept):
+        if kept is not None:
+            cache.keep_rows(kept)
         length = seq.shape[1]
         if length == prompt_length or length > block:  # the prompt, or a slid window: prefill
             return model(seq[:, -block:], cache=cache)[0][:, -1]
@@ -183,7 +205,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
              seed=None, sampler="auto", callback=None):
     """Continue each prompt row of idx; rows that emit eos_id are padded with it afterwards.
 
-    callback, if given, receives each new column of tokens as a list (one id per row).
+    callback, if given, receives each new column of tokens as a list (one id per row; rows that have
+    ended show eos_id); it may return row indices to stop after that column (a client went away):
+    they are padded with eos_id like rows that emitted it, and no longer computed.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")

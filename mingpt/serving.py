@@ -8,8 +8,8 @@ callback that fans each new column of tokens out to the requests' streams.
 - Text leaves in whole characters (`sampling.IncrementalDecoder`), with stop strings held back until
   they can no longer match.
 - The queue is bounded (`max_queue` waiting samples): `submit` raises QueueFull beyond it.
-- A cancelled request (its client went away) stops its samples at the next step, and a batch whose
-  samples have all ended stops there.
+- A sample that has ended (end token, stop string, max_tokens, or its client went away) leaves its
+  batch at that step: the callback retires its row, which is no longer computed.
 """
 import collections
 import dataclasses
@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .sampling import (IncrementalDecoder, StopGeneration, check_prompt_fits, draw_sentiments, generate, prompt_row,
+from .sampling import (IncrementalDecoder, check_prompt_fits, draw_sentiments, generate, prompt_row,
                        resolve_sampler)
 
 SENTIMENTS = ("pos", "neg", "auto")
@@ -244,12 +244,11 @@ class Engine:
         settings = batch[0].request.settings
 
         def callback(column):
-            for choice, token in zip(batch, column):
-                if not choice.done:
-                    choice.step(token, self.eos_id)
-            self.stats["tokens"] += len(column)
-            if all(choice.done for choice in batch):
-                raise StopGeneration
+            running = [(choice, token) for choice, token in zip(batch, column) if not choice.done]
+            for choice, token in running:
+                choice.step(token, self.eos_id)
+            self.stats["tokens"] += len(running)
+            return [row for row, choice in enumerate(batch) if choice.done]
 
         try:
             self._prepare(batch)
@@ -257,8 +256,6 @@ class Engine:
             generate(self.model, idx, max(c.request.max_tokens for c in batch), temperature=settings.temperature,
                      top_k=settings.top_k, top_p=settings.top_p, eos_id=self.eos_id, seed=settings.seed,
                      sampler=self.sampler, callback=callback)
-        except StopGeneration:
-            pass
         except Exception as e:  # a sample that cannot be made ends with the reason; the worker goes on
             for choice in batch:
                 if not choice.done:

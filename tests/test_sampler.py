@@ -151,6 +151,48 @@ def test_callback_streams_every_column_and_its_errors_stop_the_run():
 
 
 @requires_cached
+@pytest.mark.parametrize("name", ["cached", "kvcache", "reference"])
+def test_rows_a_callback_retires_are_padded_and_no_longer_computed(name):
+    model = spread_model("odd")
+    eos = model.config.vocab_size - 1
+    idx = torch.randint(eos, (3, 4), generator=torch.Generator().manual_seed(5))
+    expected = generate(model, idx, 12, temperature=0, sampler=name)
+    assert (expected[:, 4:] != eos).all(), "the case needs rows that run to max_new_tokens"
+    batch_sizes = []
+    model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    columns = []
+
+    def retire_row_1_after_three(column):
+        columns.append(column)
+        return [1] if len(columns) == 3 else None
+
+    out = generate(model, idx, 12, temperature=0, eos_id=eos, sampler=name, callback=retire_row_1_after_three)
+    assert torch.equal(out[[0, 2]], expected[[0, 2]])
+    assert torch.equal(out[1, :7], expected[1, :7]) and (out[1, 7:] == eos).all()
+    assert [column[1] for column in columns[3:]] == [eos] * 9
+    if name != "cached":  # the Python loops call the model once a step, with the running rows only
+        assert batch_sizes == [3] * 3 + [2] * 9
+    else:  # the compiled sampler records no logits for a row that no longer runs
+        columns.clear()
+        _, logits = packed_sampler(model).generate(idx, 12, temperature=0, eos_id=eos,
+                                                   callback=retire_row_1_after_three, record_logits=True)
+        assert not logits[[0, 2]].isnan().any() and not logits[1, :3].isnan().any()
+        assert logits[1, 3:].isnan().all()
+
+
+@requires_cached
+@pytest.mark.parametrize("name", ["cached", "kvcache", "reference"])
+@pytest.mark.parametrize("answer, eos_id, message", [
+    (["a"], 0, "row indices"), ([3], 0, "row 3|row indices"), ([True], 0, "row indices"),
+    ([0], None, "no eos_id to pad")])
+def test_a_callback_answer_that_names_no_row_is_a_value_error(name, answer, eos_id, message):
+    model = spread_model("odd")
+    with pytest.raises(ValueError, match=message):
+        generate(model, torch.zeros((3, 2), dtype=torch.long), 5, sampler=name, eos_id=eos_id,
+                 callback=lambda column: answer)
+
+
+@requires_cached
 def test_packed_weights_are_reused_until_a_parameter_changes():
     model = spread_model("odd")
     idx = torch.zeros((1, 1), dtype=torch.long)

@@ -119,6 +119,33 @@ def test_the_engine_batches_and_a_cancelled_request_stops(serve_ckpt):
     assert sum(e.tokens for e in events["a"] if e.finish_reason) <= 4
 
 
+def test_a_sample_that_ends_leaves_the_batch_at_once(serve_ckpt):
+    from mingpt.serving import Engine, Request, Settings
+    model, tokenizer = load_model(serve_ckpt)
+    engine = Engine(model, tokenizer, get_layout("review"), sampler="kvcache", start=False)
+    batch_sizes = []
+    model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    events = {"gone": [], "short": [], "long": []}
+    requests = {name: Request([engine.encode("难看")], events[name].append, max_tokens=max_tokens,
+                              settings=Settings(temperature=0.0), sentiment="neg")
+                for name, max_tokens in [("gone", 50), ("short", 3), ("long", 50)]}
+    requests["gone"].sink = lambda e: (events["gone"].append(e), requests["gone"].cancel())
+    for request in requests.values():
+        engine.submit(request)
+    engine.start()
+    deadline = time.monotonic() + 30
+    while not all(any(e.finish_reason for e in sample) for sample in events.values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    engine.close()
+    finish = {name: [e.finish_reason for e in sample if e.finish_reason] for name, sample in events.items()}
+    assert finish == {"gone": ["cancelled"], "short": ["length"], "long": [finish["long"][0]]}
+    long_tokens = sum(e.tokens for e in events["long"] if e.finish_reason)
+    assert long_tokens > 10, "the case needs a sample that runs on after the others end"
+    # three rows until the client goes (its second token) and the short one ends (its third), then one
+    assert batch_sizes[0] == 3 and set(batch_sizes[3:]) == {1}
+
+
 def test_stop_strings_are_cut_and_held_back():
     from mingpt.serving import StopMatcher
     matcher = StopMatcher(["难看", "。"])
