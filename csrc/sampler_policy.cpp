@@ -1,6 +1,7 @@
 #include "sampler_policy.h"
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 
 #include "sampler_math.h"
@@ -14,8 +15,52 @@ std::mt19937_64 sample_stream(uint64_t seed, int sample) {
 }
 
 TokenPicker::TokenPicker(int vocab_size, int padded_vocab)
-    : vocab_size_(vocab_size), padded_vocab_(padded_vocab), scaled_(padded_vocab), weights_(padded_vocab),
-      kth_(vocab_size), order_(vocab_size) {}
+    : vocab_size_(vocab_size), padded_vocab_(padded_vocab), shaped_(vocab_size), second_(vocab_size),
+      scaled_(padded_vocab), weights_(padded_vocab), kth_(vocab_size), order_(vocab_size), seen_(vocab_size, 0) {}
+
+void TokenPicker::log_softmax(const float* logits, float* out) {
+  const float top = *std::max_element(logits, logits + vocab_size_);
+  double total = 0.0;
+  for (int v = 0; v < vocab_size_; ++v) total += std::exp(double(logits[v] - top));
+  const float log_total = float(std::log(total));
+  for (int v = 0; v < vocab_size_; ++v) out[v] = logits[v] - top - log_total;
+}
+
+// Each distinct token of the history once, as torch's gather/scatter does.
+void TokenPicker::penalize_repetition(const int64_t* history, int history_length, float penalty, float* z) {
+  for (int i = 0; i < history_length; ++i) {
+    const int64_t t = history[i];
+    if (seen_[t]) continue;
+    seen_[t] = 1;
+    z[t] = z[t] > 0 ? z[t] / penalty : z[t] * penalty;
+  }
+  for (int i = 0; i < history_length; ++i) seen_[history[i]] = 0;
+}
+
+void ban_repeated_ngrams(const int64_t* history, int length, int n, float* z) {
+  if (length + 1 < n) return;
+  const int64_t* prefix = history + length - (n - 1);
+  for (int i = 0; i + n <= length; ++i)
+    if (std::equal(history + i, history + i + n - 1, prefix)) z[history[i + n - 1]] = kNegInf;
+}
+
+// The logits after guidance, repetition penalty and n-gram bans: `logits` itself when all are off.
+const float* TokenPicker::shape(const float* logits, const float* second, const int64_t* history,
+                                int history_length, const SamplingOptions& opt) {
+  const bool penalized = opt.repetition_penalty != 1.0f, banning = opt.no_repeat_ngram_size > 0;
+  if (second == nullptr && !penalized && !banning) return logits;
+  float* z = shaped_.data();
+  if (second != nullptr) {
+    log_softmax(logits, z);
+    log_softmax(second, second_.data());
+    for (int v = 0; v < vocab_size_; ++v) z[v] = second_[v] + opt.guidance * (z[v] - second_[v]);
+  } else {
+    std::copy(logits, logits + vocab_size_, z);
+  }
+  if (penalized) penalize_repetition(history, history_length, opt.repetition_penalty, z);
+  if (banning) ban_repeated_ngrams(history, history_length, opt.no_repeat_ngram_size, z);
+  return z;
+}
 
 // Logits below the k-th largest become -inf.
 void TokenPicker::keep_top_k(float* z, int top_k) {
@@ -46,8 +91,10 @@ double TokenPicker::keep_top_p(const float* z, float* w, double top_p) {
   return total;
 }
 
-int64_t TokenPicker::pick(const float* logits, const SamplingOptions& opt, std::mt19937_64& rng) {
+int64_t TokenPicker::pick(const float* raw_logits, const float* second, const int64_t* history, int history_length,
+                          const SamplingOptions& opt, std::mt19937_64& rng) {
   const int V = vocab_size_;
+  const float* logits = shape(raw_logits, second, history, history_length, opt);
   if (opt.temperature == 0.0f) return std::max_element(logits, logits + V) - logits;
   float* z = scaled_.data();
   for (int v = 0; v < V; ++v) z[v] = logits[v] / opt.temperature;

@@ -19,6 +19,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from .logit_controls import LogitControls
+from .sampling import SAMPLING_DEFAULTS
 from .serving import EngineStopped, QueueFull, Request, Settings
 from .tokenizer import UnknownCharacterError
 
@@ -42,13 +44,14 @@ class BadRequest(Exception):
 
 
 class CompletionBody(BaseModel):
-    """The fields of OpenAI's completions request that mingpt serves, plus sentiment and top_k."""
+    """The fields of OpenAI's completions request that mingpt serves, plus sentiment, top_k and the
+    sampling controls of mingpt.logit_controls."""
     model_config = ConfigDict(strict=True, extra="ignore")
     model: Optional[str] = None
     prompt: Union[str, List[str]] = ""
     max_tokens: Optional[int] = Field(None, ge=0)
-    temperature: float = Field(0.8, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
+    temperature: float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=2)
+    top_p: Optional[float] = Field(SAMPLING_DEFAULTS["top_p"], gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)
     n: int = Field(1, ge=1)
     stop: Union[None, str, List[str]] = None
@@ -58,6 +61,10 @@ class CompletionBody(BaseModel):
     echo: bool = False
     logprobs: Optional[int] = None
     sentiment: Literal["pos", "neg", "auto"] = "auto"
+    guidance: float = Field(SAMPLING_DEFAULTS["guidance"], ge=0, le=20)
+    guide_against: Literal["opposite", "none"] = "opposite"
+    repetition_penalty: float = Field(1.0, gt=0, le=20)
+    no_repeat_ngram_size: int = Field(0, ge=0)
 
 
 def error_body(message: str, param=None, kind="invalid_request_error") -> dict:
@@ -109,6 +116,11 @@ async def read_body(http: HTTPRequest, limits: Limits) -> CompletionBody:
         raise BadRequest(f"{param}: {first['msg']}", param) from None
 
 
+def settings(body: CompletionBody) -> Settings:
+    controls = LogitControls(body.guidance, body.repetition_penalty, body.no_repeat_ngram_size)
+    return Settings(body.temperature, body.top_k or None, body.top_p, body.seed, controls, body.guide_against)
+
+
 class Completion:
     """One request in flight: the engine's events arrive on an asyncio queue of the server's loop."""
 
@@ -124,8 +136,7 @@ class Completion:
         self.events, loop = asyncio.Queue(), asyncio.get_running_loop()
         self.request = Request(ids, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
                                n=body.n, max_tokens=limits.default_max_tokens if body.max_tokens is None
-                               else body.max_tokens, settings=Settings(body.temperature, body.top_k or None,
-                                                                       body.top_p, body.seed),
+                               else body.max_tokens, settings=settings(body),
                                sentiment=body.sentiment, stop=stops)
         self.prompts = [p for p in prompts for _ in range(body.n)]
         try:

@@ -9,6 +9,7 @@ run here says why instead of giving a number.
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import resource
 import statistics
@@ -100,9 +101,11 @@ def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batc
     return step, model
 
 
-def make_sampler_run(model, sampler: str, num_samples: int, new_tokens: int, device):
+def make_sampler_run(model, sampler: str, num_samples: int, new_tokens: int, device, guidance=1.0):
+    """Guided, each sample also runs under a second prompt (another first token): twice the rows."""
     idx = torch.zeros((num_samples, 1), dtype=torch.long, device=device)
-    return lambda: generate(model, idx, new_tokens, temperature=1.0, seed=0, sampler=sampler)
+    return lambda: generate(model, idx, new_tokens, temperature=1.0, seed=0, sampler=sampler, guidance=guidance,
+                            guidance_idx=idx + 1)
 
 
 def op_inputs(op: str, preset: str, vocab_size: int, batch_size: int, device):
@@ -191,18 +194,18 @@ def bench_training(args, device, peaks) -> list:
 def bench_sampling(args, device) -> list:
     rows, configs = [], {}
     model = bench_model(args.preset, args.vocab_size, device).eval()
-    for sampler in (s for s in SAMPLERS if s != "auto"):
-        for num_samples in (1, 10):
-            try:
-                run = make_sampler_run(model, sampler, num_samples, args.new_tokens, device)
-                run()
-            except (RuntimeError, ValueError) as e:
-                rows.append(Row("sample", sampler, "float32", num_samples, note=f"skipped: {e}"))
-                continue
-            configs[(sampler, num_samples)] = run
-    for (sampler, num_samples), seconds in run_rounds(configs, args.rounds, 1, device).items():
+    for sampler, num_samples, guidance in itertools.product((s for s in SAMPLERS if s != "auto"), (1, 10), (1.0, 2.0)):
+        note = f"{args.new_tokens} new tokens" + (f", guidance {guidance:g}" if guidance != 1.0 else "")
+        try:
+            run = make_sampler_run(model, sampler, num_samples, args.new_tokens, device, guidance)
+            run()
+        except (RuntimeError, ValueError) as e:
+            rows.append(Row("sample", sampler, "float32", num_samples, note=f"skipped: {e}"))
+            continue
+        configs[(sampler, num_samples, note)] = run
+    for (sampler, num_samples, note), seconds in run_rounds(configs, args.rounds, 1, device).items():
         rows.append(Row("sample", sampler, "float32", num_samples, num_samples * args.new_tokens / seconds,
-                        seconds * 1e3, note=f"{args.new_tokens} new tokens"))
+                        seconds * 1e3, note=note))
     return rows
 
 

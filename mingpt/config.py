@@ -61,6 +61,7 @@ class TrainConfig:
     overwrite: bool = False
     init_from: Optional[str] = None
     balance: str = "auto"
+    sentiment_dropout: float = 0.0
     tensorboard: bool = False
     progress: bool = True
     threads: Optional[int] = None

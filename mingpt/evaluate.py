@@ -1,16 +1,20 @@
 """Measure a checkpoint: `python -m mingpt.evaluate --ckpt out/seed --data_dir data/movies`.
 
-Reports validation loss and perplexity, then writes N samples per prompt and measures them beside
-real held-out reviews of the same sentiment:
+Reports validation loss and perplexity, then writes N samples per prompt and sentiment (by default
+好看, 难看 and six prompts that carry no sentiment, each asked for both sentiments, at the sample
+CLI's default settings) and measures them beside real held-out reviews of the same sentiment:
   sentiment accuracy  share judged to have the asked sentiment by an independent classifier
                       (character 1-3-gram TF-IDF + logistic regression) trained on a labelled set the
                       generator did not train on; the judge's own accuracy on a test set is reported
   novelty             share of samples that copy no training review: neither equal to one nor
                       near-equal (Jaccard similarity of character 3-gram sets >= 0.8); reviews of
                       earlier stages (--pretrained_on) count as training reviews too
+  exact copies        share of samples equal to a training review
   distinct-1/2        unique character uni/bigrams over all uni/bigrams of the samples
+With --sweep_guidance and --sweep_temperature it prints the trade-off over that grid instead.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -24,9 +28,13 @@ from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .corpus import DataError, load_csv, load_embedded_corpus
 from .data import TokenData
 from .layouts import get_layout
-from .sampling import write_samples
+from .logit_controls import LogitControls
+from .sampling import add_sampling_flags, sampling_options, write_samples
 
 NEAR_COPY_JACCARD = 0.8
+# 好看 and 难看, then prompts that carry no sentiment of their own: subjects and opening phrases.
+NEUTRAL_PROMPTS = ("这部电影", "剧情", "演员", "导演", "我觉得", "看完之后")
+DEFAULT_PROMPTS = ",".join(("好看", "难看") + NEUTRAL_PROMPTS)
 DEFAULT_JUDGE_TRAIN = os.path.join("..", "shared", "data", "douban_comments_train.csv")
 DEFAULT_JUDGE_TEST = os.path.join("..", "shared", "data", "douban_comments_test.csv")
 
@@ -128,33 +136,68 @@ def load_judge_sets(train_path, test_path, generator_sources):
     return train[cut:], train[:cut], name, f"10% held out of {name}"
 
 
-def evaluate(model, tokenizer, data: TokenData, layout, prompts, judge, num_samples=50,
-             max_new_tokens=100, temperature=1.0, top_k=None, top_p=None, seed=0, sampler="auto",
-             earlier_data=()):
-    """The report as a dict: val loss, then per prompt the generated vs real held-out statistics.
-    `earlier_data`: TokenData of earlier training stages, whose reviews count as training reviews too."""
-    val_loss = validation_loss(model, data)
-    train_texts = [t for d in (data, *earlier_data) for _, t in d.review_texts("train")]
-    held_out = data.review_texts("val")
-    copies = CopyDetector(train_texts)
+class Reference:
+    """What samples are measured against: the judge, the training reviews of every stage (for copies),
+    and the real held-out reviews."""
+
+    def __init__(self, data: TokenData, judge, earlier_data=()):
+        self.judge = judge
+        self.copies = CopyDetector([t for d in (data, *earlier_data) for _, t in d.review_texts("train")])
+        self.held_out = data.review_texts("val")
+
+
+def measure_prompts(model, tokenizer, layout, prompts, reference: Reference, num_samples=50, max_new_tokens=100,
+                    seed=0, sampler="auto", **sampling):
+    """Per (start, sentiment): the samples' statistics beside those of real held-out reviews of that
+    sentiment. sampling: write_samples' keyword arguments (temperature, controls, ...)."""
     rng = random.Random(seed)
-    report = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "prompts": []}
+    rows = []
     for start, sentiment in prompts:
-        samples = write_samples(model, tokenizer, layout, start, sentiment, num_samples, max_new_tokens,
-                                temperature, top_k, top_p, seed, sampler)
+        samples = write_samples(model, tokenizer, layout, start, sentiment, num_samples, max_new_tokens, seed=seed,
+                                sampler=sampler, **sampling)
         texts = [text for _, text in samples]
-        real = [t for s, t in held_out if s == sentiment]
+        real = [t for s, t in reference.held_out if s == sentiment]
         real = rng.sample(real, min(len(real), num_samples))
-        generated_stats = statistics(texts, sentiment, judge, copies)
-        real_stats = statistics(real, sentiment, judge, copies)
-        report["prompts"].append({"start": start, "sentiment": sentiment, "generated": generated_stats,
-                                  "real_held_out": real_stats, "examples": texts[:5]})
-    return report
+        rows.append({"start": start, "sentiment": sentiment, "generated": statistics(texts, sentiment, reference),
+                     "real_held_out": statistics(real, sentiment, reference), "examples": texts[:5]})
+    return rows
 
 
-def statistics(texts, sentiment, judge, copies) -> dict:
-    return {"count": len(texts), "sentiment_accuracy": judge.agreement(texts, sentiment),
-            "novelty": copies.novelty(texts), "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+def evaluate(model, tokenizer, data: TokenData, layout, prompts, reference: Reference, **options):
+    """The report as a dict: val loss, then per prompt the generated vs real held-out statistics
+    (options: measure_prompts')."""
+    val_loss = validation_loss(model, data)
+    return {"val_loss": val_loss, "perplexity": math.exp(val_loss),
+            "prompts": measure_prompts(model, tokenizer, layout, prompts, reference, **options)}
+
+
+def sweep(model, tokenizer, layout, prompts, reference: Reference, guidances, temperatures,
+          controls=LogitControls(), **options):
+    """The trade-off over guidance x temperature: per pair, the worst prompt's judged-sentiment margin
+    over real reviews, the lowest novelty, and distinct-2 against real reviews'."""
+    rows = []
+    for guidance in guidances:
+        for temperature in temperatures:
+            measured = measure_prompts(model, tokenizer, layout, prompts, reference, temperature=temperature,
+                                       controls=dataclasses.replace(controls, guidance=guidance), **options)
+            gen = [m["generated"] for m in measured]
+            real = [m["real_held_out"] for m in measured]
+            rows.append({"guidance": guidance, "temperature": temperature,
+                         "min_sentiment_margin": min(g["sentiment_accuracy"] - r["sentiment_accuracy"]
+                                                     for g, r in zip(gen, real)),
+                         "mean_sentiment_accuracy": float(np.mean([g["sentiment_accuracy"] for g in gen])),
+                         "min_novelty": min(g["novelty"] for g in gen),
+                         "distinct_2_ratio": float(np.mean([g["distinct_2"] / r["distinct_2"]
+                                                            for g, r in zip(gen, real) if r["distinct_2"]])),
+                         "mean_length": float(np.mean([g["mean_length"] for g in gen]))})
+    return rows
+
+
+def statistics(texts, sentiment, reference: Reference) -> dict:
+    return {"count": len(texts), "sentiment_accuracy": reference.judge.agreement(texts, sentiment),
+            "novelty": reference.copies.novelty(texts),
+            "exact_copies": sum(t in reference.copies.exact for t in texts) / len(texts) if texts else 0.0,
+            "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
             "mean_length": float(np.mean([len(t) for t in texts])) if texts else 0.0}
 
 
@@ -162,27 +205,50 @@ def print_report(report, file=sys.stdout):
     print(f"judge: trained on {report['judge']['train']}, accuracy {report['judge']['test_accuracy']:.1%} "
           f"on {report['judge']['test']}", file=file)
     print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.1f}", file=file)
-    print(f"{'prompt':<14}{'metric':<20}{'generated':>10}{'real':>10}{'difference':>12}", file=file)
+    print(f"{'prompt':<16}{'metric':<20}{'generated':>10}{'real':>10}{'difference':>12}", file=file)
     for p in report["prompts"]:
         label = f"{p['start']} ({p['sentiment']})"
-        for metric in ("sentiment_accuracy", "novelty", "distinct_1", "distinct_2", "mean_length"):
+        for metric in ("sentiment_accuracy", "novelty", "exact_copies", "distinct_1", "distinct_2", "mean_length"):
             g, r = p["generated"][metric], p["real_held_out"][metric]
             if metric == "mean_length":
                 cells = f"{g:>10.1f}{r:>10.1f}{g - r:>+12.1f}"
             else:
                 cells = f"{g:>10.1%}{r:>10.1%}{100 * (g - r):>+10.1f}pp"
-            print(f"{label:<14}{metric:<20}{cells}", file=file)
+            print(f"{label:<16}{metric:<20}{cells}", file=file)
             label = ""
 
 
-def parse_prompts(text: str):
+def print_sweep(rows, file=sys.stdout):
+    print(f"{'guidance':>8}{'temperature':>12}{'min sentiment margin':>22}{'mean sentiment':>16}"
+          f"{'min novelty':>13}{'distinct-2 / real':>19}{'mean length':>13}", file=file)
+    for r in rows:
+        print(f"{r['guidance']:>8g}{r['temperature']:>12g}{100 * r['min_sentiment_margin']:>+20.1f}pp"
+              f"{r['mean_sentiment_accuracy']:>16.1%}{r['min_novelty']:>13.1%}{r['distinct_2_ratio']:>19.2f}"
+              f"{r['mean_length']:>13.1f}", file=file)
+
+
+def parse_prompts(text: str, tokenizer=None):
+    """Comma-separated START (asked for both sentiments) or START:pos / START:neg; with a tokenizer,
+    a character outside its vocabulary is an error naming the prompt."""
     prompts = []
     for item in text.split(","):
-        start, _, sentiment = item.partition(":")
-        if sentiment not in ("pos", "neg"):
-            raise ValueError(f"prompt {item!r}: write START:pos or START:neg")
-        prompts.append((start, sentiment))
+        start, colon, sentiment = item.partition(":")
+        if colon and sentiment not in ("pos", "neg"):
+            raise ValueError(f"prompt {item!r}: write START, START:pos or START:neg")
+        if tokenizer is not None:
+            try:
+                tokenizer.encode(start)
+            except ValueError as e:
+                raise ValueError(f"prompt {start!r}: {e}; choose prompts with --prompts") from None
+        prompts.extend([(start, sentiment)] if colon else [(start, "pos"), (start, "neg")])
     return prompts
+
+
+def parse_floats(text: str, flag: str) -> list:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: write comma-separated numbers, got {text!r}") from None
 
 
 def build_parser():
@@ -191,14 +257,16 @@ def build_parser():
     p.add_argument("--ckpt", default="out", help="checkpoint file or directory")
     p.add_argument("--data_dir", required=True, help="the prepared data the checkpoint trained on (val split, "
                                                      "training reviews for novelty, real held-out reviews)")
-    p.add_argument("--prompts", default="好看:pos,难看:neg", help="comma-separated START:SENTIMENT pairs")
-    p.add_argument("--num_samples", type=int, default=50, help="samples per prompt")
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS,
+                   help="comma-separated START (both sentiments) or START:pos / START:neg (default: 好看, 难看 "
+                        "and six prompts that carry no sentiment, each for both)")
+    p.add_argument("--num_samples", type=int, default=50, help="samples per prompt and sentiment")
     p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="1.0 samples the model's own distribution, the one compared with real reviews")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
+    add_sampling_flags(p)  # the sample CLI's defaults: what a user who types only --start gets
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep_guidance", metavar="G1,G2,...",
+                   help="with --sweep_temperature: print the trade-off over guidance x temperature instead")
+    p.add_argument("--sweep_temperature", metavar="T1,T2,...", help="see --sweep_guidance")
     p.add_argument("--judge_train", default=DEFAULT_JUDGE_TRAIN,
                    help="labelled CSV the judge trains on (default: the 20k Douban comments when present, "
                         "else the embedded corpus)")
@@ -210,26 +278,47 @@ def build_parser():
     return p
 
 
+def run(args):
+    """The report (or, with the sweep flags, the sweep's rows) for parsed arguments."""
+    if bool(args.sweep_guidance) != bool(args.sweep_temperature):
+        raise ValueError("a sweep needs both --sweep_guidance and --sweep_temperature")
+    grid = None
+    if args.sweep_guidance:
+        grid = (parse_floats(args.sweep_guidance, "--sweep_guidance"),
+                parse_floats(args.sweep_temperature, "--sweep_temperature"))
+    ckpt = load_checkpoint(args.ckpt)
+    model, tokenizer = model_from_checkpoint(ckpt, args.ckpt)
+    data = TokenData(args.data_dir)
+    if data.tokenizer.to_dict() != tokenizer.to_dict():
+        raise DataError(f"{args.data_dir} was prepared with another tokenizer than {args.ckpt}")
+    prompts = parse_prompts(args.prompts, tokenizer)
+    earlier = [TokenData(d) for d in args.pretrained_on]
+    sources = [ckpt["data"].get("source")] + [d.meta.get("source") for d in earlier]
+    judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test, sources)
+    reference = Reference(data, SentimentJudge(judge_train), earlier)
+    layout = get_layout(ckpt["data"]["layout"])
+    options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                   **sampling_options(args))
+    judge = {"train": train_name, "test": test_name, "test_accuracy": reference.judge.accuracy(judge_test)}
+    if grid is not None:
+        del options["temperature"]
+        return {"judge": judge, "sweep": sweep(model.eval(), tokenizer, layout, prompts, reference, *grid, **options)}
+    report = evaluate(model.eval(), tokenizer, data, layout, prompts, reference, **options)
+    report["judge"] = judge
+    return report
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        ckpt = load_checkpoint(args.ckpt)
-        model, tokenizer = model_from_checkpoint(ckpt, args.ckpt)
-        data = TokenData(args.data_dir)
-        if data.tokenizer.to_dict() != tokenizer.to_dict():
-            raise DataError(f"{args.data_dir} was prepared with another tokenizer than {args.ckpt}")
-        earlier = [TokenData(d) for d in args.pretrained_on]
-        sources = [ckpt["data"].get("source")] + [d.meta.get("source") for d in earlier]
-        judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test, sources)
-        judge = SentimentJudge(judge_train)
-        report = evaluate(model.eval(), tokenizer, data, get_layout(ckpt["data"]["layout"]),
-                          parse_prompts(args.prompts), judge, args.num_samples, args.max_new_tokens,
-                          args.temperature, args.top_k, args.top_p, args.seed, earlier_data=earlier)
-        report["judge"] = {"train": train_name, "test": test_name, "test_accuracy": judge.accuracy(judge_test)}
+        report = run(args)
     except (CheckpointError, DataError, ValueError, RuntimeError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    print_report(report)
+    if "sweep" in report:
+        print_sweep(report["sweep"])
+    else:
+        print_report(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=1)

@@ -83,6 +83,14 @@ class ReviewLayout:
         y[y == tokenizer.token_id(PAD)] = -1
         return x, y
 
+    def drop_sentiment(self, x, y, share: float, generator, tokenizer):
+        """Rows that begin a review lose their input sentiment token to <pad> with probability `share`
+        (the model learns reviews without one: guidance's unconditioned side); the targets stay."""
+        dropped = (torch.rand(x.shape[0], generator=generator) < share) & (x[:, 0] == tokenizer.token_id(BOS))
+        x = x.clone()
+        x[dropped, 1] = tokenizer.token_id(PAD)
+        return x, y
+
     def decode_reviews(self, tokens, tokenizer):
         """The (sentiment, text) of every review in the token file."""
         bos, eos, pos = tokenizer.token_id(BOS), tokenizer.token_id(EOS), tokenizer.token_id(SENTIMENT_TOKENS["pos"])

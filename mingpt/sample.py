@@ -12,7 +12,7 @@ import sys
 from .checkpoint import CheckpointError
 from .hf import load_for_sampling
 from .layouts import get_layout
-from .sampling import SAMPLERS, resolve_sampler, write_samples
+from .sampling import SAMPLERS, add_sampling_flags, resolve_sampler, sampling_options, write_samples
 
 
 def build_parser():
@@ -25,9 +25,10 @@ def build_parser():
                    help="review layout: the sentiment token before --start; auto: the model samples it")
     p.add_argument("--num_samples", type=int, default=10, help="samples to write")
     p.add_argument("--max_new_tokens", type=int, default=100, help="most tokens per sample after the prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens (0/None: all)")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    add_sampling_flags(p)
+    p.add_argument("--prompts", metavar="FILE",
+                   help="prompts, one a line (blank lines skipped), each optionally 'pos<TAB>', 'neg<TAB>' or "
+                        "'auto<TAB>' first; instead of --start, --num_samples of each")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--sampler", choices=SAMPLERS, default="auto", help="decode loop")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -39,7 +40,8 @@ def build_parser():
 
 
 # The flags an --interactive line `:name value` may set between prompts.
-INTERACTIVE_FLAGS = ("sentiment", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
+INTERACTIVE_FLAGS = ("sentiment", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                     "guidance", "guide_against", "repetition_penalty", "no_repeat_ngram_size")
 
 
 class StreamPrinter:
@@ -75,18 +77,43 @@ class StreamPrinter:
             self.on_text(row, None, None)
 
 
+def read_prompts(path: str, tokenizer) -> list:
+    """(start, sentiment) of each non-blank line of a prompts file; errors name the line."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            sentiment, tab, start = line.partition("\t")
+            if not tab:
+                sentiment, start = "auto", line
+            if sentiment not in ("pos", "neg", "auto"):
+                raise ValueError(f"{path} line {number}: the sentiment before the tab must be pos, neg or auto, "
+                                 f"got {sentiment!r}")
+            try:
+                tokenizer.encode(start)
+            except ValueError as e:
+                raise ValueError(f"{path} line {number}: {e}") from None
+            prompts.append((start, sentiment))
+    return prompts
+
+
 def write_and_print(model, tokenizer, layout, args, out=None):
     """Samples for args (write_samples' arguments), printed one per line, streamed with args.stream."""
     out = out or sys.stdout
-    options = (args.start, args.sentiment, args.num_samples, args.max_new_tokens, args.temperature,
-               args.top_k, args.top_p, args.seed, args.sampler)
-    if not args.stream:
-        for sentiment, text in write_samples(model, tokenizer, layout, *options):
-            out.write(f"[{sentiment}] {text}\n" if args.verbose else f"{text}\n")
-        return
-    printer = StreamPrinter(args.num_samples, args.verbose, out)
-    write_samples(model, tokenizer, layout, *options, on_text=printer.on_text)
-    printer.end()
+    prompts = read_prompts(args.prompts, tokenizer) if args.prompts else [(args.start, args.sentiment)]
+    for start, sentiment in prompts:
+        options = dict(seed=args.seed, sampler=args.sampler, **sampling_options(args))
+        if not args.stream:
+            for drawn, text in write_samples(model, tokenizer, layout, start, sentiment, args.num_samples,
+                                             args.max_new_tokens, **options):
+                out.write(f"[{drawn}] {text}\n" if args.verbose else f"{text}\n")
+            continue
+        printer = StreamPrinter(args.num_samples, args.verbose, out)
+        write_samples(model, tokenizer, layout, start, sentiment, args.num_samples, args.max_new_tokens,
+                      on_text=printer.on_text, **options)
+        printer.end()
 
 
 def interactive(model, tokenizer, layout, args, parser, lines=None, out=None):
@@ -120,6 +147,8 @@ def interactive(model, tokenizer, layout, args, parser, lines=None, out=None):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.prompts and args.interactive:
+        parser.error("--prompts and --interactive both say where prompts come from: give one")
     try:
         model, tokenizer, data, _ = load_for_sampling(args.ckpt, device=args.device)
         layout = get_layout(data["layout"])
@@ -129,7 +158,7 @@ def main(argv=None):
             interactive(model.eval(), tokenizer, layout, args, parser)
         else:
             write_and_print(model.eval(), tokenizer, layout, args)
-    except (CheckpointError, ValueError, RuntimeError) as e:
+    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
         print(f"sample: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -21,12 +21,13 @@ import weakref
 import torch
 
 from . import extension
-from .tokenizer import SENTIMENT_TOKENS, UnknownCharacterError
+from .logit_controls import LogitControls, apply_controls
+from .tokenizer import PAD, SENTIMENT_TOKENS, UnknownCharacterError
 
 SAMPLERS = ("auto", "reference", "kvcache", "cached")
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 3
+SAMPLER_VERSION = 4
 
 
 def check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, eos_id=None):
@@ -71,28 +72,37 @@ def pick_next(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator)
 
 
-def _decode_loop(next_logits, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback):
+def _decode_loop(next_logits, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback,
+                 controls=LogitControls(), guidance_idx=None):
     """The loop every Python sampler shares. next_logits(seq, kept) gives the next-token logits of the
     running rows `seq` (kept: which rows of the previous call's seq still run, None if all do); rows
-    that end (eos_id, or retired by the callback) are padded with eos_id and no longer computed."""
-    running = torch.arange(idx.shape[0], device=idx.device)
+    that end (eos_id, or retired by the callback) are padded with eos_id and no longer computed.
+    Guided, the rows of guidance_idx run beside those of idx (after them) and take the same tokens."""
+    batch = idx.shape[0]
+    seq = idx if not controls.guided else torch.cat([idx, guidance_idx])
+    running = torch.arange(batch, device=idx.device)
     kept = None
     for _ in range(max_new_tokens):
-        picked = pick_next(next_logits(idx[running], kept), temperature, top_k, top_p, generator).squeeze(1)
+        rows, model_kept = running, kept
+        if controls.guided:  # the guidance rows follow the running rows, in the same order
+            rows = torch.cat([running, running + batch])
+            model_kept = None if kept is None else torch.cat([kept, kept + previously_running])
+        logits = apply_controls(next_logits(seq[rows], model_kept), seq[running], controls)
+        picked = pick_next(logits, temperature, top_k, top_p, generator).squeeze(1)
         column = torch.full_like(idx[:, 0], -1 if eos_id is None else eos_id).index_copy(0, running, picked)
-        idx = torch.cat([idx, column.unsqueeze(1)], dim=1)
+        seq = torch.cat([seq, column.repeat(2 if controls.guided else 1).unsqueeze(1)], dim=1)
         ended = picked == eos_id if eos_id is not None else torch.zeros_like(running, dtype=torch.bool)
         if callback is not None:
-            retired = check_retired_rows(callback(column.tolist()), idx.shape[0], eos_id)
+            retired = check_retired_rows(callback(column.tolist()), batch, eos_id)
             ended |= torch.isin(running, torch.tensor(retired, dtype=torch.long, device=idx.device))
         if bool(ended.any()):
-            kept = (~ended).nonzero().squeeze(1)
+            kept, previously_running = (~ended).nonzero().squeeze(1), len(running)
             running = running[kept]
         else:
             kept = None
         if running.numel() == 0:
             break
-    return idx
+    return seq[:batch]
 
 
 def check_retired_rows(retired, batch: int, eos_id) -> list:
@@ -109,19 +119,19 @@ def check_retired_rows(retired, batch: int, eos_id) -> list:
 
 @torch.no_grad()
 def reference_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                       eos_id=None, generator=None, callback=None):
+                       eos_id=None, generator=None, callback=None, controls=LogitControls(), guidance_idx=None):
     """The plain loop: re-run the whole (cropped) context for every new token."""
     block_size = model.config.block_size
     return _decode_loop(lambda seq, kept: model(seq[:, -block_size:])[0][:, -1, :], idx, max_new_tokens,
-                        temperature, top_k, top_p, eos_id, generator, callback)
+                        temperature, top_k, top_p, eos_id, generator, callback, controls, guidance_idx)
 
 
 @torch.no_grad()
 def kvcache_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                     eos_id=None, generator=None, callback=None):
+                     eos_id=None, generator=None, callback=None, controls=LogitControls(), guidance_idx=None):
     """The model's own forward with a KV cache: prefill the (cropped) prompt, then one position per step."""
     block = model.config.block_size
-    cache = model.new_cache(idx.shape[0])
+    cache = model.new_cache(idx.shape[0] * (2 if controls.guided else 1))
     prompt_length = idx.shape[1]
 
     def next_logits(seq, kept):
@@ -132,7 +142,8 @@ def kvcache_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, to
             return model(seq[:, -block:], cache=cache)[0][:, -1]
         return model(seq[:, -1:], cache=cache, start=length - 1)[0][:, -1]
 
-    return _decode_loop(next_logits, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback)
+    return _decode_loop(next_logits, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback,
+                        controls, guidance_idx)
 
 
 # model -> (parameter key, mingpt._C.KVSampler): packed weights live as long as their model.
@@ -157,7 +168,7 @@ PARALLEL_MIN_BYTES = 1 << 20
 
 
 def cached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                    seed=None, callback=None):
+                    seed=None, callback=None, controls=LogitControls(), guidance_idx=None):
     """One call into mingpt._C.KVSampler (CPU); without a seed, torch's global generator draws one."""
     if seed is None:
         seed = int(torch.randint(2 ** 62, (1,)))
@@ -165,7 +176,9 @@ def cached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     threads = torch.get_num_threads() if sampler.packed_bytes >= PARALLEL_MIN_BYTES else 1
     return sampler.generate(
         idx, max_new_tokens, temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
-        eos_id=-1 if eos_id is None else eos_id, seed=seed % 2 ** 64, num_threads=threads, callback=callback)
+        eos_id=-1 if eos_id is None else eos_id, seed=seed % 2 ** 64, num_threads=threads, callback=callback,
+        guidance=controls.guidance, guidance_idx=guidance_idx if controls.guided else None,
+        repetition_penalty=controls.repetition_penalty, no_repeat_ngram_size=controls.no_repeat_ngram_size)
 
 
 def cached_sampler_unavailable_reason(model=None):
@@ -202,23 +215,30 @@ def resolve_sampler(sampler: str, model=None) -> str:
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-             seed=None, sampler="auto", callback=None):
+             seed=None, sampler="auto", callback=None, guidance=1.0, guidance_idx=None, repetition_penalty=1.0,
+             no_repeat_ngram_size=0):
     """Continue each prompt row of idx; rows that emit eos_id are padded with it afterwards.
 
     callback, if given, receives each new column of tokens as a list (one id per row; rows that have
     ended show eos_id); it may return row indices to stop after that column (a client went away):
     they are padded with eos_id like rows that emitted it, and no longer computed.
+    guidance (with guidance_idx: each row's prompt under the second conditioning, idx's shape),
+    repetition_penalty and no_repeat_ngram_size: see mingpt.logit_controls.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, model.config.vocab_size, eos_id)
+    controls = LogitControls(guidance, repetition_penalty, no_repeat_ngram_size)
+    if controls.guided:
+        check_guidance_idx(idx, guidance_idx, model.config.vocab_size)
     name = resolve_sampler(sampler, model)
     if name == "cached":
         reason = cached_sampler_unavailable_reason(model)
         if reason is not None:
             raise RuntimeError(f"sampler 'cached' is not available: {reason}")
         if idx.device.type == "cpu":
-            return cached_generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed, callback)
+            return cached_generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed, callback,
+                                   controls, guidance_idx)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -226,9 +246,19 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     was_training = model.training
     model.eval()
     try:
-        return loops[name](model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback)
+        return loops[name](model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback,
+                           controls, guidance_idx)
     finally:
         model.train(was_training)
+
+
+def check_guidance_idx(idx, guidance_idx, vocab_size):
+    if not isinstance(guidance_idx, torch.Tensor) or guidance_idx.shape != idx.shape \
+            or guidance_idx.dtype != torch.long:
+        raise ValueError(f"guidance needs guidance_idx: a LongTensor of idx's shape {tuple(idx.shape)}, each row "
+                         f"the prompt under the second conditioning")
+    if int(guidance_idx.min()) < 0 or int(guidance_idx.max()) >= vocab_size:
+        raise ValueError(f"guidance_idx holds token ids outside [0, {vocab_size})")
 
 
 @torch.no_grad()
@@ -325,39 +355,101 @@ def review_prompts(model, tokenizer, layout, start: str, sentiments, num_samples
     return sentiments, [prompt_row(tokenizer, layout, s, start_ids) for s in sentiments]
 
 
+GUIDE_AGAINST = ("opposite", "none")
+OPPOSITE = {"pos": "neg", "neg": "pos"}
+
+
+def guidance_rows(tokenizer, layout, sentiments, start_ids: list, guide_against: str) -> list:
+    """Guidance's second prompts: each row under the opposite sentiment, or under none (<pad> where the
+    sentiment token goes: what a model trained with --sentiment_dropout learned as no sentiment)."""
+    if guide_against not in GUIDE_AGAINST:
+        raise ValueError(f"guide_against must be one of {GUIDE_AGAINST}, got {guide_against!r}")
+    if guide_against == "none":
+        return [[tokenizer.token_id(layout.context_token), tokenizer.token_id(PAD)] + start_ids for _ in sentiments]
+    return [prompt_row(tokenizer, layout, OPPOSITE[s], start_ids) for s in sentiments]
+
+
+def stop_end(text: str, stops, after: int):
+    """Where text should end for the first stop string that ends past `after` (the prompt), or None."""
+    ends = [i + len(stop) for stop in stops for i in [text.find(stop, max(0, after - len(stop) + 1))] if i >= 0]
+    return min(ends) if ends else None
+
+
+# The sample CLI's defaults, which `evaluate` measures too (chosen by measurement: README, "Sentiment control").
+SAMPLING_DEFAULTS = dict(temperature=0.8, top_p=None, guidance=1.0)
+
+
+def add_sampling_flags(p):
+    """The flags of write_samples' sampling settings, shared by the sample and evaluate CLIs."""
+    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"], help="0: greedy")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens (0/None: all)")
+    p.add_argument("--top_p", type=float, default=SAMPLING_DEFAULTS["top_p"], help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--guidance", type=float, default=SAMPLING_DEFAULTS["guidance"],
+                   help="classifier-free guidance toward the asked sentiment: >1 pushes away from --guide_against "
+                        "(1: off)")
+    p.add_argument("--guide_against", choices=GUIDE_AGAINST, default="opposite",
+                   help="guidance's second conditioning: the opposite sentiment, or none (models trained with "
+                        "--sentiment_dropout)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="divide (multiply, if negative) the logits of tokens already in the sample (1: off)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="never repeat an n-gram of this size (0: off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample where this text first appears, keeping it (repeatable)")
+
+
+def sampling_options(args) -> dict:
+    """write_samples' keyword arguments from the flags of add_sampling_flags."""
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                controls=LogitControls(args.guidance, args.repetition_penalty, args.no_repeat_ngram_size),
+                guide_against=args.guide_against, stop=tuple(args.stop))
+
+
 def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samples: int, max_new_tokens: int,
-                  temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto", on_text=None):
+                  temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto", on_text=None, *,
+                  controls=LogitControls(), guide_against="opposite", stop=()):
     """Returns [(sentiment, text)] for num_samples reviews of `layout` (mingpt.layouts) that begin with `start`.
 
+    controls: guidance (against the opposite sentiment or none, guide_against), repetition penalty,
+    no-repeat n-grams (mingpt.logit_controls). stop: strings that end a sample where they first appear
+    (the text keeps the stop string, as Hugging Face's stop_strings do).
     on_text(row, piece, sentiment), if given, receives each sample's text as it is written, in whole
-    characters: first `start`, then each new piece, then None when the sample reaches its end token;
-    a row's pieces add up to its returned text.
+    characters: first `start`, then each new piece, then None when the sample ends; a row's pieces add
+    up to its returned text.
     """
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sentiments, prompts = review_prompts(model, tokenizer, layout, start, sentiment, num_samples, generator)
-    idx = torch.tensor(prompts, dtype=torch.long, device=model.device)
+    guidance_idx = None
+    if controls.guided:
+        guidance_idx = torch.tensor(guidance_rows(tokenizer, layout, sentiments, prompts[0][2:], guide_against),
+                                    dtype=torch.long, device=model.device)
+    texts = [start] * num_samples
+    ended = [False] * num_samples
+    decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
     eos_id = tokenizer.token_id(layout.end_token)
-    callback = None
     if on_text is not None:
-        decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
-        ended = [False] * num_samples
         for row in range(num_samples):
             on_text(row, start, sentiments[row])
 
-        def callback(column):
-            for row, token in enumerate(column):
-                if ended[row]:
-                    continue
-                ended[row] = token == eos_id
-                piece = None if ended[row] else decoders[row].feed(token)
-                if piece != "":
-                    on_text(row, piece, sentiments[row])
-    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=eos_id, seed=seed, sampler=sampler, callback=callback)
-    prompt_length = len(prompts[0]) - 2
-    texts = []
-    for row in out[:, 2:].tolist():
-        if eos_id in row[prompt_length:]:
-            row = row[:row.index(eos_id, prompt_length)]
-        texts.append(tokenizer.decode(row))
+    def callback(column):
+        for row, token in enumerate(column):
+            if ended[row]:
+                continue
+            piece = "" if token == eos_id else decoders[row].feed(token)
+            end = stop_end(texts[row] + piece, stop, len(start)) if stop else None
+            if end is not None:
+                piece = (texts[row] + piece)[len(texts[row]):end]
+            texts[row] += piece
+            ended[row] = token == eos_id or end is not None
+            if on_text is not None and piece:
+                on_text(row, piece, sentiments[row])
+            if on_text is not None and ended[row]:
+                on_text(row, None, sentiments[row])
+        return [row for row in range(num_samples) if ended[row]]
+
+    idx = torch.tensor(prompts, dtype=torch.long, device=model.device)
+    generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed,
+             sampler=sampler, callback=callback, guidance=controls.guidance, guidance_idx=guidance_idx,
+             repetition_penalty=controls.repetition_penalty, no_repeat_ngram_size=controls.no_repeat_ngram_size)
     return list(zip(sentiments, texts))

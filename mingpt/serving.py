@@ -20,8 +20,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .sampling import (IncrementalDecoder, check_prompt_fits, draw_sentiments, generate, prompt_row,
-                       resolve_sampler)
+from .logit_controls import LogitControls
+from .sampling import (SAMPLING_DEFAULTS, IncrementalDecoder, check_prompt_fits, draw_sentiments, generate,
+                       guidance_rows, prompt_row, resolve_sampler)
 
 SENTIMENTS = ("pos", "neg", "auto")
 
@@ -41,10 +42,12 @@ class EngineStopped(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What must be equal for samples to share a generate call."""
-    temperature: float = 0.8
+    temperature: float = SAMPLING_DEFAULTS["temperature"]
     top_k: Optional[int] = None
-    top_p: Optional[float] = None
+    top_p: Optional[float] = SAMPLING_DEFAULTS["top_p"]
     seed: Optional[int] = None
+    controls: LogitControls = LogitControls(guidance=SAMPLING_DEFAULTS["guidance"])
+    guide_against: str = "opposite"
 
 
 @dataclasses.dataclass
@@ -87,7 +90,7 @@ class Choice:
 
     def __init__(self, request, index: int, start_ids: list, sentiment: str):
         self.request, self.index, self.start_ids, self.sentiment = request, index, start_ids, sentiment
-        self.prompt_ids, self.decoder, self.tokens, self.finish_reason = None, None, 0, None
+        self.prompt_ids, self.guidance_ids, self.decoder, self.tokens, self.finish_reason = None, None, None, 0, None
         self.matcher = StopMatcher(request.stop)
         seeded = request.settings.seed is not None
         self.key = (len(start_ids), request.settings, request.id if seeded else None)
@@ -236,8 +239,11 @@ class Engine:
                 for choice, sentiment in zip(auto, draw_sentiments(
                         self.model, self.tokenizer, self.context_id, len(auto), generator)):
                     choice.sentiment = sentiment
+        guide_against = batch[0].request.settings.guide_against
         for choice in batch:
             choice.prompt_ids = prompt_row(self.tokenizer, self.layout, choice.sentiment, choice.start_ids)
+            choice.guidance_ids = guidance_rows(self.tokenizer, self.layout, [choice.sentiment], choice.start_ids,
+                                                guide_against)[0]
             choice.decoder = IncrementalDecoder(self.tokenizer)
 
     def _run_batch(self, batch):
@@ -252,10 +258,14 @@ class Engine:
 
         try:
             self._prepare(batch)
-            idx = torch.tensor([c.prompt_ids for c in batch], dtype=torch.long, device=self.model.device)
+            idx, guidance_idx = (torch.tensor([getattr(c, rows) for c in batch], dtype=torch.long,
+                                              device=self.model.device) for rows in ("prompt_ids", "guidance_ids"))
+            controls = settings.controls
             generate(self.model, idx, max(c.request.max_tokens for c in batch), temperature=settings.temperature,
                      top_k=settings.top_k, top_p=settings.top_p, eos_id=self.eos_id, seed=settings.seed,
-                     sampler=self.sampler, callback=callback)
+                     sampler=self.sampler, callback=callback, guidance=controls.guidance, guidance_idx=guidance_idx,
+                     repetition_penalty=controls.repetition_penalty,
+                     no_repeat_ngram_size=controls.no_repeat_ngram_size)
         except Exception as e:  # a sample that cannot be made ends with the reason; the worker goes on
             for choice in batch:
                 if not choice.done:

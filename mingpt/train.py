@@ -36,6 +36,8 @@ HELP = {
     "eval_sample_tokens": "length of the sample printed per sentiment at each evaluation (0: none)",
     "init_from": "fine-tune: start from this checkpoint's weights and architecture (a fresh optimizer and schedule)",
     "balance": "review layout: oversample the minority sentiment (auto: when it is under 35%%), on or off",
+    "sentiment_dropout": "review layout: the share of training reviews whose sentiment token is replaced by "
+                         "<pad>, so the model also learns reviews without one (for sample --guide_against none)",
     "tensorboard": "also log to out_dir/tensorboard",
     "progress": "show a progress bar", "threads": "torch CPU threads per process (None: torch's default)",
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",

@@ -209,6 +209,9 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
         raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the {ddp.world_size} processes")
     data = TokenData(cfg.data_dir)
     balance = data.set_balance(cfg.balance)
+    if cfg.sentiment_dropout and not (0 < cfg.sentiment_dropout < 1 and data.layout.balances_classes):
+        raise ValueError(f"sentiment_dropout must be in [0, 1) and needs the review layout, got "
+                         f"{cfg.sentiment_dropout} with the {data.layout.name} layout")
     model = build_model(cfg, data, device)
     moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
     if ddp.is_main:
@@ -288,6 +291,8 @@ def optimizer_step(run: Run) -> torch.Tensor:
     step_loss = torch.zeros((), device=run.device)
     for n, micro in enumerate(micro_steps):
         x, y = run.data.load_batch("train", positions[micro], cfg.model.block_size)
+        if cfg.sentiment_dropout:
+            x, y = run.data.layout.drop_sentiment(x, y, cfg.sentiment_dropout, run.batch_generator, run.data.tokenizer)
         sync = n == len(micro_steps) - 1 or ddp.world_size == 1
         with (contextlib.nullcontext() if sync else run.step_model.no_sync()):
             with autocast_context(cfg.dtype, run.device):

@@ -96,21 +96,95 @@ def test_evaluate_reports_every_metric(trained, tmp_path):
     judge_csv.write_text("review,sentiment\n" + "".join(f"{p},1\n" for p in POSITIVE)
                          + "".join(f"{n},0\n" for n in NEGATIVE), encoding="utf-8")
     report_path = tmp_path / "report.json"
+    judge = ["--judge_train", str(judge_csv), "--judge_test", str(judge_csv)]
     result = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, "--num_samples", "6",
-                 "--max_new_tokens", "12", "--judge_train", str(judge_csv), "--judge_test", str(judge_csv),
+                 "--max_new_tokens", "12", *judge, "--prompts", "好看:pos,难看:neg,剧情", "--guidance", "2",
                  "--pretrained_on", data_dir, "--json", str(report_path))
     report = json.loads(report_path.read_text(encoding="utf-8"))
-    assert [(p["start"], p["sentiment"]) for p in report["prompts"]] == [("好看", "pos"), ("难看", "neg")]
+    assert [(p["start"], p["sentiment"]) for p in report["prompts"]] == [
+        ("好看", "pos"), ("难看", "neg"), ("剧情", "pos"), ("剧情", "neg")]
     for prompt in report["prompts"]:
+        assert all(text.startswith(prompt["start"]) for text in prompt["examples"])
         for side in ("generated", "real_held_out"):
             stats = prompt[side]
-            assert all(0.0 <= stats[m] <= 1.0 for m in ("sentiment_accuracy", "novelty", "distinct_1", "distinct_2"))
+            assert all(0.0 <= stats[m] <= 1.0
+                       for m in ("sentiment_accuracy", "novelty", "exact_copies", "distinct_1", "distinct_2"))
     assert report["judge"]["train"] == str(judge_csv) and 0.5 <= report["judge"]["test_accuracy"] <= 1.0
     assert "validation loss" in result.stdout and "distinct_2" in result.stdout
     generator_csv = os.path.join(os.path.dirname(data_dir), "reviews.csv")
     refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, "--judge_train", generator_csv,
-                  check=False)
+                  "--prompts", "好看", check=False)
     assert refused.returncode == 2 and "generator's own training data" in refused.stderr
+
+
+def test_evaluate_sweeps_guidance_by_temperature_and_names_a_prompt_outside_the_vocabulary(trained, tmp_path):
+    data_dir, out_dir = trained
+    judge_csv = tmp_path / "judge.csv"
+    judge_csv.write_text("review,sentiment\n" + "".join(f"{p},1\n" for p in POSITIVE)
+                         + "".join(f"{n},0\n" for n in NEGATIVE), encoding="utf-8")
+    judge = ["--judge_train", str(judge_csv), "--judge_test", str(judge_csv)]
+    report_path = tmp_path / "sweep.json"
+    result = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, "--num_samples", "4",
+                 "--max_new_tokens", "8", *judge, "--prompts", "好看", "--sweep_guidance", "1,2.5",
+                 "--sweep_temperature", "0.7,1", "--json", str(report_path))
+    rows = json.loads(report_path.read_text(encoding="utf-8"))["sweep"]
+    assert [(r["guidance"], r["temperature"]) for r in rows] == [(1, 0.7), (1, 1), (2.5, 0.7), (2.5, 1)]
+    assert all(-1 <= r["min_sentiment_margin"] <= 1 and 0 <= r["min_novelty"] <= 1 for r in rows)
+    assert "min sentiment margin" in result.stdout and len(result.stdout.splitlines()) == 5
+    # the default prompt set holds characters this small vocabulary lacks
+    refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, *judge, check=False)
+    assert refused.returncode == 2 and "prompt '这部电影'" in refused.stderr and "--prompts" in refused.stderr
+    refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, *judge, "--sweep_guidance", "1,x",
+                  "--sweep_temperature", "1", check=False)
+    assert refused.returncode == 2 and "--sweep_guidance" in refused.stderr
+
+
+def test_sample_prompts_file_stop_strings_and_controls(trained, tmp_path):
+    _, out_dir = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("pos\t好看\nneg\t难看\n\n剧情\n", encoding="utf-8")
+    result = run("mingpt.sample", "--ckpt", out_dir, "--prompts", str(prompts), "--num_samples", "3",
+                 "--max_new_tokens", "30", "--seed", "2", "--verbose", "--stop", "。", "--stop", "！",
+                 "--guidance", "3", "--repetition_penalty", "1.2", "--no_repeat_ngram_size", "3")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 9
+    assert all(line.startswith("[pos] 好看") for line in lines[:3])
+    assert all(line.startswith("[neg] 难看") for line in lines[3:6])
+    assert all(line.split("] ", 1)[1].startswith("剧情") for line in lines[6:])
+    for line in lines:
+        text = line.split("] ", 1)[1]
+        ends = [i for i in (text.find("。"), text.find("！")) if i >= 0]
+        assert not ends or min(ends) == len(text) - 1, f"{text!r} runs past its first stop string"
+    assert any(line.endswith(("。", "！")) for line in lines)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance", "-1"], "guidance must be >= 0"),
+    (["--repetition_penalty", "0"], "repetition_penalty must be > 0"),
+    (["--no_repeat_ngram_size", "-2"], "no_repeat_ngram_size"),
+    (["--stop", ""], "stop strings must be non-empty"),
+    (["--prompts", "PROMPTS", "--interactive"], "--prompts and --interactive"),
+])
+def test_bad_sampling_controls_are_clear_errors(trained, tmp_path, flags, message):
+    _, out_dir = trained
+    flags = [str(tmp_path / "p.txt") if f == "PROMPTS" else f for f in flags]
+    (tmp_path / "p.txt").write_text("好看\n", encoding="utf-8")
+    result = run("mingpt.sample", "--ckpt", out_dir, "--start", "好看", "--max_new_tokens", "4", *flags, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("好看\nmeh\t难看\n", "line 2: the sentiment before the tab must be pos, neg or auto, got 'meh'"),
+    ("好看\n\npos\t好🙂\n", "line 3: "),
+    (None, "No such file"),
+])
+def test_a_bad_prompts_file_names_the_line(trained, tmp_path, content, message):
+    _, out_dir = trained
+    path = tmp_path / "prompts.txt"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    result = run("mingpt.sample", "--ckpt", out_dir, "--prompts", str(path), check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_prompt_character_is_a_clear_error(trained):

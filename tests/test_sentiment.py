@@ -7,6 +7,7 @@ from mingpt.checkpoint import CheckpointError, load_model
 from mingpt.corpus import DataError, Review
 from mingpt.data import TokenData, prepare
 from mingpt.layouts import get_layout
+from mingpt.logit_controls import LogitControls
 from mingpt.sampling import write_samples
 from mingpt.tokenizer import BOS, NEG, POS, load_tokenizer
 from mingpt.training import train
@@ -98,3 +99,39 @@ def test_bpe_tokenizer_end_to_end(tmp_path):
     greedy = [write_samples(model, tok, get_layout("review"), "好看", "pos", 2, 12, temperature=0, sampler=s)
               for s in ("reference", "auto")]
     assert greedy[0] == greedy[1]
+
+
+def test_sentiment_dropout_pads_the_sentiment_token_of_a_share_of_rows(review_data_dir, book_data_dir, tmp_path):
+    data = TokenData(review_data_dir)
+    tok = data.tokenizer
+    x, y = data.load_batch("train", torch.arange(len(data.splits["train"])), 32)
+    dropped_x, dropped_y = data.layout.drop_sentiment(x, y, 0.25, torch.Generator().manual_seed(0), tok)
+    starts = x[:, 0] == tok.token_id(BOS)
+    dropped = dropped_x[:, 1] != x[:, 1]
+    assert (dropped_x[dropped, 1] == tok.token_id("<pad>")).all() and not (dropped & ~starts).any()
+    assert 0.15 < float(dropped[starts].float().mean()) < 0.35
+    assert torch.equal(dropped_x[:, 2:], x[:, 2:]) and torch.equal(dropped_y, y)  # targets stay
+    again, _ = data.layout.drop_sentiment(x, y, 0.25, torch.Generator().manual_seed(0), tok)
+    assert torch.equal(again, dropped_x)
+    with pytest.raises(ValueError, match="sentiment_dropout"):
+        train(tiny_cfg(book_data_dir, tmp_path / "book", max_iters=2, sentiment_dropout=0.1))
+
+
+def test_guidance_against_none_and_stop_strings_in_write_samples(review_data_dir, tmp_path):
+    train(tiny_cfg(review_data_dir, tmp_path, max_iters=30, sentiment_dropout=0.2))
+    model, tok = load_model(str(tmp_path))
+    layout = get_layout("review")
+    pieces = {}
+    guided = write_samples(model, tok, layout, "好看", "pos", 4, 20, seed=3, controls=LogitControls(guidance=2.0),
+                           guide_against="none", stop=("！", "。"),
+                           on_text=lambda row, piece, s: pieces.setdefault(row, []).append(piece))
+    for row, (_, text) in enumerate(guided):
+        assert "".join(p for p in pieces[row] if p) == text  # the streamed pieces add up to the text
+        ends = [i for i in (text.find("！", 2), text.find("。", 2)) if i >= 0]
+        assert not ends or min(ends) == len(text) - 1
+    greedy = [write_samples(model, tok, layout, "好看", "neg", 2, 20, temperature=0, sampler=s,
+                            controls=LogitControls(guidance=3.0, repetition_penalty=1.3), stop=("！",))
+              for s in ("reference", "kvcache", "auto")]
+    assert greedy[0] == greedy[1] == greedy[2]
+    with pytest.raises(ValueError, match="guide_against"):
+        write_samples(model, tok, layout, "好看", "pos", 1, 4, controls=LogitControls(guidance=2.0), guide_against="x")

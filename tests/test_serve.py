@@ -192,6 +192,17 @@ def test_models_health_model_card_and_the_page(live_server):
     assert b"/v1/completions" in page and b"http://" not in page and b"https://" not in page  # nothing external
 
 
+def test_sampling_controls_reach_the_sampler(live_server):
+    body = {"prompt": "难看", "sentiment": "neg", "max_tokens": 16, "temperature": 0, "n": 2}
+    _, _, plain = post(live_server, body)
+    status, _, guided = post(live_server, {**body, "guidance": 3, "repetition_penalty": 1.5,
+                                           "no_repeat_ngram_size": 2})
+    assert status == 200 and guided["choices"][0]["text"] == guided["choices"][1]["text"]  # greedy
+    assert guided["choices"][0]["text"] != plain["choices"][0]["text"]
+    text = guided["choices"][0]["text"]
+    assert len({text[i:i + 2] for i in range(len(text) - 1)}) == len(text) - 1  # no bigram twice
+
+
 @pytest.mark.parametrize("body, param", [
     ({"prompt": 5}, "prompt"),
     ({"prompt": []}, "prompt"),
@@ -208,6 +219,10 @@ def test_models_health_model_card_and_the_page(live_server):
     ({"prompt": "好", "stop": [1]}, "stop"),
     ({"prompt": "好", "stream": "yes"}, "stream"),
     ({"prompt": "好", "logprobs": 2}, "logprobs"),
+    ({"prompt": "好", "guidance": -1}, "guidance"),
+    ({"prompt": "好", "guide_against": "neutral"}, "guide_against"),
+    ({"prompt": "好", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "好", "no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
 ])
 def test_bad_input_is_a_400_naming_the_field(live_server, body, param):
     status, _, error = post(live_server, body)
