@@ -424,32 +424,49 @@ def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samp
     if controls.guided:
         guidance_idx = torch.tensor(guidance_rows(tokenizer, layout, sentiments, prompts[0][2:], guide_against),
                                     dtype=torch.long, device=model.device)
-    texts = [start] * num_samples
-    ended = [False] * num_samples
-    decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
     eos_id = tokenizer.token_id(layout.end_token)
-    if on_text is not None:
-        for row in range(num_samples):
-            on_text(row, start, sentiments[row])
-
-    def callback(column):
-        for row, token in enumerate(column):
-            if ended[row]:
-                continue
-            piece = "" if token == eos_id else decoders[row].feed(token)
-            end = stop_end(texts[row] + piece, stop, len(start)) if stop else None
-            if end is not None:
-                piece = (texts[row] + piece)[len(texts[row]):end]
-            texts[row] += piece
-            ended[row] = token == eos_id or end is not None
-            if on_text is not None and piece:
-                on_text(row, piece, sentiments[row])
-            if on_text is not None and ended[row]:
-                on_text(row, None, sentiments[row])
-        return [row for row in range(num_samples) if ended[row]]
-
     idx = torch.tensor(prompts, dtype=torch.long, device=model.device)
-    generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed,
-             sampler=sampler, callback=callback, guidance=controls.guidance, guidance_idx=guidance_idx,
-             repetition_penalty=controls.repetition_penalty, no_repeat_ngram_size=controls.no_repeat_ngram_size)
-    return list(zip(sentiments, texts))
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, sampler=sampler,
+                   guidance=controls.guidance, guidance_idx=guidance_idx,
+                   repetition_penalty=controls.repetition_penalty, no_repeat_ngram_size=controls.no_repeat_ngram_size)
+    if on_text is None and not stop:  # no Python between the compiled sampler's steps
+        out = generate(model, idx, max_new_tokens, **options)
+        start_length, texts = len(prompts[0]) - 2, []
+        for row in out[:, 2:].tolist():  # the start's tokens and the new ones, up to the end token
+            texts.append(tokenizer.decode(row[:row.index(eos_id, start_length)] if eos_id in row[start_length:]
+                                          else row))
+        return list(zip(sentiments, texts))
+    collector = TextCollector(tokenizer, start, sentiments, eos_id, stop, on_text)
+    generate(model, idx, max_new_tokens, callback=collector.feed, **options)
+    return list(zip(sentiments, collector.texts))
+
+
+class TextCollector:
+    """write_samples' per-step callback: each row's text in whole characters, ended at its end token or
+    first stop string (kept), streamed to on_text(row, piece, sentiment) and None at its end."""
+
+    def __init__(self, tokenizer, start: str, sentiments, eos_id: int, stop, on_text=None):
+        self.start, self.sentiments, self.eos_id, self.stop, self.on_text = start, sentiments, eos_id, stop, on_text
+        self.texts, self.ended = [start] * len(sentiments), [False] * len(sentiments)
+        self.decoders = [IncrementalDecoder(tokenizer) for _ in sentiments]
+        for row in range(len(sentiments)):
+            self.emit(row, start)
+
+    def emit(self, row: int, piece):
+        if self.on_text is not None:
+            self.on_text(row, piece, self.sentiments[row])
+
+    def feed(self, column) -> list:
+        for row, token in enumerate(column):
+            if self.ended[row]:
+                continue
+            text = self.texts[row] + ("" if token == self.eos_id else self.decoders[row].feed(token))
+            end = stop_end(text, self.stop, len(self.start)) if self.stop else None
+            piece = text[len(self.texts[row]):end]
+            self.texts[row] += piece
+            self.ended[row] = token == self.eos_id or end is not None
+            if piece:
+                self.emit(row, piece)
+            if self.ended[row]:
+                self.emit(row, None)
+        return [row for row, ended in enumerate(self.ended) if ended]

@@ -133,5 +133,8 @@ def test_guidance_against_none_and_stop_strings_in_write_samples(review_data_dir
                             controls=LogitControls(guidance=3.0, repetition_penalty=1.3), stop=("！",))
               for s in ("reference", "kvcache", "auto")]
     assert greedy[0] == greedy[1] == greedy[2]
+    options = dict(seed=4, controls=LogitControls(guidance=2.0, no_repeat_ngram_size=3))
+    assert write_samples(model, tok, layout, "难看", "neg", 5, 20, **options) == \
+        write_samples(model, tok, layout, "难看", "neg", 5, 20, stop=("never written",), **options)
     with pytest.raises(ValueError, match="guide_against"):
         write_samples(model, tok, layout, "好看", "pos", 1, 4, controls=LogitControls(guidance=2.0), guide_against="x")
