@@ -1,6 +1,8 @@
 """Measure a checkpoint: `python -m mingpt.evaluate --ckpt out/seed --data_dir data/movies`.
 
-Reports validation loss and perplexity, then writes N samples per prompt and sentiment (by default
+Reports validation loss and perplexity, and the loss every tokenizer shares: nats per character of
+the held-out reviews given their sentiment (each review's characters and end token given the
+context and sentiment tokens), then writes N samples per prompt and sentiment (by default
 好看, 难看 and six prompts that carry no sentiment, each asked for both sentiments, at the sample
 CLI's default settings) and measures them beside real held-out reviews of the same sentiment:
   sentiment accuracy  share judged to have the asked sentiment by an independent classifier
@@ -23,6 +25,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .corpus import DataError, load_csv, load_embedded_corpus
@@ -30,6 +33,7 @@ from .data import TokenData
 from .layouts import get_layout
 from .logit_controls import LogitControls
 from .sampling import add_sampling_flags, sampling_options, write_samples
+from .tokenizer import PAD, SENTIMENT_TOKENS
 
 NEAR_COPY_JACCARD = 0.8
 # 好看 and 难看, then prompts that carry no sentiment of their own: subjects and opening phrases.
@@ -114,6 +118,41 @@ def validation_loss(model, data: TokenData, batch_size: int = 64) -> float:
     return total / count
 
 
+def review_windows(ids: list, block: int, pad_id: int) -> list:
+    """(inputs, targets) rows of block tokens that score each of ids[2:] once (the targets before are
+    -1): one row, or windows that slide by half a block, each scoring the targets it adds."""
+    rows, start, scored = [], 0, 2
+    while True:
+        window = ids[start:start + block + 1]
+        targets = [t if start + 1 + k >= scored else -1 for k, t in enumerate(window[1:])]
+        pad = block - len(targets)
+        rows.append((window[:-1] + [pad_id] * pad, targets + [-1] * pad))
+        scored = start + len(window)
+        if scored >= len(ids):
+            return rows
+        start += block // 2
+
+
+@torch.no_grad()
+def nats_per_char(model, tokenizer, layout, reviews, batch_size: int = 64) -> float:
+    """The loss every tokenizer shares: the mean negative log-likelihood, in nats per character, of each
+    review's characters and its end token (counted as one character) given the context token and its
+    sentiment token."""
+    context, end, pad = (tokenizer.token_id(t) for t in (layout.context_token, layout.end_token, PAD))
+    rows, characters = [], 0
+    for sentiment, text in reviews:
+        ids = [context, tokenizer.token_id(SENTIMENT_TOKENS[sentiment])] + tokenizer.encode(text) + [end]
+        rows += review_windows(ids, model.config.block_size, pad)
+        characters += len(text) + 1
+    device = model.transformer.wte.weight.device
+    total = 0.0
+    for first in range(0, len(rows), batch_size):
+        x, y = (torch.tensor(part, device=device) for part in zip(*rows[first:first + batch_size]))
+        logits, _ = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
+    return total / characters
+
+
 def load_judge_sets(train_path, test_path, generator_sources):
     """Judge training and test reviews; refuses a judge trained on any of the generator's own data."""
     if train_path and os.path.isfile(train_path):
@@ -168,6 +207,7 @@ def evaluate(model, tokenizer, data: TokenData, layout, prompts, reference: Refe
     (options: measure_prompts')."""
     val_loss = validation_loss(model, data)
     return {"val_loss": val_loss, "perplexity": math.exp(val_loss),
+            "val_nats_per_char": nats_per_char(model, tokenizer, layout, reference.held_out),
             "prompts": measure_prompts(model, tokenizer, layout, prompts, reference, **options)}
 
 
@@ -204,7 +244,8 @@ def statistics(texts, sentiment, reference: Reference) -> dict:
 def print_report(report, file=sys.stdout):
     print(f"judge: trained on {report['judge']['train']}, accuracy {report['judge']['test_accuracy']:.1%} "
           f"on {report['judge']['test']}", file=file)
-    print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.1f}", file=file)
+    print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.1f}; "
+          f"{report['val_nats_per_char']:.4f} nats per character given the sentiment", file=file)
     print(f"{'prompt':<16}{'metric':<20}{'generated':>10}{'real':>10}{'difference':>12}", file=file)
     for p in report["prompts"]:
         label = f"{p['start']} ({p['sentiment']})"

@@ -111,6 +111,7 @@ def test_evaluate_reports_every_metric(trained, tmp_path):
                        for m in ("sentiment_accuracy", "novelty", "exact_copies", "distinct_1", "distinct_2"))
     assert report["judge"]["train"] == str(judge_csv) and 0.5 <= report["judge"]["test_accuracy"] <= 1.0
     assert "validation loss" in result.stdout and "distinct_2" in result.stdout
+    assert "nats per character given the sentiment" in result.stdout and 0 < report["val_nats_per_char"] < 10
     generator_csv = os.path.join(os.path.dirname(data_dir), "reviews.csv")
     refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, "--judge_train", generator_csv,
                   "--prompts", "好看", check=False)

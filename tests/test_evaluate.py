@@ -1,8 +1,13 @@
 import pytest
+import torch
 
 from conftest import shared_csv
+from mingpt import GPT, GPTConfig
 from mingpt.corpus import Review
-from mingpt.evaluate import CopyDetector, SentimentJudge, distinct_n, load_judge_sets, parse_prompts
+from mingpt.evaluate import (DEFAULT_PROMPTS, CopyDetector, SentimentJudge, distinct_n, load_judge_sets,
+                             nats_per_char, parse_prompts, review_windows)
+from mingpt.layouts import get_layout
+from mingpt.tokenizer import BOS, EOS, SENTIMENT_TOKENS, CharTokenizer
 
 
 def test_distinct_n_on_known_cases():
@@ -39,8 +44,10 @@ def test_judge_refuses_the_generators_own_data(tmp_path):
 
 def test_prompts_parse():
     assert parse_prompts("好看:pos,难看:neg") == [("好看", "pos"), ("难看", "neg")]
+    assert parse_prompts("剧情,好看:neg") == [("剧情", "pos"), ("剧情", "neg"), ("好看", "neg")]
     with pytest.raises(ValueError, match="START:pos"):
-        parse_prompts("好看")
+        parse_prompts("好看:happy")
+    assert len(parse_prompts(DEFAULT_PROMPTS)) == 16
 
 
 def test_judge_scores_real_held_out_comments():
@@ -48,3 +55,35 @@ def test_judge_scores_real_held_out_comments():
                                         shared_csv("douban_comments_test.csv"), ["movie_reviews_5k.csv"])
     judge = SentimentJudge(train)
     assert judge.accuracy(test[:4000]) > 0.8
+
+
+@pytest.mark.parametrize("length, block", [(5, 16), (16, 16), (17, 16), (40, 16), (41, 7)])
+def test_review_windows_score_every_character_and_the_end_once(length, block):
+    ids = [100, 101] + list(range(length)) + [99]  # context, sentiment, characters, end
+    rows = review_windows(ids, block, pad_id=-7)
+    assert all(len(x) == len(y) == block for x, y in rows)
+    scored = [t for _, y in rows for t in y if t != -1]
+    assert scored == ids[2:]
+    for x, y in rows:  # each target is the token after its input, within a window of the review
+        pairs = [(a, b) for a, b in zip(x, y) if b != -1]
+        assert all(ids.index(b) == ids.index(a) + 1 for a, b in pairs)
+
+
+def test_nats_per_char_is_the_mean_loss_of_characters_and_end_given_the_sentiment():
+    tokenizer = CharTokenizer(sorted(set("好看难无聊的电影")))
+    layout = get_layout("review")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=tokenizer.vocab_size)).eval()
+    reviews = [("pos", "好看"), ("neg", "难看无聊的电影难看无聊")]  # the second is longer than the block
+    expected, characters = 0.0, 0
+    with torch.no_grad():
+        for sentiment, text in reviews:
+            ids = [tokenizer.token_id(BOS), tokenizer.token_id(SENTIMENT_TOKENS[sentiment])]
+            ids += tokenizer.encode(text) + [tokenizer.token_id(EOS)]
+            for j in range(2, len(ids)):  # windows of 8 sliding by 4: each target with its window's context
+                start = 0 if j <= 8 else 4 * ((j - 9) // 4 + 1)  # the window that scores j
+                logits, _ = model(torch.tensor([ids[start:j]]))
+                expected -= logits[0, -1].log_softmax(-1)[ids[j]].item()
+            characters += len(text) + 1
+    assert nats_per_char(model, tokenizer, layout, reviews, batch_size=2) == pytest.approx(expected / characters,
+                                                                                         rel=1e-5)
