@@ -183,12 +183,15 @@ class Reference:
         self.judge = judge
         self.copies = CopyDetector([t for d in (data, *earlier_data) for _, t in d.review_texts("train")])
         self.held_out = data.review_texts("val")
+        # the judge's rate on every held-out review of each sentiment: the bar a prompt's samples must reach
+        self.real_rates = {sentiment: judge.agreement([t for s, t in self.held_out if s == sentiment], sentiment)
+                           for sentiment in ("pos", "neg")}
 
 
 def measure_prompts(model, tokenizer, layout, prompts, reference: Reference, num_samples=50, max_new_tokens=100,
                     seed=0, sampler="auto", **sampling):
-    """Per (start, sentiment): the samples' statistics beside those of real held-out reviews of that
-    sentiment. sampling: write_samples' keyword arguments (temperature, controls, ...)."""
+    """Per (start, sentiment): the samples' statistics beside those of as many real held-out reviews of
+    that sentiment (the judged sentiment: of all of them). sampling: write_samples' keyword arguments."""
     rng = random.Random(seed)
     rows = []
     for start, sentiment in prompts:
@@ -196,9 +199,10 @@ def measure_prompts(model, tokenizer, layout, prompts, reference: Reference, num
                                 sampler=sampler, **sampling)
         texts = [text for _, text in samples]
         real = [t for s, t in reference.held_out if s == sentiment]
-        real = rng.sample(real, min(len(real), num_samples))
+        real = statistics(rng.sample(real, min(len(real), num_samples)), sentiment, reference)
+        real["sentiment_accuracy"] = reference.real_rates[sentiment]
         rows.append({"start": start, "sentiment": sentiment, "generated": statistics(texts, sentiment, reference),
-                     "real_held_out": statistics(real, sentiment, reference), "examples": texts[:5]})
+                     "real_held_out": real, "examples": texts[:5]})
     return rows
 
 
