@@ -12,7 +12,7 @@ import sys
 from .checkpoint import CheckpointError
 from .hf import load_for_sampling
 from .layouts import get_layout
-from .sampling import SAMPLERS, resolve_sampler, write_samples
+from .sampling import SAMPLERS, WEIGHT_FORMATS, resolve_sampler, write_samples
 
 
 def build_parser():
@@ -30,6 +30,9 @@ def build_parser():
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--sampler", choices=SAMPLERS, default="auto", help="decode loop")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32",
+                   help="the format the compiled CPU sampler holds the weight matrices in: fp32 (exact), "
+                        "bf16, int8 (per-row scales); activations stay fp32")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--verbose", action="store_true", help="say which sampler ran and each sample's sentiment")
     p.add_argument("--stream", action="store_true", help="print each sample character by character as it is written")
@@ -81,11 +84,11 @@ def write_and_print(model, tokenizer, layout, args, out=None):
     options = (args.start, args.sentiment, args.num_samples, args.max_new_tokens, args.temperature,
                args.top_k, args.top_p, args.seed, args.sampler)
     if not args.stream:
-        for sentiment, text in write_samples(model, tokenizer, layout, *options):
+        for sentiment, text in write_samples(model, tokenizer, layout, *options, weights=args.weights):
             out.write(f"[{sentiment}] {text}\n" if args.verbose else f"{text}\n")
         return
     printer = StreamPrinter(args.num_samples, args.verbose, out)
-    write_samples(model, tokenizer, layout, *options, on_text=printer.on_text)
+    write_samples(model, tokenizer, layout, *options, on_text=printer.on_text, weights=args.weights)
     printer.end()
 
 
@@ -124,7 +127,8 @@ def main(argv=None):
         model, tokenizer, data, _ = load_for_sampling(args.ckpt, device=args.device)
         layout = get_layout(data["layout"])
         if args.verbose:
-            print(f"sampler: {resolve_sampler(args.sampler, model)}; checkpoint {args.ckpt}", file=sys.stderr)
+            print(f"sampler: {resolve_sampler(args.sampler, model)}, {args.weights} weights; checkpoint {args.ckpt}",
+                  file=sys.stderr)
         if args.interactive:
             interactive(model.eval(), tokenizer, layout, args, parser)
         else:

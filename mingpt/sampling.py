@@ -26,7 +26,10 @@ from .tokenizer import SENTIMENT_TOKENS, UnknownCharacterError
 SAMPLERS = ("auto", "reference", "kvcache", "cached")
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 2
+SAMPLER_VERSION = 3
+
+# The formats the compiled sampler holds the weight matrices in: fp32 (exact), bf16, int8 (per-row scales).
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 
 
 def check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, eos_id=None):
@@ -113,19 +116,24 @@ def kvcache_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, to
     return _decode_loop(next_logits, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, callback)
 
 
-# model -> (parameter key, mingpt._C.KVSampler): packed weights live as long as their model.
+# model -> {weight format: (parameter key, mingpt._C.KVSampler)}: packed weights live as long as their model.
 _packed_samplers = weakref.WeakKeyDictionary()
 
 
-def packed_sampler(model):
-    """The model's weights packed for the compiled sampler, packed again only after they change."""
+def packed_sampler(model, weights="fp32"):
+    """The model's weights packed (quantised once) in format `weights` for the compiled sampler, packed
+    again only after they change."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     key = (dataclasses.astuple(model.config),
            tuple((p.data_ptr(), p._version) for p in model.parameters()))
-    hit = _packed_samplers.get(model)
+    formats = _packed_samplers.setdefault(model, {})
+    hit = formats.get(weights)
     if hit is not None and hit[0] == key:
         return hit[1]
-    sampler = extension.require_extension().KVSampler(model.state_dict(), dataclasses.asdict(model.config))
-    _packed_samplers[model] = (key, sampler)
+    sampler = extension.require_extension().KVSampler(model.state_dict(), dataclasses.asdict(model.config),
+                                                      weight_format=weights)
+    formats[weights] = (key, sampler)
     return sampler
 
 
@@ -135,11 +143,12 @@ PARALLEL_MIN_BYTES = 1 << 20
 
 
 def cached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                    seed=None, callback=None):
-    """One call into mingpt._C.KVSampler (CPU); without a seed, torch's global generator draws one."""
+                    seed=None, callback=None, weights="fp32"):
+    """One call into mingpt._C.KVSampler (CPU) with the weights in format `weights`; without a seed,
+    torch's global generator draws one."""
     if seed is None:
         seed = int(torch.randint(2 ** 62, (1,)))
-    sampler = packed_sampler(model)
+    sampler = packed_sampler(model, weights)
     threads = torch.get_num_threads() if sampler.packed_bytes >= PARALLEL_MIN_BYTES else 1
     return sampler.generate(
         idx, max_new_tokens, temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
@@ -180,13 +189,17 @@ def resolve_sampler(sampler: str, model=None) -> str:
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-             seed=None, sampler="auto", callback=None):
+             seed=None, sampler="auto", callback=None, weights="fp32"):
     """Continue each prompt row of idx; rows that emit eos_id are padded with it afterwards.
 
-    callback, if given, receives each new column of tokens as a list (one id per row).
+    callback, if given, receives each new column of tokens as a list (one id per row). weights: the
+    format the compiled CPU sampler holds the weight matrices in (WEIGHT_FORMATS); bf16 and int8 run
+    there only.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, model.config.vocab_size, eos_id)
     name = resolve_sampler(sampler, model)
     if name == "cached":
@@ -194,7 +207,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         if reason is not None:
             raise RuntimeError(f"sampler 'cached' is not available: {reason}")
         if idx.device.type == "cpu":
-            return cached_generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed, callback)
+            return cached_generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed, callback,
+                                   weights)
+    if weights != "fp32":
+        raise ValueError(f"{weights} weights run in the compiled CPU sampler only, not in the {name} sampler "
+                         f"on {idx.device.type}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -302,7 +319,7 @@ def review_prompts(model, tokenizer, layout, start: str, sentiments, num_samples
 
 
 def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samples: int, max_new_tokens: int,
-                  temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto", on_text=None):
+                  temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto", on_text=None, weights="fp32"):
     """Returns [(sentiment, text)] for num_samples reviews of `layout` (mingpt.layouts) that begin with `start`.
 
     on_text(row, piece, sentiment), if given, receives each sample's text as it is written, in whole
@@ -329,7 +346,7 @@ def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samp
                 if piece != "":
                     on_text(row, piece, sentiments[row])
     out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=eos_id, seed=seed, sampler=sampler, callback=callback)
+                   eos_id=eos_id, seed=seed, sampler=sampler, callback=callback, weights=weights)
     prompt_length = len(prompts[0]) - 2
     texts = []
     for row in out[:, 2:].tolist():
