@@ -172,3 +172,16 @@ def test_formats_track_the_fp32_forward_of_a_trained_model(trained, weights, por
     assert agree >= bounds["greedy"], agree
     print(f"{weights} {'portable' if portable else 'native'}: max |logit diff| {max_diff:.4f}, "
           f"NLL {fp32_nll:.4f} {delta:+.5f}, greedy agreement {agree:.0%} of {len(prompts)} prompts")
+
+
+def test_sample_cli_writes_with_each_weight_format(serve_ckpt, capsys):
+    from mingpt.sample import main
+    args = ["--ckpt", serve_ckpt, "--start", "好看", "--sentiment", "pos", "--num_samples", "3", "--max_new_tokens",
+            "12", "--seed", "1", "--verbose"]
+    for weights in sampling.WEIGHT_FORMATS:
+        assert main(args + ["--weights", weights]) == 0
+        captured = capsys.readouterr()
+        assert f"sampler: cached, {weights} weights" in captured.err
+        assert len(captured.out.splitlines()) == 3 and all("好看" in line for line in captured.out.splitlines())
+    assert main(args + ["--weights", "int8", "--sampler", "reference"]) == 2
+    assert "compiled CPU sampler only" in capsys.readouterr().err
