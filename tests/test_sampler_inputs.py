@@ -169,19 +169,35 @@ OTHER_CONFIGS = st.sampled_from([dict(n_layer=2), dict(n_embd=24), dict(block_si
 
 @settings(max_examples=12, deadline=None)
 @given(change=OTHER_CONFIGS)
-def test_weights_of_another_config_are_a_value_error(change):
+@each_variant
+def test_weights_of_another_config_are_a_value_error(variant, change):
     """The packed weights must be exactly the config's: wrong shapes, missing or extra names are refused."""
     other = make_model(dataclasses.replace(CONFIG, **change))
     with pytest.raises(ValueError, match="weight"):
-        kv_sampler(other.state_dict())
+        kv_sampler(other.state_dict(), CONFIG, *variant)
     with pytest.raises(ValueError, match="weight"):
-        kv_sampler(MODEL.state_dict(), dataclasses.replace(CONFIG, **change))
+        kv_sampler(MODEL.state_dict(), dataclasses.replace(CONFIG, **change), *variant)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_weights_of_another_dtype_are_a_type_error(dtype):
+@each_variant
+def test_weights_of_another_dtype_are_a_type_error(variant, dtype):
     with pytest.raises(TypeError, match="float32"):
-        kv_sampler({k: v.to(dtype) for k, v in MODEL.state_dict().items()})
+        kv_sampler({k: v.to(dtype) for k, v in MODEL.state_dict().items()}, CONFIG, *variant)
+
+
+@pytest.mark.parametrize("weights", ["fp16", "", "INT8"])
+def test_unknown_weight_format_is_a_value_error(weights):
+    with pytest.raises(ValueError, match="weight_format"):
+        kv_sampler(MODEL.state_dict(), CONFIG, weights)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_int8_refuses_weights_it_cannot_scale(bad):
+    broken = {k: v.clone() for k, v in MODEL.state_dict().items()}
+    broken["transformer.h.0.mlp.c_fc.weight"][3, 4] = bad
+    with pytest.raises(ValueError, match="finite"):
+        kv_sampler(broken, CONFIG, "int8")
 
 
 def test_untied_or_non_tensor_weights_are_refused():
