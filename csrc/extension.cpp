@@ -1,8 +1,11 @@
 // The Python module mingpt._C. Ops register themselves with the torch library (TORCH_LIBRARY_FRAGMENT
-// in their own files); this file reports how the extension was built and binds the sampler class.
+// in their own files); this file reports how the extension was built and binds the sampler class and
+// the memory-read benchmark.
 #include <torch/extension.h>
 
 #include "sampler.h"
+
+void init_stream_read(pybind11::module& m);
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -33,4 +36,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mingpt compiled kernels";
   m.def("build_info", &build_info, "How this extension was compiled (OpenMP, CUDA, torch version)");
   init_sampler(m);
+  init_stream_read(m);
 }

@@ -82,8 +82,9 @@ torch::Tensor check_controls(const ModelConfig& c, const torch::Tensor& idx, dou
 
 class KVSampler {
  public:
-  KVSampler(const std::map<std::string, torch::Tensor>& weights, const py::dict& config)
-      : g_(pack_gpt(weights, read_config(config))) {}
+  KVSampler(const std::map<std::string, torch::Tensor>& weights, const py::dict& config,
+            const std::string& weight_format, bool portable)
+      : g_(pack_gpt(weights, read_config(config), parse_weight_format(weight_format), portable)) {}
 
   py::object generate(const torch::Tensor& idx, int64_t max_new_tokens, double temperature, int64_t top_k,
                       double top_p, int64_t eos_id, uint64_t seed, int64_t num_threads, const py::object& callback,
@@ -113,6 +114,9 @@ class KVSampler {
   }
 
   int64_t packed_bytes() const { return g_.bytes(); }
+  int64_t streamed_bytes() const { return g_.streamed_bytes(); }
+  std::string weight_format() const { return format_name(g_.lm_head.format); }
+  std::string kernel() const { return kernel_name(g_.lm_head.kernel); }
 
  private:
   const PackedGPT g_;
@@ -124,14 +128,17 @@ class KVSampler {
 
 void init_sampler(py::module& m) {
   using mingpt::sampler::KVSampler;
-  m.attr("SAMPLER_VERSION") = 4;  // bump with any change to KVSampler's interface (see mingpt/sampling.py)
+  m.attr("SAMPLER_VERSION") = 5;  // bump with any change to KVSampler's interface (see mingpt/sampling.py)
   py::class_<KVSampler>(m, "KVSampler",
                         "A GPT's weights packed for the KV-cached sampler; build once, generate many times.")
-      .def(py::init<const std::map<std::string, torch::Tensor>&, const py::dict&>(), py::arg("weights"),
-           py::arg("config"),
+      .def(py::init<const std::map<std::string, torch::Tensor>&, const py::dict&, const std::string&, bool>(),
+           py::arg("weights"), py::arg("config"), py::arg("weight_format") = "fp32", py::arg("portable") = false,
            "weights: the model's state dict (float32, CPU, nanoGPT names, lm_head tied to wte); config: "
            "dataclasses.asdict(model.config), the fields of mingpt.config.GPTConfig (n_layer, n_head, n_embd, "
-           "block_size, vocab_size, bias, layer_norm_eps; dropout is ignored)")
+           "block_size, vocab_size, bias, layer_norm_eps; dropout is ignored); weight_format: the matrices "
+           "held as 'fp32' (exact), 'bf16' or 'int8' (per-row scales); activations, norms and the KV cache "
+           "stay fp32. portable: read bf16 and int8 with the portable kernels (decoded to fp32) even where "
+           "this build has the bf16 or VNNI dot products")
       .def("generate", &KVSampler::generate, py::arg("idx"), py::arg("max_new_tokens"), py::arg("temperature") = 1.0,
            py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("eos_id") = -1, py::arg("seed") = 0,
            py::arg("num_threads") = 0, py::arg("callback") = py::none(), py::arg("record_logits") = false,
@@ -141,7 +148,12 @@ void init_sampler(py::module& m) {
            "row that emits eos_id is padded with it, and the call stops when every row has. temperature 0 is "
            "greedy; top_k 0 and top_p 1 disable those filters. callback(tokens) gets each new column as a "
            "list and may return row indices to stop after it (padded with eos_id from then on). guidance (with "
-           "guidance_idx), repetition_penalty and no_repeat_ngram_size: see mingpt/logit_controls.py. With record_logits, returns (tokens, logits of shape (batch, steps, vocab)), NaN for rows "
-           "already finished.")
-      .def_property_readonly("packed_bytes", &KVSampler::packed_bytes, "bytes of packed weights held");
+           "guidance_idx), repetition_penalty and no_repeat_ngram_size: see mingpt/logit_controls.py. With "
+           "record_logits, returns (tokens, logits of shape (batch, steps, vocab)), NaN for rows already "
+           "finished.")
+      .def_property_readonly("packed_bytes", &KVSampler::packed_bytes, "bytes of packed weights held")
+      .def_property_readonly("streamed_bytes", &KVSampler::streamed_bytes,
+                             "bytes of weights every step reads: the matrices, their biases and scales")
+      .def_property_readonly("weight_format", &KVSampler::weight_format, "fp32, bf16 or int8")
+      .def_property_readonly("kernel", &KVSampler::kernel, "the kernel that reads the matrices");
 }

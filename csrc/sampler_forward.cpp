@@ -21,6 +21,7 @@ ForwardStep::ForwardStep(const PackedGPT& model, int batch, int max_rows, int po
   head_cache_ = 2 * size_t(c_.head_dim) * ld_t_ + kLanes;  // + lanes: whole-vector reads past the end
   kv_cache_ = alloc_floats(size_t(batch) * c_.n_layer * c_.n_head * head_cache_);
   scores_ = alloc_floats(size_t(n_threads) * ld_t_);
+  scratch_.assign(n_threads, KernelScratch(max_rows_, ld_hidden_));
 }
 
 void ForwardStep::embed(const StepRows& step, int tid, int nth) {
@@ -38,6 +39,7 @@ void ForwardStep::run(const StepRows& step, int tid, int nth) {
   embed(step, tid, nth);
 #pragma omp barrier
   float* normed = normed_.get() + size_t(tid) * max_rows_ * ld_c_;
+  KernelScratch& scratch = scratch_[tid];
   const auto add_to_residual = [&](int r, int n0, vec16 y) {
     float* x = x_.get() + size_t(r) * ld_c_ + n0;
     store(x, load<vec16>(x) + y);
@@ -46,26 +48,26 @@ void ForwardStep::run(const StepRows& step, int tid, int nth) {
     const Layer& layer = g_.layers[l];
     for (int r = 0; r < rows; ++r)
       layer_norm_row(x_.get() + size_t(r) * ld_c_, layer.ln_1, eps, normed + size_t(r) * ld_c_, C);
-    matmul(layer.qkv, normed, ld_c_, rows, tid, nth,
+    matmul(layer.qkv, normed, ld_c_, rows, tid, nth, scratch,
            [&](int r, int n0, vec16 y) { store(qkv_.get() + size_t(r) * ld_qkv_ + n0, y); });
 #pragma omp barrier
     attention(step, l, tid, nth);
 #pragma omp barrier
-    matmul(layer.attn_proj, attn_out_.get(), ld_c_, rows, tid, nth, add_to_residual);
+    matmul(layer.attn_proj, attn_out_.get(), ld_c_, rows, tid, nth, scratch, add_to_residual);
 #pragma omp barrier
     for (int r = 0; r < rows; ++r)
       layer_norm_row(x_.get() + size_t(r) * ld_c_, layer.ln_2, eps, normed + size_t(r) * ld_c_, C);
-    matmul(layer.fc, normed, ld_c_, rows, tid, nth,
+    matmul(layer.fc, normed, ld_c_, rows, tid, nth, scratch,
            [&](int r, int n0, vec16 y) { store(hidden_.get() + size_t(r) * ld_hidden_ + n0, gelu16(y)); });
 #pragma omp barrier
-    matmul(layer.mlp_proj, hidden_.get(), ld_hidden_, rows, tid, nth, add_to_residual);
+    matmul(layer.mlp_proj, hidden_.get(), ld_hidden_, rows, tid, nth, scratch, add_to_residual);
 #pragma omp barrier
   }
   const int n = step.samples.size();  // one logit row per sample: its last
   for (int i = 0; i < n; ++i)
     layer_norm_row(x_.get() + size_t(i * step.per_sample + step.per_sample - 1) * ld_c_, g_.ln_f, eps,
                    normed + size_t(i) * ld_c_, C);
-  matmul(g_.lm_head, normed, ld_c_, n, tid, nth,
+  matmul(g_.lm_head, normed, ld_c_, n, tid, nth, scratch,
          [&](int i, int n0, vec16 y) { store(logits_.get() + size_t(i) * ld_vocab_ + n0, y); });
 #pragma omp barrier
 }

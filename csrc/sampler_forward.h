@@ -42,6 +42,7 @@ class ForwardStep {
   int ld_c_, ld_qkv_, ld_hidden_, ld_vocab_, ld_t_, max_rows_;
   size_t head_cache_;
   Floats x_, normed_, qkv_, attn_out_, hidden_, logits_, kv_cache_, scores_;
+  std::vector<KernelScratch> scratch_;  // one per thread
 };
 
 }  // namespace sampler

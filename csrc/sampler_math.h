@@ -1,12 +1,10 @@
-// The sampler's arithmetic on packed weights: the matrix product of a panel with a few rows, layer norm
+// The sampler's arithmetic on packed weights: the matrix product of a matrix with a few rows, layer norm
 // of one row, GELU, and softmax attention of one query over a cached head.
 #pragma once
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <limits>
-#include <utility>
 
 #include "sampler_weights.h"
 #include "simd.h"
@@ -14,7 +12,6 @@
 namespace mingpt {
 namespace sampler {
 
-constexpr int kMaxTile = 12;  // batch rows per matrix tile: one accumulator register each
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The start of share i of n items split into `parts` nearly equal shares.
@@ -38,55 +35,27 @@ inline void layer_norm_row(const float* x, const LayerNormWeights& ln, float eps
   for (int i = 0; i < n; ++i) out[i] = (x[i] - mean) * rstd * ln.weight[i] + ln.bias[i];
 }
 
-// out[b] (16 lanes) = panel . in[b] for NB batch rows, prefetching `ahead` (a later panel) line
-// by line. Small tiles split k over several accumulators so that the FMA latency does not bound them.
-template <int NB>
-void panel_tile(const float* panel, int cols, const float* in, int ld, const float* ahead, vec16* out) {
-  constexpr int kSplit = NB == 1 ? 4 : NB <= 3 ? 2 : 1;
-  vec16 acc[kSplit][NB];
-  for (int s = 0; s < kSplit; ++s)
-    for (int b = 0; b < NB; ++b) acc[s][b] = vec16{};
-  int k = 0;
-  for (; k + kSplit <= cols; k += kSplit) {
-#pragma GCC unroll 4
-    for (int s = 0; s < kSplit; ++s) {
-      __builtin_prefetch(ahead + size_t(k + s) * kLanes);
-      const vec16 w = load<vec16>(panel + size_t(k + s) * kLanes);
-#pragma GCC unroll 12
-      for (int b = 0; b < NB; ++b) acc[s][b] += w * in[size_t(b) * ld + k + s];
-    }
-  }
-  for (; k < cols; ++k) {
-    const vec16 w = load<vec16>(panel + size_t(k) * kLanes);
-    for (int b = 0; b < NB; ++b) acc[0][b] += w * in[size_t(b) * ld + k];
-  }
-  for (int b = 0; b < NB; ++b) {
-    vec16 sum = acc[0][b];
-    for (int s = 1; s < kSplit; ++s) sum += acc[s][b];
-    out[b] = sum;
-  }
-}
-
-using TileFn = void (*)(const float*, int, const float*, int, const float*, vec16*);
-template <int... N>
-constexpr std::array<TileFn, sizeof...(N)> tile_table(std::integer_sequence<int, N...>) {
-  return {&panel_tile<N + 1>...};
-}
-constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kMaxTile>{});
-
 // This thread's share of out = in . W^T + bias for `rows` input rows of stride ld: every panel it
 // owns is read once, and epilogue(row, first column, 16 values) stores each result. Panels are
-// prefetched two ahead, so that the memory keeps streaming while the cores compute.
+// prefetched two ahead, so that the memory keeps streaming while the cores compute. The rows are
+// first put in the form the matrix's kernel reads, in this thread's scratch.
 template <class Epilogue>
-void matmul(const PackedMatrix& m, const float* in, int ld, int rows, int tid, int nth, Epilogue&& epilogue) {
+void matmul(const PackedMatrix& m, const float* in, int ld, int rows, int tid, int nth, KernelScratch& scratch,
+            Epilogue&& epilogue) {
+  const int first = part(m.panels, tid, nth), last = part(m.panels, tid + 1, nth);
+  if (first == last) return;
+  const KernelInput input = scratch.prepare(m.kernel, in, ld, rows, m.steps);
+  const TileTable& tile = tiles_of(m.kernel);
   const int tiles = (rows + kMaxTile - 1) / kMaxTile;
   vec16 acc[kMaxTile];
-  for (int p = part(m.panels, tid, nth); p < part(m.panels, tid + 1, nth); ++p) {
+  for (int p = first; p < last; ++p) {
     const vec16 bias = load<vec16>(m.bias.data() + p * kLanes);
+    const vec16 scale = m.scale.empty() ? vec16{} : load<vec16>(m.scale.data() + p * kLanes);
     for (int t = 0; t < tiles; ++t) {
       const int r0 = part(rows, t, tiles), r1 = part(rows, t + 1, tiles);
-      kTiles[r1 - r0 - 1](m.panel(p), m.cols, in + size_t(r0) * ld, ld, m.panel(std::min(p + 2, m.panels - 1)), acc);
-      for (int r = r0; r < r1; ++r) epilogue(r, p * kLanes, acc[r - r0] + bias);
+      tile[r1 - r0 - 1](m.panel(p), m.steps, input, r0, m.panel(std::min(p + 2, m.panels - 1)), acc);
+      for (int r = r0; r < r1; ++r)
+        epilogue(r, p * kLanes, m.scale.empty() ? acc[r - r0] + bias : acc[r - r0] * scale + bias);
     }
   }
 }

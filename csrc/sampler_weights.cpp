@@ -21,17 +21,50 @@ Floats alloc_floats(size_t n) {
 
 namespace {
 
-PackedMatrix pack_matrix(const torch::Tensor& weight, const torch::Tensor* bias) {
+// A row of W into its lane of a panel, in the format's layout (sampler_kernels.h); int8 sets its scale.
+void pack_row(const float* w, int cols, WeightFormat format, float* scale, uint8_t* lane, int steps) {
+  const auto at = [&](int s) { return lane + size_t(s) * kLanes * 4; };  // the lane's 4 bytes of k-step s
+  if (format == WeightFormat::fp32) {
+    for (int k = 0; k < cols; ++k) std::memcpy(at(k), &w[k], 4);
+  } else if (format == WeightFormat::bf16) {
+    for (int k = 0; k < cols; ++k) {
+      const uint16_t half = to_bf16(w[k]);
+      std::memcpy(at(k / 2) + 2 * (k % 2), &half, 2);
+    }
+  } else {
+    float max = 0.0f;
+    for (int k = 0; k < cols; ++k) max = std::max(max, std::fabs(w[k]));
+    *scale = max > 0.0f ? max / 127.0f : 0.0f;
+    const float inverse = max > 0.0f ? 127.0f / max : 0.0f;
+    for (int s = 0; s < steps; ++s)
+      for (int j = 0; j < 4; ++j) {
+        const int k = 4 * s + j;
+        at(s)[j] = uint8_t(128 + (k < cols ? int(std::nearbyint(w[k] * inverse)) : 0));
+      }
+  }
+}
+
+PackedMatrix pack_matrix(const torch::Tensor& weight, const torch::Tensor* bias, WeightFormat format, bool portable) {
   PackedMatrix m;
   m.rows = weight.size(0);
   m.cols = weight.size(1);
   m.panels = (m.rows + kLanes - 1) / kLanes;
-  m.data = alloc_floats(size_t(m.panels) * m.cols * kLanes);
+  m.format = format;
+  m.steps = (m.cols + values_per_step(format) - 1) / values_per_step(format);
+  m.kernel = kernel_for(format, portable);
+  m.data = alloc_floats(size_t(m.panels) * m.steps * kLanes);
+  if (format == WeightFormat::int8) {
+    TORCH_CHECK_VALUE(torch::isfinite(weight).all().item<bool>(), "KVSampler: int8 weights need finite values; ",
+                      "this model has inf or NaN weights");
+    m.scale.assign(m.padded_rows(), 0.0f);
+    // Rows past `rows` hold zero weights, stored as the offset 128.
+    std::memset(m.data.get(), 128, size_t(m.panels) * m.steps * kLanes * sizeof(float));
+  }
   const torch::Tensor w = weight.contiguous();
   const float* src = w.data_ptr<float>();
   for (int row = 0; row < m.rows; ++row) {
-    float* dst = m.data.get() + size_t(row / kLanes) * m.cols * kLanes + row % kLanes;
-    for (int k = 0; k < m.cols; ++k) dst[size_t(k) * kLanes] = src[size_t(row) * m.cols + k];
+    uint8_t* lane = reinterpret_cast<uint8_t*>(m.data.get() + size_t(row / kLanes) * m.steps * kLanes + row % kLanes);
+    pack_row(src + size_t(row) * m.cols, m.cols, format, m.scale.empty() ? nullptr : &m.scale[row], lane, m.steps);
   }
   m.bias.assign(m.padded_rows(), 0.0f);
   if (bias != nullptr) {
@@ -76,7 +109,8 @@ bool config_bool(const py::dict& config, const char* key) {
 // Reads the weights of a state dict, checking that they are exactly the config's.
 class WeightReader {
  public:
-  explicit WeightReader(const std::map<std::string, torch::Tensor>& weights) : weights_(weights) {}
+  WeightReader(const std::map<std::string, torch::Tensor>& weights, WeightFormat format, bool portable)
+      : weights_(weights), format_(format), portable_(portable) {}
 
   const torch::Tensor& get(const std::string& name, std::vector<int64_t> shape) {
     const auto it = weights_.find(name);
@@ -104,7 +138,7 @@ class WeightReader {
 
   PackedMatrix linear(const std::string& prefix, int64_t out, int64_t in, bool bias) {
     const torch::Tensor& w = get(prefix + ".weight", {out, in});
-    return bias ? pack_matrix(w, &get(prefix + ".bias", {out})) : pack_matrix(w, nullptr);
+    return pack_matrix(w, bias ? &get(prefix + ".bias", {out}) : nullptr, format_, portable_);
   }
 
   void check_all_used() const {
@@ -116,6 +150,8 @@ class WeightReader {
 
  private:
   const std::map<std::string, torch::Tensor>& weights_;
+  const WeightFormat format_;
+  const bool portable_;
   std::set<std::string> used_;
 };
 
@@ -144,11 +180,12 @@ ModelConfig read_config(const py::dict& config) {
   return c;
 }
 
-PackedGPT pack_gpt(const std::map<std::string, torch::Tensor>& weights, const ModelConfig& cfg) {
+PackedGPT pack_gpt(const std::map<std::string, torch::Tensor>& weights, const ModelConfig& cfg, WeightFormat format,
+                   bool portable) {
   const int64_t C = cfg.n_embd, V = cfg.vocab_size;
   PackedGPT g;
   g.cfg = cfg;
-  WeightReader reader(weights);
+  WeightReader reader(weights, format, portable);
   const torch::Tensor& wte = reader.get("transformer.wte.weight", {V, C});
   if (weights.count("lm_head.weight")) {
     const torch::Tensor& lm = reader.get("lm_head.weight", {V, C});
@@ -156,7 +193,7 @@ PackedGPT pack_gpt(const std::map<std::string, torch::Tensor>& weights, const Mo
                       "KVSampler: lm_head.weight differs from transformer.wte.weight; the sampler needs "
                       "the tied embedding of GPT");
   }
-  g.lm_head = pack_matrix(wte, nullptr);
+  g.lm_head = pack_matrix(wte, nullptr, format, portable);
   g.wpe = reader.copy("transformer.wpe.weight", {cfg.block_size, C});
   for (int i = 0; i < cfg.n_layer; ++i) {
     const std::string p = "transformer.h." + std::to_string(i);
@@ -174,12 +211,49 @@ PackedGPT pack_gpt(const std::map<std::string, torch::Tensor>& weights, const Mo
   return g;
 }
 
+float PackedMatrix::value(int64_t row, int k) const {
+  const int per_step = values_per_step(format);
+  const uint8_t* lane = reinterpret_cast<const uint8_t*>(panel(row / kLanes) + size_t(k / per_step) * kLanes + row % kLanes);
+  if (per_step == 1) return *reinterpret_cast<const float*>(lane);
+  if (per_step == 2) {
+    const uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(lane)[k % 2]) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+  }
+  return float(int(lane[k % 4]) - 128) * scale[row];
+}
+
+size_t PackedGPT::streamed_bytes() const {
+  size_t n = lm_head.bytes();
+  for (const Layer& l : layers) n += l.qkv.bytes() + l.attn_proj.bytes() + l.fc.bytes() + l.mlp_proj.bytes();
+  return n;
+}
+
 size_t PackedGPT::bytes() const {
   const size_t norm_bytes = 2 * ln_f.weight.size() * sizeof(float);
-  size_t n = lm_head.bytes() + wpe.size() * sizeof(float) + norm_bytes;
-  for (const Layer& l : layers)
-    n += l.qkv.bytes() + l.attn_proj.bytes() + l.fc.bytes() + l.mlp_proj.bytes() + 2 * norm_bytes;
-  return n;
+  return streamed_bytes() + wpe.size() * sizeof(float) + (1 + 2 * layers.size()) * norm_bytes;
+}
+
+WeightFormat parse_weight_format(const std::string& name) {
+  if (name == "fp32") return WeightFormat::fp32;
+  if (name == "bf16") return WeightFormat::bf16;
+  TORCH_CHECK_VALUE(name == "int8", "KVSampler: weight_format must be 'fp32', 'bf16' or 'int8', got '", name, "'");
+  return WeightFormat::int8;
+}
+
+const char* format_name(WeightFormat format) {
+  return format == WeightFormat::fp32 ? "fp32" : format == WeightFormat::bf16 ? "bf16" : "int8";
+}
+
+const char* kernel_name(Kernel kernel) {
+  switch (kernel) {
+    case Kernel::bf16_portable: return "bf16 portable";
+    case Kernel::bf16_dot: return "bf16 avx512_bf16";
+    case Kernel::int8_portable: return "int8 portable";
+    case Kernel::int8_vnni: return "int8 avx512_vnni";
+    default: return "fp32";
+  }
 }
 
 }  // namespace sampler

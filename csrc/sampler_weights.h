@@ -1,6 +1,7 @@
 // The sampler's model: its config, read from a dict of mingpt.config.GPTConfig's fields, and its
-// weights, read from a state dict and packed once into panels of 16 output rows stored k-major, so
-// that a matrix times a few vectors reads each weight once per step, 16 lanes at a time.
+// weights, read from a state dict and packed once (in fp32, bf16 or int8) into panels of 16 output
+// rows stored k-major, so that a matrix times a few vectors reads each weight once per step, 16 lanes
+// at a time.
 #pragma once
 
 #include <torch/extension.h>
@@ -11,12 +12,10 @@
 #include <string>
 #include <vector>
 
-#include "simd.h"
+#include "sampler_kernels.h"
 
 namespace mingpt {
 namespace sampler {
-
-constexpr int kLanes = lanes_of<vec16>;
 
 struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
@@ -26,15 +25,24 @@ using Floats = std::unique_ptr<float[], FreeDeleter>;
 // 64-byte aligned, zero-filled.
 Floats alloc_floats(size_t n);
 
-// W (rows x cols) as ceil(rows / 16) panels; panel p holds rows 16p .. 16p+15 as [col][lane].
-struct PackedMatrix {
-  int rows = 0, cols = 0, panels = 0;
-  Floats data;
-  std::vector<float> bias;  // panels * 16 entries, zero past `rows` and in models without biases
+WeightFormat parse_weight_format(const std::string& name);
+const char* format_name(WeightFormat format);
+const char* kernel_name(Kernel kernel);
 
-  const float* panel(int p) const { return data.get() + size_t(p) * cols * kLanes; }
+// W (rows x cols) as ceil(rows / 16) panels; panel p holds rows 16p .. 16p+15 as [k-step][lane], each
+// k-step one line of 16 x 4 bytes in the format's layout (sampler_kernels.h), zero past cols and rows.
+struct PackedMatrix {
+  int rows = 0, cols = 0, panels = 0, steps = 0;
+  WeightFormat format = WeightFormat::fp32;
+  Kernel kernel = Kernel::fp32;
+  Floats data;
+  std::vector<float> bias;   // panels * 16 entries, zero past `rows` and in models without biases
+  std::vector<float> scale;  // int8: each row's scale (0 past `rows`); empty otherwise
+
+  const float* panel(int p) const { return data.get() + size_t(p) * steps * kLanes; }
   int padded_rows() const { return panels * kLanes; }
-  size_t bytes() const { return (size_t(panels) * cols * kLanes + bias.size()) * sizeof(float); }
+  float value(int64_t row, int k) const;  // W[row][k] as this format holds it
+  size_t bytes() const { return (size_t(panels) * steps * kLanes + bias.size() + scale.size()) * sizeof(float); }
 };
 
 struct ModelConfig {
@@ -62,14 +70,15 @@ struct PackedGPT {
   LayerNormWeights ln_f;
   PackedMatrix lm_head;  // tied to the token embedding, which is read from it
 
-  float wte(int64_t token, int c) const {
-    return lm_head.panel(token / kLanes)[size_t(c) * kLanes + token % kLanes];
-  }
-  size_t bytes() const;
+  float wte(int64_t token, int c) const { return lm_head.value(token, c); }
+  size_t bytes() const;           // everything held
+  size_t streamed_bytes() const;  // what every step reads: the matrices
 };
 
-// Packs a state dict (float32, CPU, nanoGPT names, lm_head tied to wte) holding exactly cfg's weights.
-PackedGPT pack_gpt(const std::map<std::string, torch::Tensor>& weights, const ModelConfig& cfg);
+// Packs a state dict (float32, CPU, nanoGPT names, lm_head tied to wte) holding exactly cfg's weights,
+// its matrices in `format`, read by that format's portable kernel or by the best one this build has.
+PackedGPT pack_gpt(const std::map<std::string, torch::Tensor>& weights, const ModelConfig& cfg, WeightFormat format,
+                   bool portable);
 
 }  // namespace sampler
 }  // namespace mingpt

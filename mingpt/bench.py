@@ -2,8 +2,9 @@
 `python -m mingpt.bench [--json PATH]`.
 
 Rows: the machine's matmul peak (for MFU), the training step (tokens/s) per backend and dtype,
-sampling (tokens/s, 1 and 10 samples) per sampler, and every op of the op table per backend
-(forward and forward+backward). Configurations alternate within each round and each figure is
+sampling (tokens/s, 1 and 10 samples) per sampler and, for the compiled sampler, per weight format
+beside that format's streaming bound (reading its weight bytes once per step), and every op of the
+op table per backend (forward and forward+backward). Configurations alternate within each round and each figure is
 the median over rounds, so drift on a shared machine hits every row alike. A row that cannot
 run here says why instead of giving a number.
 """
@@ -19,9 +20,10 @@ import time
 import torch
 
 from .config import preset_config
+from .extension import require_extension
 from .model import GPT
 from .ops import OP_NAMES, BackendUnavailable, get_ops
-from .sampling import SAMPLERS, generate, resolve_sampler
+from .sampling import SAMPLERS, WEIGHT_FORMATS, generate, packed_sampler, resolve_sampler
 from .runtime import autocast_context
 
 TRAIN_BACKENDS = ("reference", "sdpa", "compile", "triton", "cpp", "compile-cpp")
@@ -101,11 +103,22 @@ def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batc
     return step, model
 
 
-def make_sampler_run(model, sampler: str, num_samples: int, new_tokens: int, device, guidance=1.0):
+def make_sampler_run(model, sampler: str, num_samples: int, new_tokens: int, device, weights="fp32", guidance=1.0):
     """Guided, each sample also runs under a second prompt (another first token): twice the rows."""
     idx = torch.zeros((num_samples, 1), dtype=torch.long, device=device)
-    return lambda: generate(model, idx, new_tokens, temperature=1.0, seed=0, sampler=sampler, guidance=guidance,
-                            guidance_idx=idx + 1)
+    return lambda: generate(model, idx, new_tokens, temperature=1.0, seed=0, sampler=sampler, weights=weights,
+                            guidance=guidance, guidance_idx=idx + 1)
+
+
+def make_stream_read(nbytes: int):
+    """A closure reading a buffer of nbytes once with the sampler's threads and vector loads
+    (mingpt._C.stream_read): the time a decode step needs at least to stream weights of that size."""
+    buffer, threads = torch.rand(nbytes // 4), torch.get_num_threads()
+    return lambda: require_extension().stream_read(buffer, threads)
+
+
+# The dtype column of the compiled sampler's rows per weight format.
+FORMAT_DTYPES = {"fp32": "float32", "bf16": "bf16", "int8": "int8"}
 
 
 def op_inputs(op: str, preset: str, vocab_size: int, batch_size: int, device):
@@ -191,22 +204,56 @@ def bench_training(args, device, peaks) -> list:
     return rows
 
 
-def bench_sampling(args, device) -> list:
+def sampling_configs(model, args, device):
+    """The closures to time: every sampler at 1 and 10 samples, the compiled one in each weight format,
+    every sampler guided (keyed (sampler, format, samples, guidance)), and rows that cannot run here."""
     rows, configs = [], {}
-    model = bench_model(args.preset, args.vocab_size, device).eval()
-    for sampler, num_samples, guidance in itertools.product((s for s in SAMPLERS if s != "auto"), (1, 10), (1.0, 2.0)):
-        note = f"{args.new_tokens} new tokens" + (f", guidance {guidance:g}" if guidance != 1.0 else "")
+    runs = [(sampler, "fp32", 1.0) for sampler in SAMPLERS if sampler not in ("auto", "cached")]
+    runs += [("cached", weights, 1.0) for weights in WEIGHT_FORMATS]
+    runs += [(sampler, "fp32", 2.0) for sampler in SAMPLERS if sampler != "auto"]
+    for (sampler, weights, guidance), num_samples in itertools.product(runs, (1, 10)):
         try:
-            run = make_sampler_run(model, sampler, num_samples, args.new_tokens, device, guidance)
+            run = make_sampler_run(model, sampler, num_samples, args.new_tokens, device, weights, guidance)
             run()
         except (RuntimeError, ValueError) as e:
-            rows.append(Row("sample", sampler, "float32", num_samples, note=f"skipped: {e}"))
+            rows.append(Row("sample", sampler, FORMAT_DTYPES[weights], num_samples, note=f"skipped: {e}"))
             continue
-        configs[(sampler, num_samples, note)] = run
-    for (sampler, num_samples, note), seconds in run_rounds(configs, args.rounds, 1, device).items():
-        rows.append(Row("sample", sampler, "float32", num_samples, num_samples * args.new_tokens / seconds,
-                        seconds * 1e3, note=note))
+        configs[(sampler, weights, num_samples, guidance)] = run
+    return rows, configs
+
+
+def bench_sampling(args, device) -> list:
+    model = bench_model(args.preset, args.vocab_size, device).eval()
+    rows, configs = sampling_configs(model, args, device)
+    streamed = {w: packed_sampler(model, w).streamed_bytes for (sampler, w, _, _) in configs if sampler == "cached"}
+    reads = {w: make_stream_read(nbytes) for w, nbytes in streamed.items()}
+    for (sampler, weights, num_samples, guidance), seconds in run_rounds(configs, args.rounds, 1, device).items():
+        note = f"{args.new_tokens} new tokens" + (f", guidance {guidance:g}" if guidance != 1.0 else "")
+        rows.append(Row("sample", sampler, FORMAT_DTYPES[weights], num_samples,
+                        num_samples * args.new_tokens / seconds, seconds * 1e3, note=note))
+    for weights, seconds in run_rounds(reads, args.rounds, 50, device).items():
+        for num_samples in (1, 10):
+            rows.append(Row("sample", "stream-bound", FORMAT_DTYPES[weights], num_samples,
+                            num_samples / seconds, seconds * args.new_tokens * 1e3,
+                            note=f"reading {streamed[weights] / 1e6:.1f} MB once per step"))
     return rows
+
+
+def weight_format_summary(rows) -> list:
+    """Lines comparing the compiled sampler's weight formats: speed against fp32 and against the
+    format's streaming bound, at each batch."""
+    speed = {(r.backend, r.dtype, r.batch): r.tokens_per_s for r in rows
+             if r.task == "sample" and r.tokens_per_s and "guidance" not in r.note}
+    lines = []
+    for weights in WEIGHT_FORMATS:
+        dtype = FORMAT_DTYPES[weights]
+        for batch in (1, 10):
+            tok_s, fp32 = speed.get(("cached", dtype, batch)), speed.get(("cached", "float32", batch))
+            bound = speed.get(("stream-bound", dtype, batch))
+            if tok_s and fp32 and bound:
+                lines.append(f"cached {weights:<5} batch {batch:>2}: {tok_s:8,.0f} tokens/s, {tok_s / fp32:.2f}x fp32, "
+                             f"{tok_s / bound:.0%} of its streaming bound ({bound:,.0f} tokens/s)")
+    return lines
 
 
 def bench_ops(args, device) -> list:
@@ -234,8 +281,8 @@ def bench_ops(args, device) -> list:
 
 def row_order(row: Row):
     task = row.task.split(":")[0]
-    backends = TRAIN_BACKENDS + tuple(s for s in SAMPLERS if s not in TRAIN_BACKENDS)
-    return (("matmul_2048", "train_step", "sample", "op").index(task), row.task, row.dtype != "float32",
+    backends = TRAIN_BACKENDS + tuple(s for s in SAMPLERS if s not in TRAIN_BACKENDS) + ("stream-bound",)
+    return (("matmul_2048", "train_step", "sample", "op").index(task), row.task, row.dtype != "float32", row.dtype,
             row.batch, row.note, backends.index(row.backend) if row.backend in backends else -1)
 
 
@@ -299,6 +346,8 @@ def main(argv=None):
         rows += bench_ops(args, device)
     rows.sort(key=row_order)
     print_table(rows)
+    for line in weight_format_summary(rows):
+        print(line)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this run: {peak_mb:,.0f} MB")
     if args.json:

@@ -27,7 +27,10 @@ from .tokenizer import PAD, SENTIMENT_TOKENS, UnknownCharacterError
 SAMPLERS = ("auto", "reference", "kvcache", "cached")
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 4
+SAMPLER_VERSION = 5
+
+# The formats the compiled sampler holds the weight matrices in: fp32 (exact), bf16, int8 (per-row scales).
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 
 
 def check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, eos_id=None):
@@ -146,19 +149,24 @@ def kvcache_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, to
                         controls, guidance_idx)
 
 
-# model -> (parameter key, mingpt._C.KVSampler): packed weights live as long as their model.
+# model -> {weight format: (parameter key, mingpt._C.KVSampler)}: packed weights live as long as their model.
 _packed_samplers = weakref.WeakKeyDictionary()
 
 
-def packed_sampler(model):
-    """The model's weights packed for the compiled sampler, packed again only after they change."""
+def packed_sampler(model, weights="fp32"):
+    """The model's weights packed (quantised once) in format `weights` for the compiled sampler, packed
+    again only after they change."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     key = (dataclasses.astuple(model.config),
            tuple((p.data_ptr(), p._version) for p in model.parameters()))
-    hit = _packed_samplers.get(model)
+    formats = _packed_samplers.setdefault(model, {})
+    hit = formats.get(weights)
     if hit is not None and hit[0] == key:
         return hit[1]
-    sampler = extension.require_extension().KVSampler(model.state_dict(), dataclasses.asdict(model.config))
-    _packed_samplers[model] = (key, sampler)
+    sampler = extension.require_extension().KVSampler(model.state_dict(), dataclasses.asdict(model.config),
+                                                      weight_format=weights)
+    formats[weights] = (key, sampler)
     return sampler
 
 
@@ -168,11 +176,12 @@ PARALLEL_MIN_BYTES = 1 << 20
 
 
 def cached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                    seed=None, callback=None, controls=LogitControls(), guidance_idx=None):
-    """One call into mingpt._C.KVSampler (CPU); without a seed, torch's global generator draws one."""
+                    seed=None, callback=None, controls=LogitControls(), guidance_idx=None, weights="fp32"):
+    """One call into mingpt._C.KVSampler (CPU) with the weights in format `weights`; without a seed,
+    torch's global generator draws one."""
     if seed is None:
         seed = int(torch.randint(2 ** 62, (1,)))
-    sampler = packed_sampler(model)
+    sampler = packed_sampler(model, weights)
     threads = torch.get_num_threads() if sampler.packed_bytes >= PARALLEL_MIN_BYTES else 1
     return sampler.generate(
         idx, max_new_tokens, temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
@@ -216,17 +225,20 @@ def resolve_sampler(sampler: str, model=None) -> str:
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
              seed=None, sampler="auto", callback=None, guidance=1.0, guidance_idx=None, repetition_penalty=1.0,
-             no_repeat_ngram_size=0):
+             no_repeat_ngram_size=0, weights="fp32"):
     """Continue each prompt row of idx; rows that emit eos_id are padded with it afterwards.
 
     callback, if given, receives each new column of tokens as a list (one id per row; rows that have
     ended show eos_id); it may return row indices to stop after that column (a client went away):
     they are padded with eos_id like rows that emitted it, and no longer computed.
     guidance (with guidance_idx: each row's prompt under the second conditioning, idx's shape),
-    repetition_penalty and no_repeat_ngram_size: see mingpt.logit_controls.
+    repetition_penalty and no_repeat_ngram_size: see mingpt.logit_controls. weights: the format the
+    compiled CPU sampler holds the weight matrices in (WEIGHT_FORMATS); bf16 and int8 run there only.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, model.config.vocab_size, eos_id)
     controls = LogitControls(guidance, repetition_penalty, no_repeat_ngram_size)
     if controls.guided:
@@ -238,7 +250,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             raise RuntimeError(f"sampler 'cached' is not available: {reason}")
         if idx.device.type == "cpu":
             return cached_generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed, callback,
-                                   controls, guidance_idx)
+                                   controls, guidance_idx, weights)
+    if weights != "fp32":
+        raise ValueError(f"{weights} weights run in the compiled CPU sampler only, not in the {name} sampler "
+                         f"on {idx.device.type}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -375,8 +390,9 @@ def stop_end(text: str, stops, after: int):
     return min(ends) if ends else None
 
 
-# The sample CLI's defaults, which `evaluate` measures too (chosen by measurement: README, "Sentiment control").
-SAMPLING_DEFAULTS = dict(temperature=0.8, top_p=None, guidance=1.0)
+# The sample CLI's (and the server's) defaults, which `evaluate` measures too: chosen by measurement on
+# the README recipe's model (README, "Sentiment control"); the library functions keep guidance off.
+SAMPLING_DEFAULTS = dict(temperature=1.2, top_p=None, guidance=5.0)
 
 
 def add_sampling_flags(p):
@@ -395,18 +411,21 @@ def add_sampling_flags(p):
     p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="never repeat an n-gram of this size (0: off)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample where this text first appears, keeping it (repeatable)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32",
+                   help="the format the compiled CPU sampler holds the weight matrices in: fp32 (exact), "
+                        "bf16, int8 (per-row scales); activations stay fp32")
 
 
 def sampling_options(args) -> dict:
     """write_samples' keyword arguments from the flags of add_sampling_flags."""
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 controls=LogitControls(args.guidance, args.repetition_penalty, args.no_repeat_ngram_size),
-                guide_against=args.guide_against, stop=tuple(args.stop))
+                guide_against=args.guide_against, stop=tuple(args.stop), weights=args.weights)
 
 
 def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samples: int, max_new_tokens: int,
                   temperature=0.8, top_k=None, top_p=None, seed=None, sampler="auto", on_text=None, *,
-                  controls=LogitControls(), guide_against="opposite", stop=()):
+                  controls=LogitControls(), guide_against="opposite", stop=(), weights="fp32"):
     """Returns [(sentiment, text)] for num_samples reviews of `layout` (mingpt.layouts) that begin with `start`.
 
     controls: guidance (against the opposite sentiment or none, guide_against), repetition penalty,
@@ -427,7 +446,7 @@ def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samp
     eos_id = tokenizer.token_id(layout.end_token)
     idx = torch.tensor(prompts, dtype=torch.long, device=model.device)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, sampler=sampler,
-                   guidance=controls.guidance, guidance_idx=guidance_idx,
+                   weights=weights, guidance=controls.guidance, guidance_idx=guidance_idx,
                    repetition_penalty=controls.repetition_penalty, no_repeat_ngram_size=controls.no_repeat_ngram_size)
     if on_text is None and not stop:  # no Python between the compiled sampler's steps
         out = generate(model, idx, max_new_tokens, **options)

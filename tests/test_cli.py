@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import NEGATIVE, POSITIVE
+from mingpt import sampling
 from mingpt.config import GPTConfig, TrainConfig
 
 
@@ -232,3 +233,8 @@ def test_bench_writes_json_rows(tmp_path):
     assert {("train_step", "reference", 32), ("train_step", "sdpa", 32), ("sample", "reference", 1),
             ("sample", "reference", 10)} <= measured
     assert "train_step" in result.stdout
+    if sampling.cached_sampler_unavailable_reason() is None:  # a row per weight format beside its bound
+        formats = {(r["backend"], r["dtype"], r["batch"]) for r in rows if r["task"] == "sample" and r["tokens_per_s"]}
+        assert {(b, d, n) for b in ("cached", "stream-bound") for d in ("float32", "bf16", "int8")
+                for n in (1, 10)} <= formats
+        assert "cached int8  batch  1:" in result.stdout and "of its streaming bound" in result.stdout

@@ -25,10 +25,20 @@ def make_model(config=CONFIG):
 MODEL = make_model()
 
 
-def kv_sampler(weights, config=CONFIG):
+def kv_sampler(weights, config=CONFIG, weight_format="fp32", portable=False):
     from mingpt.extension import require_extension
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    return require_extension().KVSampler(weights, config)
+    return require_extension().KVSampler(weights, config, weight_format=weight_format, portable=portable)
+
+
+# Every weight format with every kernel that reads it (the portable one, and the build's best).
+VARIANTS = [(w, False) for w in sampling.WEIGHT_FORMATS] + [("bf16", True), ("int8", True)]
+each_variant = pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}{'-portable' if v[1] else ''}")
+
+
+def variant_sampler(variant):
+    weights, portable = variant
+    return packed_sampler(MODEL, weights) if not portable else kv_sampler(MODEL.state_dict(), CONFIG, weights, True)
 
 
 @st.composite
@@ -44,8 +54,15 @@ def prompts(draw, max_batch=4):
        top_k=st.one_of(st.none(), st.integers(0, CONFIG.vocab_size + 3)),
        top_p=st.one_of(st.none(), st.floats(1e-3, 1.0)),
        eos=st.one_of(st.none(), st.integers(0, CONFIG.vocab_size - 1)), seed=st.integers(-2 ** 70, 2 ** 70))
-def test_good_inputs_give_well_formed_samples(idx, max_new, temperature, top_k, top_p, eos, seed):
-    out = sampling.generate(MODEL, idx, max_new, temperature, top_k, top_p, eos, seed, sampler="cached")
+@each_variant
+def test_good_inputs_give_well_formed_samples(variant, idx, max_new, temperature, top_k, top_p, eos, seed):
+    weights, portable = variant
+    if portable:
+        out = variant_sampler(variant).generate(idx, max_new, temperature, top_k or 0, 1.0 if top_p is None else top_p,
+                                                -1 if eos is None else eos, seed % 2 ** 64, num_threads=2)
+    else:
+        out = sampling.generate(MODEL, idx, max_new, temperature, top_k, top_p, eos, seed, sampler="cached",
+                                weights=weights)
     batch, length = idx.shape
     assert out.dtype == torch.long and out.shape[0] == batch and length <= out.shape[1] <= length + max_new
     assert torch.equal(out[:, :length], idx)
@@ -60,17 +77,21 @@ def test_good_inputs_give_well_formed_samples(idx, max_new, temperature, top_k, 
         assert new.shape[1] == max_new or bool(after_first[:, -1].all())
     if top_k == 1 or (top_p is not None and top_p < 1e-2) or temperature == 0:
         # One token is left to draw from: the likeliest (by logits within fp32 ties, which random
-        # init does not produce), so sampling is greedy.
-        greedy = sampling.reference_generate(MODEL, idx, max_new, temperature=0, eos_id=eos)
+        # init does not produce), so sampling is greedy: the reference's for fp32 weights.
+        greedy = variant_sampler(variant).generate(idx, max_new, temperature=0, eos_id=-1 if eos is None else eos,
+                                                   num_threads=1)
         assert torch.equal(out, greedy)
+        if variant == ("fp32", False):
+            assert torch.equal(out, sampling.reference_generate(MODEL, idx, max_new, temperature=0, eos_id=eos))
 
 
 @SETTINGS
 @given(idx=prompts(max_batch=2))
-def test_non_contiguous_prompts_are_read_correctly(idx):
+@each_variant
+def test_non_contiguous_prompts_are_read_correctly(variant, idx):
     wide = torch.stack([idx, torch.zeros_like(idx)], dim=2)[:, :, 0]  # stride 2 in the last dim
     assert not wide.is_contiguous() or idx.shape[1] == 1
-    sampler = packed_sampler(MODEL)
+    sampler = variant_sampler(variant)
     assert torch.equal(sampler.generate(wide, 5, temperature=0, num_threads=1),
                        sampler.generate(idx, 5, temperature=0, num_threads=1))
 
@@ -78,31 +99,35 @@ def test_non_contiguous_prompts_are_read_correctly(idx):
 @SETTINGS
 @given(dtype=st.sampled_from([torch.float32, torch.float64, torch.int32, torch.int16, torch.uint8, torch.bool]),
        shape=st.tuples(st.integers(1, 3), st.integers(1, 4)))
-def test_prompt_of_another_dtype_is_a_type_error(dtype, shape):
+@each_variant
+def test_prompt_of_another_dtype_is_a_type_error(variant, dtype, shape):
     with pytest.raises(TypeError, match="int64"):
-        packed_sampler(MODEL).generate(torch.zeros(shape, dtype=dtype), 3)
+        variant_sampler(variant).generate(torch.zeros(shape, dtype=dtype), 3)
 
 
 @SETTINGS
 @given(shape=st.one_of(st.tuples(st.integers(0, 5)), st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
                        st.tuples(st.just(0), st.integers(1, 5)), st.tuples(st.integers(1, 5), st.just(0))))
-def test_prompt_of_a_wrong_shape_is_a_value_error(shape):
+@each_variant
+def test_prompt_of_a_wrong_shape_is_a_value_error(variant, shape):
     with pytest.raises(ValueError, match="shape"):
-        packed_sampler(MODEL).generate(torch.zeros(shape, dtype=torch.long), 3)
+        variant_sampler(variant).generate(torch.zeros(shape, dtype=torch.long), 3)
 
 
 @SETTINGS
 @given(extra=st.integers(1, 20), batch=st.integers(1, 3))
-def test_prompt_longer_than_the_block_is_a_value_error(extra, batch):
+@each_variant
+def test_prompt_longer_than_the_block_is_a_value_error(variant, extra, batch):
     with pytest.raises(ValueError, match="block size"):
-        packed_sampler(MODEL).generate(torch.zeros((batch, CONFIG.block_size + extra), dtype=torch.long), 3)
+        variant_sampler(variant).generate(torch.zeros((batch, CONFIG.block_size + extra), dtype=torch.long), 3)
 
 
 @SETTINGS
 @given(token=st.one_of(st.integers(-2 ** 40, -1), st.integers(CONFIG.vocab_size, 2 ** 40)))
-def test_token_ids_outside_the_vocabulary_are_a_value_error(token):
+@each_variant
+def test_token_ids_outside_the_vocabulary_are_a_value_error(variant, token):
     with pytest.raises(ValueError, match="outside"):
-        packed_sampler(MODEL).generate(torch.tensor([[1, token]]), 3)
+        variant_sampler(variant).generate(torch.tensor([[1, token]]), 3)
 
 
 INT64 = dict(min_value=-2 ** 63, max_value=2 ** 63 - 1)  # wider ints fail pybind's conversion (a TypeError)
@@ -122,16 +147,18 @@ BAD_OPTIONS = st.one_of(
 
 @SETTINGS
 @given(options=BAD_OPTIONS)
-def test_bad_options_are_a_value_error_naming_the_option(options):
+@each_variant
+def test_bad_options_are_a_value_error_naming_the_option(variant, options):
     name = next(iter(options))
     args = {"max_new_tokens": 3, **options}
     with pytest.raises(ValueError, match=name):
-        packed_sampler(MODEL).generate(torch.zeros((1, 2), dtype=torch.long), **args)
+        variant_sampler(variant).generate(torch.zeros((1, 2), dtype=torch.long), **args)
 
 
-def test_a_callback_that_cannot_be_called_is_a_type_error():
+@each_variant
+def test_a_callback_that_cannot_be_called_is_a_type_error(variant):
     with pytest.raises(TypeError, match="callback"):
-        packed_sampler(MODEL).generate(torch.zeros((1, 2), dtype=torch.long), 3, callback=42)
+        variant_sampler(variant).generate(torch.zeros((1, 2), dtype=torch.long), 3, callback=42)
 
 
 # Every change that shows in the weights. n_head does not (the same tensors split into other
@@ -142,19 +169,35 @@ OTHER_CONFIGS = st.sampled_from([dict(n_layer=2), dict(n_embd=24), dict(block_si
 
 @settings(max_examples=12, deadline=None)
 @given(change=OTHER_CONFIGS)
-def test_weights_of_another_config_are_a_value_error(change):
+@each_variant
+def test_weights_of_another_config_are_a_value_error(variant, change):
     """The packed weights must be exactly the config's: wrong shapes, missing or extra names are refused."""
     other = make_model(dataclasses.replace(CONFIG, **change))
     with pytest.raises(ValueError, match="weight"):
-        kv_sampler(other.state_dict())
+        kv_sampler(other.state_dict(), CONFIG, *variant)
     with pytest.raises(ValueError, match="weight"):
-        kv_sampler(MODEL.state_dict(), dataclasses.replace(CONFIG, **change))
+        kv_sampler(MODEL.state_dict(), dataclasses.replace(CONFIG, **change), *variant)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_weights_of_another_dtype_are_a_type_error(dtype):
+@each_variant
+def test_weights_of_another_dtype_are_a_type_error(variant, dtype):
     with pytest.raises(TypeError, match="float32"):
-        kv_sampler({k: v.to(dtype) for k, v in MODEL.state_dict().items()})
+        kv_sampler({k: v.to(dtype) for k, v in MODEL.state_dict().items()}, CONFIG, *variant)
+
+
+@pytest.mark.parametrize("weights", ["fp16", "", "INT8"])
+def test_unknown_weight_format_is_a_value_error(weights):
+    with pytest.raises(ValueError, match="weight_format"):
+        kv_sampler(MODEL.state_dict(), CONFIG, weights)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_int8_refuses_weights_it_cannot_scale(bad):
+    broken = {k: v.clone() for k, v in MODEL.state_dict().items()}
+    broken["transformer.h.0.mlp.c_fc.weight"][3, 4] = bad
+    with pytest.raises(ValueError, match="finite"):
+        kv_sampler(broken, CONFIG, "int8")
 
 
 def test_untied_or_non_tensor_weights_are_refused():

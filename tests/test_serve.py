@@ -142,8 +142,10 @@ def test_a_sample_that_ends_leaves_the_batch_at_once(serve_ckpt):
     assert finish == {"gone": ["cancelled"], "short": ["length"], "long": [finish["long"][0]]}
     long_tokens = sum(e.tokens for e in events["long"] if e.finish_reason)
     assert long_tokens > 10, "the case needs a sample that runs on after the others end"
-    # three rows until the client goes (its second token) and the short one ends (its third), then one
-    assert batch_sizes[0] == 3 and set(batch_sizes[3:]) == {1}
+    # three samples until the client goes (its second token) and the short one ends (its third), then
+    # one; guided (the server's default), each sample runs as two rows
+    assert Settings().controls.guided
+    assert batch_sizes[0] == 2 * 3 and set(batch_sizes[3:]) == {2 * 1}
 
 
 def test_stop_strings_are_cut_and_held_back():
