@@ -2,11 +2,8 @@
 // in their own files); this file reports how the extension was built and binds the sampler class.
 #include <torch/extension.h>
 
+#include "openmp.h"
 #include "sampler.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 

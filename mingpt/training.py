@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import extension
 from .checkpoint import (TMP_PREFIX, CheckpointError, atomic_torch_save, load_checkpoint, load_pretrained_weights,
                          make_checkpoint)
 from .config import GPTConfig, TrainConfig, apply_overrides
@@ -239,6 +240,8 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
             + (f"; fine-tuning from {cfg.init_from}" if cfg.init_from and not cfg.resume else ""))
     if moved:
         run.log(f"--overwrite: moved the earlier run in {cfg.out_dir} to {moved}")
+    if cfg.backend == "auto" and ops.name == "reference" and extension.UNAVAILABLE_REASON:
+        run.log(f"backend auto runs the reference ops: {extension.UNAVAILABLE_REASON}")
     run.sampler = "cached" if cached_sampler_unavailable_reason(model) is None else "reference"
     if ddp.is_main:
         start_record(run, ops, balance)
