@@ -3,13 +3,10 @@
 // the memory-read benchmark.
 #include <torch/extension.h>
 
+#include "openmp.h"
 #include "sampler.h"
 
 void init_stream_read(pybind11::module& m);
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 

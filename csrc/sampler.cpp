@@ -7,7 +7,7 @@
 //   sampler_generation the sequences and the step loop of one generate call
 #include "sampler.h"
 
-#include <omp.h>
+#include "openmp.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,6 +1,6 @@
 #include "sampler_generation.h"
 
-#include <omp.h>
+#include "openmp.h"
 
 #include <algorithm>
 

@@ -1,9 +1,9 @@
 // mingpt._C.stream_read: one read of a buffer by a team of OpenMP threads, each streaming its share with
 // vector loads as the sampler streams its weight panels. Timed over a buffer of a weight format's
 // bytes, it is the streaming bound of a decode step in that format (mingpt.bench).
-#include <omp.h>
 #include <torch/extension.h>
 
+#include "openmp.h"
 #include "simd.h"
 
 namespace {

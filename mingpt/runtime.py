@@ -19,11 +19,17 @@ class Distributed:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA, else Apple's MPS, else the CPU. On MPS the ops resolve to the reference backend
+    (the fused kernels are CUDA's and the CPU's)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but torch sees no Apple MPS device")
     return device
 
 

@@ -153,8 +153,8 @@ def main(argv=None):
         model, tokenizer, data, _ = load_for_sampling(args.ckpt, device=args.device)
         layout = get_layout(data["layout"])
         if args.verbose:
-            print(f"sampler: {resolve_sampler(args.sampler, model)}, {args.weights} weights; checkpoint {args.ckpt}",
-                  file=sys.stderr)
+            print(f"sampler: {resolve_sampler(args.sampler, model)}, {args.weights} weights; ops: {model.ops.name}; "
+                  f"checkpoint {args.ckpt}", file=sys.stderr)
         if args.interactive:
             interactive(model.eval(), tokenizer, layout, args, parser)
         else:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import extension
 from .checkpoint import (TMP_PREFIX, CheckpointError, atomic_torch_save, load_checkpoint, load_pretrained_weights,
                          make_checkpoint)
 from .config import GPTConfig, TrainConfig, apply_overrides
@@ -164,6 +165,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     batch_generator: torch.Generator
     log: Callable
+    scaler: Optional[torch.amp.GradScaler] = None  # float16's loss scaler (disabled for other dtypes)
     writer: Optional[object] = None  # a TensorBoard SummaryWriter, when --tensorboard is on
     sampler: str = "reference"  # the sampler of the evaluation samples
     record: Optional[dict] = None  # what out_dir/run.json holds (main process only)
@@ -194,6 +196,13 @@ def build_model(cfg: TrainConfig, data: TokenData, device) -> GPT:
     return model.to(device)
 
 
+def make_grad_scaler(dtype: str, device) -> torch.amp.GradScaler:
+    """float16's gradient scaler: the loss is scaled up so small gradients survive in half precision, and
+    a step whose gradients overflow is skipped (the scale then halves). A disabled scaler, for every other
+    dtype, passes the loss and the step through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
 def open_tensorboard(cfg: TrainConfig):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -220,7 +229,7 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
     run = Run(cfg, ddp, device, data, model, step_model=model,
               optimizer=model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2)),
               batch_generator=torch.Generator().manual_seed(cfg.seed),
-              log=print if ddp.is_main else (lambda *a, **k: None))
+              log=print if ddp.is_main else (lambda *a, **k: None), scaler=make_grad_scaler(cfg.dtype, device))
     if cfg.resume:
         restore(run)
     if ddp.world_size > 1:
@@ -234,6 +243,8 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
             + (f"; fine-tuning from {cfg.init_from}" if cfg.init_from and not cfg.resume else ""))
     if moved:
         run.log(f"--overwrite: moved the earlier run in {cfg.out_dir} to {moved}")
+    if cfg.backend == "auto" and ops.name == "reference" and extension.UNAVAILABLE_REASON:
+        run.log(f"backend auto runs the reference ops: {extension.UNAVAILABLE_REASON}")
     run.sampler = "cached" if cached_sampler_unavailable_reason(model) is None else "reference"
     if ddp.is_main:
         start_record(run, ops, balance)
@@ -269,6 +280,8 @@ def restore(run: Run):
     run.it, run.best_val = resumed["iter_num"], resumed["best_val_loss"]
     run.batch_generator.set_state(resumed["batch_rng"])
     restore_rng_states(resumed["rng"])
+    if resumed.get("grad_scaler"):
+        run.scaler.load_state_dict(resumed["grad_scaler"])
 
 
 def save(run: Run, name: str):
@@ -276,7 +289,8 @@ def save(run: Run, name: str):
         atomic_torch_save(make_checkpoint(
             run.model, run.data.tokenizer, run.data.meta, optimizer=run.optimizer.state_dict(), iter_num=run.it,
             best_val_loss=run.best_val, train_config=dataclasses.asdict(run.cfg),
-            batch_rng=run.batch_generator.get_state(), rng=rng_states()), run.path(name))
+            batch_rng=run.batch_generator.get_state(), rng=rng_states(), grad_scaler=run.scaler.state_dict()),
+            run.path(name))
 
 
 def optimizer_step(run: Run) -> torch.Tensor:
@@ -297,7 +311,7 @@ def optimizer_step(run: Run) -> torch.Tensor:
         with (contextlib.nullcontext() if sync else run.step_model.no_sync()):
             with autocast_context(cfg.dtype, run.device):
                 _, loss = run.step_model(x.to(run.device), y.to(run.device))
-            (loss / len(micro_steps)).backward()
+            run.scaler.scale(loss / len(micro_steps)).backward()
         step_loss += loss.detach() / len(micro_steps)
     if ddp.world_size > 1:
         dist.all_reduce(step_loss)
@@ -305,9 +319,11 @@ def optimizer_step(run: Run) -> torch.Tensor:
     if not torch.isfinite(step_loss):
         raise FloatingPointError(f"loss became {step_loss.item()} at iteration {run.it}; the last "
                                  f"good checkpoint {run.path('ckpt.pt')} is left as it was")
+    run.scaler.unscale_(run.optimizer)  # clipping sees the true gradients
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
+    run.scaler.step(run.optimizer)  # skipped when a gradient is inf or nan (float16 only)
+    run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.it += 1
     return step_loss

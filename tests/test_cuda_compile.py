@@ -2,6 +2,7 @@
 
 Each csrc/cuda/*.cu must build alone with a plain `nvcc -c`; the torch glue (csrc/cuda/*.cpp)
 must compile against torch's headers with nvcc as the driver, which finds the CUDA headers.
+Under `make test-cuda-build` (MINGPT_EXPECT_CUDA_BUILD=1) the loaded mingpt._C must be that CUDA build.
 """
 import glob
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sysconfig
 
 import pytest
+import torch
 from torch.utils.cpp_extension import CUDA_HOME, include_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,5 +57,15 @@ def test_torch_glue_compiles(source, tmp_path):
     (shim / "cuda_cmake_macros.h").write_text("")
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}",
                                                       f"-I{tmp_path / 'shim'}"]
-    compile_with_nvcc(["-std=c++17", "-c", source, *includes, "-DTORCH_EXTENSION_NAME=_C", "-Xcompiler", "-w"],
+    # C++20: what torch's cpp_extension builds with, and what torch 2.14's headers need.
+    compile_with_nvcc(["-std=c++20", "-c", source, *includes, "-DTORCH_EXTENSION_NAME=_C", "-Xcompiler", "-w"],
                       tmp_path)
+
+
+@pytest.mark.skipif(os.environ.get("MINGPT_EXPECT_CUDA_BUILD") != "1", reason="only under make test-cuda-build")
+def test_the_loaded_extension_is_the_cuda_build():
+    from mingpt.extension import UNAVAILABLE_REASON, _C
+    assert _C is not None, UNAVAILABLE_REASON
+    info = _C.build_info()
+    assert info["cuda"], info
+    assert torch.version.cuda is not None and info["torch_version"] == torch.__version__.split("+")[0]

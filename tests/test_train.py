@@ -7,8 +7,10 @@ import torch
 
 from conftest import tiny_cfg
 
+from mingpt import training
 from mingpt.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model
 from mingpt.config import preset_config
+from mingpt.runtime import Distributed
 from mingpt.train import config_from_args
 from mingpt.training import learning_rate, train
 
@@ -102,3 +104,43 @@ def test_truncated_checkpoint_is_refused(book_data_dir, tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cut.pt is truncated or corrupt"):
         load_checkpoint(str(tmp_path / "cut.pt"))
+
+
+def cpu_grad_scaler(**kwargs):
+    """float16's scaler, enabled on the CPU: the CPU cannot train in float16, but the scaler's logic
+    (scale, unscale, skip a step with inf gradients, grow and back off) is the same on every device."""
+    return lambda dtype, device: torch.amp.GradScaler("cpu", **kwargs)
+
+
+def test_grad_scaler_skips_steps_with_inf_gradients(book_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "make_grad_scaler", cpu_grad_scaler(init_scale=2.0 ** 16))
+    run = training.set_up(tiny_cfg(book_data_dir, tmp_path, max_iters=40), Distributed(), torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in run.model.named_parameters()}
+    overflow = run.model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
+    loss = training.optimizer_step(run)
+    assert torch.isfinite(loss)
+    assert all(torch.equal(before[name], p) for name, p in run.model.named_parameters())
+    assert not run.optimizer.state, "AdamW stepped on inf gradients"
+    assert run.scaler.get_scale() == 2.0 ** 15 and run.it == 1
+    overflow.remove()
+    training.optimizer_step(run)
+    assert run.optimizer.state and not torch.equal(before["transformer.wte.weight"], run.model.lm_head.weight)
+    assert run.scaler.get_scale() == 2.0 ** 15
+
+
+def test_resume_restores_the_grad_scaler(book_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "make_grad_scaler", cpu_grad_scaler(init_scale=2.0 ** 10, growth_interval=3))
+    schedule = dict(eval_interval=10, lr_decay_iters=20)
+    train(tiny_cfg(book_data_dir, tmp_path / "a", max_iters=20, **schedule))
+    train(tiny_cfg(book_data_dir, tmp_path / "b", max_iters=10, **schedule))
+    assert load_checkpoint(str(tmp_path / "b"))["grad_scaler"]["scale"] == 2.0 ** 13  # grew at steps 3, 6, 9
+    train(tiny_cfg(book_data_dir, tmp_path / "b", max_iters=20, resume=True, **schedule))
+    a, b = load_checkpoint(str(tmp_path / "a")), load_checkpoint(str(tmp_path / "b"))
+    assert a["grad_scaler"] == b["grad_scaler"] and a["grad_scaler"]["scale"] == 2.0 ** 16
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_float32_and_bfloat16_runs_have_no_scaler_state(book_data_dir, tmp_path):
+    train(tiny_cfg(book_data_dir, tmp_path, max_iters=2, eval_interval=2))
+    assert load_checkpoint(str(tmp_path))["grad_scaler"] == {}

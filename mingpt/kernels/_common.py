@@ -1,5 +1,6 @@
 """Small helpers shared by the kernel launchers (host side only, no kernels here)."""
 import contextlib
+import dataclasses
 import functools
 
 import torch
@@ -9,6 +10,20 @@ import triton.language as tl
 # Widest row a single power-of-two block may hold in the row-wise kernels (layer norm):
 # 16384 fp32 values spread over 8 warps is 64 registers a thread, the most that still fits.
 MAX_ROW_BLOCK = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How a launcher runs one kernel for a problem shape: its block-size constexprs and Triton's
+    num_warps and num_stages (3 is Triton's own default on CUDA). Each kernel file's
+    `launch_configs(...)` is the one place these are chosen; the launchers and the ahead-of-time
+    compile tests (tests/test_triton_aot.py) both read it."""
+    blocks: dict
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def launch(self, kernel, grid, *args, **constexprs):
+        kernel[grid](*args, **constexprs, **self.blocks, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_device, dot_precision, next_pow2, on_tensor_device
+from ._common import LaunchConfig, acc_dtype, check_device, dot_precision, next_pow2, on_tensor_device
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -213,14 +213,21 @@ def _attn_bwd(QKV, DO, LSE, Delta, DQKV, T, H, C, D,
                  ACC, DOT_PREC, BLOCK, BLOCK_D)
 
 
-def _seq_block(T: int, BLOCK_D: int, block_t=None, cap: int = 64) -> int:
-    if block_t is not None:
-        if block_t < 16 or block_t & (block_t - 1):
-            raise ValueError(f"causal_attention: block_t must be a power of two >= 16, got {block_t}")
-        return block_t
-    if BLOCK_D >= 128:
-        cap = min(cap, 32)
-    return min(cap, max(16, next_pow2(T)))
+def launch_configs(T: int, D: int, dtype: torch.dtype, block_t=None) -> dict:
+    """Kernel name -> LaunchConfig for sequences of T, head dim D and inputs of `dtype`: BLOCK_D the power
+    of two >= 16 at or above D; sequence blocks of block_t (a power of two >= 16), else the power of two
+    at or above T, from 16 up to 64, or up to 32 where the tiles are large (BLOCK_D >= 128, or fp32 and
+    fp64 operands, whose tl.dot runs without half-precision tensor-core tiles); the fp32 backward on 8
+    warps. Past these, ptxas spills registers on sm_80 and sm_90 (tests/test_triton_aot.py)."""
+    BLOCK_D = max(16, next_pow2(D))
+    wide = dtype.itemsize >= 4
+    if block_t is None:
+        block_t = min(32 if BLOCK_D >= 128 or wide else 64, max(16, next_pow2(T)))
+    elif block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(f"causal_attention: block_t must be a power of two >= 16, got {block_t}")
+    return {"_attn_fwd": LaunchConfig(dict(BLOCK_M=block_t, BLOCK_N=block_t, BLOCK_D=BLOCK_D), num_warps=4),
+            "_attn_bwd_preprocess": LaunchConfig(dict(BLOCK_M=block_t, BLOCK_D=BLOCK_D), num_warps=4),
+            "_attn_bwd": LaunchConfig(dict(BLOCK=block_t, BLOCK_D=BLOCK_D), num_warps=8 if wide else 4)}
 
 
 def _check(qkv, n_head):
@@ -248,16 +255,13 @@ def attention_forward(qkv, n_head, block_t=None):
     lse = torch.empty((B, n_head, T), dtype=stat_dtype, device=qkv.device)
     if B * T == 0:
         return out, lse
-    BLOCK_D = max(16, next_pow2(D))
-    BLOCK = _seq_block(T, BLOCK_D, block_t)
-    sm_scale = 1.0 / math.sqrt(D)
-    grid = (triton.cdiv(T, BLOCK), B * n_head)
-    _attn_fwd[grid](qkv, out, lse, T, n_head, C, D,
-                    qkv.stride(0), qkv.stride(1), qkv.stride(2),
-                    out.stride(0), out.stride(1), out.stride(2),
-                    sm_scale * LOG2E,
-                    ACC=acc_dtype(qkv.dtype), DOT_PREC=dot_precision(qkv.dtype),
-                    BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D, num_warps=4)
+    config = launch_configs(T, D, qkv.dtype, block_t)["_attn_fwd"]
+    grid = (triton.cdiv(T, config.blocks["BLOCK_M"]), B * n_head)
+    config.launch(_attn_fwd, grid, qkv, out, lse, T, n_head, C, D,
+                  qkv.stride(0), qkv.stride(1), qkv.stride(2),
+                  out.stride(0), out.stride(1), out.stride(2),
+                  LOG2E * (1.0 / math.sqrt(D)),
+                  ACC=acc_dtype(qkv.dtype), DOT_PREC=dot_precision(qkv.dtype))
     return out, lse
 
 
@@ -269,23 +273,19 @@ def attention_backward(dout, qkv, out, lse, n_head, block_t=None):
     dqkv = torch.empty((B, T, 3 * C), dtype=qkv.dtype, device=qkv.device)
     if B * T == 0:
         return dqkv
-    BLOCK_D = max(16, next_pow2(D))
-    BLOCK = _seq_block(T, BLOCK_D, block_t)
+    configs = launch_configs(T, D, qkv.dtype, block_t)
     ACC = acc_dtype(qkv.dtype)
     delta = torch.empty_like(lse)
-    grid = (triton.cdiv(T, BLOCK), B * n_head)
-    _attn_bwd_preprocess[grid](out, dout, delta, T, n_head, D,
-                               out.stride(0), out.stride(1), out.stride(2),
-                               dout.stride(0), dout.stride(1), dout.stride(2),
-                               ACC=ACC, BLOCK_M=BLOCK, BLOCK_D=BLOCK_D, num_warps=4)
+    grid = (triton.cdiv(T, configs["_attn_bwd"].blocks["BLOCK"]), B * n_head)
+    configs["_attn_bwd_preprocess"].launch(_attn_bwd_preprocess, grid, out, dout, delta, T, n_head, D,
+                                           out.stride(0), out.stride(1), out.stride(2),
+                                           dout.stride(0), dout.stride(1), dout.stride(2), ACC=ACC)
     sm_scale = 1.0 / math.sqrt(D)
-    _attn_bwd[grid](qkv, dout, lse, delta, dqkv, T, n_head, C, D,
-                    qkv.stride(0), qkv.stride(1), qkv.stride(2),
-                    dout.stride(0), dout.stride(1), dout.stride(2),
-                    dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
-                    sm_scale, sm_scale * LOG2E,
-                    ACC=ACC, DOT_PREC=dot_precision(qkv.dtype),
-                    BLOCK=BLOCK, BLOCK_D=BLOCK_D, num_warps=4)
+    configs["_attn_bwd"].launch(_attn_bwd, grid, qkv, dout, lse, delta, dqkv, T, n_head, C, D,
+                                qkv.stride(0), qkv.stride(1), qkv.stride(2),
+                                dout.stride(0), dout.stride(1), dout.stride(2),
+                                dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+                                sm_scale, sm_scale * LOG2E, ACC=ACC, DOT_PREC=dot_precision(qkv.dtype))
     return dqkv
 
 

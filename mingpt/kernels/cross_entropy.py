@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, as_rows, check_device, next_pow2, on_tensor_device
+from ._common import LaunchConfig, acc_dtype, as_rows, check_device, next_pow2, on_tensor_device
 
 
 @triton.jit
@@ -65,10 +65,12 @@ def _ce_bwd(X, Tgt, LSE, G, DX, M, V, stride_x, stride_dx,
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _blocks(V: int):
+def launch_configs(V: int) -> dict:
+    """Kernel name -> LaunchConfig for a vocabulary of V: chunks of at most 2048 logits, about 4k a program."""
     BLOCK_V = min(next_pow2(V), 2048)
     BLOCK_M = max(1, min(16, 4096 // BLOCK_V))
-    return BLOCK_M, BLOCK_V, 4 if BLOCK_M * BLOCK_V <= 4096 else 8
+    config = LaunchConfig(dict(BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V), num_warps=4 if BLOCK_M * BLOCK_V <= 4096 else 8)
+    return {"_ce_fwd": config, "_ce_bwd": config}
 
 
 def _prepare(logits, targets):
@@ -99,10 +101,9 @@ class CrossEntropyFn(torch.autograd.Function):
         loss_rows = torch.empty(M, dtype=out_dtype, device=logits.device)
         lse = torch.empty(M, dtype=out_dtype, device=logits.device)
         if M:
-            BLOCK_M, BLOCK_V, num_warps = _blocks(V)
-            _ce_fwd[(triton.cdiv(M, BLOCK_M),)](x2, t, loss_rows, lse, M, V, x2.stride(0),
-                                                ACC=acc_dtype(logits.dtype), BLOCK_M=BLOCK_M,
-                                                BLOCK_V=BLOCK_V, num_warps=num_warps)
+            config = launch_configs(V)["_ce_fwd"]
+            config.launch(_ce_fwd, (triton.cdiv(M, config.blocks["BLOCK_M"]),), x2, t, loss_rows, lse, M, V,
+                          x2.stride(0), ACC=acc_dtype(logits.dtype))
         n_valid = (t != -1).sum()
         ctx.save_for_backward(x2, t, lse, n_valid)
         ctx.logits_shape = logits.shape
@@ -117,10 +118,9 @@ class CrossEntropyFn(torch.autograd.Function):
         dx = torch.empty((M, V), dtype=x2.dtype, device=x2.device)
         if M:
             g = (grad / n_valid.to(grad.dtype)).reshape(1)
-            BLOCK_M, BLOCK_V, num_warps = _blocks(V)
-            _ce_bwd[(triton.cdiv(M, BLOCK_M),)](x2, t, lse, g, dx, M, V, x2.stride(0), dx.stride(0),
-                                                ACC=acc_dtype(x2.dtype), BLOCK_M=BLOCK_M,
-                                                BLOCK_V=BLOCK_V, num_warps=num_warps)
+            config = launch_configs(V)["_ce_bwd"]
+            config.launch(_ce_bwd, (triton.cdiv(M, config.blocks["BLOCK_M"]),), x2, t, lse, g, dx, M, V,
+                          x2.stride(0), dx.stride(0), ACC=acc_dtype(x2.dtype))
         return dx.view(ctx.logits_shape), None
 
 

@@ -7,9 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, on_tensor_device
-
-BLOCK = 1024
+from ._common import LaunchConfig, check_device, on_tensor_device
 
 
 @triton.jit
@@ -22,13 +20,20 @@ def _dropout(X, Y, n, p, scale, seed, BLOCK: tl.constexpr):
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=in_bounds)
 
 
+def launch_configs() -> dict:
+    """Kernel name -> LaunchConfig: 1024 elements a program, whatever the tensor."""
+    return {"_dropout": LaunchConfig(dict(BLOCK=1024), num_warps=4)}
+
+
 @on_tensor_device
 def apply_dropout_mask(x, p: float, seed: int):
     check_device(x)
     x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        _dropout[(triton.cdiv(x.numel(), BLOCK),)](x, y, x.numel(), p, 1.0 / (1.0 - p), seed, BLOCK=BLOCK)
+        config = launch_configs()["_dropout"]
+        config.launch(_dropout, (triton.cdiv(x.numel(), config.blocks["BLOCK"]),), x, y, x.numel(), p,
+                      1.0 / (1.0 - p), seed)
     return y
 
 

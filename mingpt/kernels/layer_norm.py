@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_ROW_BLOCK, acc_dtype, as_rows, check_device, grid_cap, next_pow2, on_tensor_device
+from ._common import (MAX_ROW_BLOCK, LaunchConfig, acc_dtype, as_rows, check_device, grid_cap, next_pow2,
+                      on_tensor_device)
 
 
 @triton.jit
@@ -101,15 +102,16 @@ def _layer_norm_bwd(DY, X, W, Mean, Rstd, DS, DX, DW_part, DB_part,
         tl.store(DB_part + pid * N + cols, db_acc, mask=col_ok)
 
 
-def _row_blocks(N: int):
-    """(BLOCK_M, BLOCK_N, num_warps): a whole row per block, about 4k elements per program."""
+def launch_configs(N: int) -> dict:
+    """Kernel name -> LaunchConfig for rows of N elements: a whole row per block, about 4k elements
+    per program, forward and backward alike."""
     BLOCK_N = next_pow2(N)
     if BLOCK_N > MAX_ROW_BLOCK:
         raise ValueError(f"layer_norm: rows of {N} elements are wider than this kernel's "
                          f"single block ({MAX_ROW_BLOCK})")
     BLOCK_M = max(1, min(16, 4096 // BLOCK_N))
-    num_warps = min(max(BLOCK_M * BLOCK_N // 512, 1), 8)
-    return BLOCK_M, BLOCK_N, num_warps
+    config = LaunchConfig(dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N), num_warps=min(max(BLOCK_M * BLOCK_N // 512, 1), 8))
+    return {"_layer_norm_fwd": config, "_layer_norm_bwd": config}
 
 
 def _check_params(N, weight, bias):
@@ -141,16 +143,16 @@ def layer_norm_forward(x, weight, bias, eps=1e-5, residual=None):
         s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if M == 0:
         return y, mean, rstd, s
-    BLOCK_M, BLOCK_N, num_warps = _row_blocks(N)
+    config = launch_configs(N)["_layer_norm_fwd"]
     y2 = y.view(-1, N)
     s2 = s.view(-1, N) if s is not None else y2
-    _layer_norm_fwd[(triton.cdiv(M, BLOCK_M),)](
+    config.launch(
+        _layer_norm_fwd, (triton.cdiv(M, config.blocks["BLOCK_M"]),),
         x2, r2 if residual is not None else x2, s2, y2,
         weight if weight is not None else x2, bias if bias is not None else x2, mean, rstd,
         M, N, x2.stride(0), r2.stride(0) if residual is not None else 0, s2.stride(0), y2.stride(0),
         eps,
-        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACC=ACC, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, ACC=ACC)
     return y, mean, rstd, s
 
 
@@ -171,20 +173,20 @@ def layer_norm_backward(dy, x, weight, mean, rstd, ds=None, need_dw=True, need_d
     if M == 0:
         z = torch.zeros(N, dtype=p_dtype, device=x.device)
         return dx, (z if need_dw else None), (z.clone() if need_db else None)
-    BLOCK_M, BLOCK_N, num_warps = _row_blocks(N)
-    n_prog = min(triton.cdiv(M, BLOCK_M), grid_cap(x.device))
+    config = launch_configs(N)["_layer_norm_bwd"]
+    n_prog = min(triton.cdiv(M, config.blocks["BLOCK_M"]), grid_cap(x.device))
     dw_part = torch.empty((n_prog, N), dtype=part_dtype, device=x.device) if need_dw else None
     db_part = torch.empty((n_prog, N), dtype=part_dtype, device=x.device) if need_db else None
     dx2 = dx.view(-1, N)
     ds2 = as_rows(ds) if ds is not None else None
-    _layer_norm_bwd[(n_prog,)](
+    config.launch(
+        _layer_norm_bwd, (n_prog,),
         dy2, x2, weight if weight is not None else x2, mean, rstd,
         ds2 if ds2 is not None else dy2, dx2,
         dw_part if need_dw else mean, db_part if need_db else mean,
         M, N, dy2.stride(0), x2.stride(0), ds2.stride(0) if ds2 is not None else 0, dx2.stride(0),
         HAS_DS=ds is not None, HAS_W=weight is not None,
-        COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-        ACC=ACC, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+        COMPUTE_DW=need_dw, COMPUTE_DB=need_db, ACC=ACC)
     dw = dw_part.sum(0).to(p_dtype) if need_dw else None
     db = db_part.sum(0).to(p_dtype) if need_db else None
     return dx, dw, db
