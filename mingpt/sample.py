@@ -44,6 +44,11 @@ INTERACTIVE_FLAGS = ("sentiment", "num_samples", "max_new_tokens", "temperature"
                      "guidance", "guide_against", "repetition_penalty", "no_repeat_ngram_size")
 
 
+def one_line(text: str) -> str:
+    """A sample's text for a line of its own: its line breaks written as \\n (a review may hold them)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class StreamPrinter:
     """Prints the samples of one batch in order, each as it is written: the earliest unfinished sample
     live, the later ones buffered until those before them have ended (so the output is the same
@@ -62,7 +67,7 @@ class StreamPrinter:
             self.ended[row] = True
         elif not self.pending[row] and self.verbose:
             self.pending[row].append(f"[{sentiment}] ")
-        self.pending[row].append(piece or "")
+        self.pending[row].append(one_line(piece or ""))
         while self.current < len(self.pending):
             self.write("".join(self.pending[self.current]))
             self.pending[self.current] = [""]  # printed; keeps the row marked as started
@@ -108,7 +113,7 @@ def write_and_print(model, tokenizer, layout, args, out=None):
         if not args.stream:
             for drawn, text in write_samples(model, tokenizer, layout, start, sentiment, args.num_samples,
                                              args.max_new_tokens, **options):
-                out.write(f"[{drawn}] {text}\n" if args.verbose else f"{text}\n")
+                out.write(f"[{drawn}] {one_line(text)}\n" if args.verbose else f"{one_line(text)}\n")
             continue
         printer = StreamPrinter(args.num_samples, args.verbose, out)
         write_samples(model, tokenizer, layout, start, sentiment, args.num_samples, args.max_new_tokens,
