@@ -61,10 +61,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, ops, cache=None, start: int = 0):
+    def forward(self, x, ops, cache=None, start: int = 0, starts=None):
         qkv = self.c_attn(x)
         if cache is None:
-            y = ops.causal_attention(qkv, self.n_head)
+            y = ops.causal_attention(qkv, self.n_head) if starts is None else ops.causal_attention(qkv, self.n_head, starts)
         else:
             y = ops.cached_attention(qkv, self.n_head, *cache, start)
         return ops.dropout(self.c_proj(y), self.dropout, self.training)
@@ -89,8 +89,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, ops, cache=None, start: int = 0):
-        x = x + self.attn(self.ln_1(x, ops), ops, cache, start)
+    def forward(self, x, ops, cache=None, start: int = 0, starts=None):
+        x = x + self.attn(self.ln_1(x, ops), ops, cache, start, starts)
         return x + self.mlp(self.ln_2(x, ops), ops)
 
 
@@ -158,7 +158,7 @@ class GPT(nn.Module):
         """An empty KV cache for `batch_size` sequences, on the weights' device and in their dtype."""
         return KVCache(self.config, batch_size, self.device, self.transformer.wte.weight.dtype)
 
-    def check_inputs(self, idx, targets, cache, start: int):
+    def check_inputs(self, idx, targets, cache, start: int, starts):
         if idx.dim() != 2:
             raise ValueError(f"GPT.forward expects idx of shape (B, T), got {tuple(idx.shape)}")
         if start + idx.shape[1] > self.config.block_size:
@@ -170,19 +170,29 @@ class GPT(nn.Module):
             raise ValueError("GPT.forward: a start position needs the KV cache that holds the earlier positions")
         if cache is not None and cache.batch_size != idx.shape[0]:
             raise ValueError(f"the KV cache holds {cache.batch_size} sequences, idx {idx.shape[0]}")
+        if starts is not None:
+            if cache is not None:
+                raise ValueError("GPT.forward: packed rows (starts) are for training; the KV cache holds one review a row")
+            if starts.shape != idx.shape:
+                raise ValueError(f"starts shape {tuple(starts.shape)} differs from idx shape {tuple(idx.shape)}")
 
-    def forward(self, idx, targets=None, cache: KVCache = None, start: int = 0):
+    def forward(self, idx, targets=None, cache: KVCache = None, start: int = 0, starts=None):
         """Logits (B, T, vocab) of tokens idx (B, T) at positions start.., and the loss if targets are given.
 
         Without a cache the tokens are a whole sequence (training, or the no-cache sampler). With one,
-        they continue the sequence the cache holds up to `start` (0: a prefill).
+        they continue the sequence the cache holds up to `start` (0: a prefill). `starts` (B, T) packs
+        several reviews into a row: where the review of each token begins; positions restart there and
+        attention stays inside each review.
         """
-        self.check_inputs(idx, targets, cache, start)
+        self.check_inputs(idx, targets, cache, start, starts)
         ops = self.ops
-        positions = self.transformer.wpe.weight[start:start + idx.shape[1]]
+        if starts is None:
+            positions = self.transformer.wpe.weight[start:start + idx.shape[1]]
+        else:
+            positions = self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device) - starts)
         x = ops.dropout(self.transformer.wte(idx) + positions, self.config.dropout, self.training)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, ops, None if cache is None else cache.layers[i], start)
+            x = block(x, ops, None if cache is None else cache.layers[i], start, starts)
         logits = self.lm_head(self.transformer.ln_f(x, ops))
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .reference import REFERENCE_OPS, merge_heads, split_heads
+from .reference import REFERENCE_OPS, check_starts, merge_heads, split_heads, visible_keys
 
 OP_NAMES = ("layer_norm", "bias_gelu", "causal_attention", "cross_entropy", "dropout")
 BACKENDS = ("reference", "sdpa", "triton", "cpp", "fused", "auto")
@@ -29,9 +29,12 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says why."""
 
 
-def sdpa_causal_attention(qkv, n_head: int):
+def sdpa_causal_attention(qkv, n_head: int, starts=None):
+    check_starts(starts, qkv)
     q, k, v = split_heads(qkv, n_head)
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    if starts is None:
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=visible_keys(starts, q.shape[2], q.device)))
 
 
 class Ops:

@@ -35,12 +35,33 @@ def reference_bias_gelu(x, bias):
     return F.gelu(x + bias if bias is not None else x, approximate="tanh")
 
 
-def reference_causal_attention(qkv, n_head: int):
+def check_starts(starts, qkv):
+    """`starts` (B, T) integers: where the review that holds each position begins (packed rows)."""
+    if starts is None:
+        return
+    B, T = qkv.shape[:2]
+    if tuple(starts.shape) != (B, T) or starts.dtype.is_floating_point or starts.dtype == torch.bool:
+        raise ValueError(f"causal_attention: starts must be integers of shape {(B, T)}, "
+                         f"got {starts.dtype} {tuple(starts.shape)}")
+
+
+def visible_keys(starts, T: int, device):
+    """The attention mask: query i sees key j where j <= i, and, with `starts`, j >= starts[:, i] (no
+    attention across a review boundary). (T, T), or (B, 1, T, T) with starts."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if starts is None:
+        return causal
+    same_review = torch.arange(T, device=device)[None, None, :] >= starts[:, :, None]
+    return (causal & same_review)[:, None]
+
+
+def reference_causal_attention(qkv, n_head: int, starts=None):
+    """Causal self-attention; with `starts` (B, T), a row packs several reviews and each query sees only
+    the keys of its own review (positions starts[b, i]..i)."""
+    check_starts(starts, qkv)
     q, k, v = split_heads(qkv, n_head)
-    T = q.shape[2]
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    causal = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril()
-    att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    att = att.masked_fill(~visible_keys(starts, q.shape[2], qkv.device), float("-inf")).softmax(dim=-1)
     return merge_heads(att @ v)
 
 
