@@ -87,7 +87,7 @@ def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batc
     """A closure running one AdamW training step of `preset` on random tokens."""
     model = bench_model(preset, vocab_size, device, COMPILED.get(backend, backend))
     forward = torch.compile(model) if backend in COMPILED else model
-    optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.99))
+    [optimizer] = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99))
     block = model.config.block_size
     x = torch.randint(vocab_size, (batch_size, block), device=device)
     y = torch.randint(vocab_size, (batch_size, block), device=device)

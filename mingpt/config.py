@@ -62,10 +62,26 @@ class TrainConfig:
     init_from: Optional[str] = None
     balance: str = "auto"
     sentiment_dropout: float = 0.0
+    pack: bool = False
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    decay_fraction: float = 0.3
     tensorboard: bool = False
     progress: bool = True
     threads: Optional[int] = None
     model: GPTConfig = field(default_factory=GPTConfig)
+
+    def check(self):
+        """Refuse values no run can use, naming them (after every override is applied)."""
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+
+
+SCHEDULES = ("cosine", "wsd")
 
 
 PRESETS = {

@@ -15,7 +15,8 @@ import torch
 
 from .corpus import DataError, split_reviews
 from .layouts import get_layout
-from .tokenizer import SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, train_tokenizer
+from .packing import ReviewPacker, load_packed
+from .tokenizer import PAD, SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, train_tokenizer
 
 # Oversample the minority sentiment by default when it holds less than this share of the rows.
 BALANCE_THRESHOLD = 0.35
@@ -112,6 +113,7 @@ class TokenData:
             raise DataError(f"{meta_path}: {e}") from None
         self.splits = {name: self._load_split(name) for name in ("train", "val")}
         self.class_rows = None
+        self.packer = None
 
     def _load_split(self, name):
         path = os.path.join(self.data_dir, f"{name}.bin")
@@ -151,6 +153,24 @@ class TokenData:
             raise DataError("cannot balance: the training rows hold only one sentiment")
         return (f"class balance: on ({share:.0%} of training rows positive; batches drawn 50/50 "
                 f"by oversampling the {'negative' if share > 0.5 else 'positive'} rows)")
+
+    def set_packing(self, on: bool):
+        """Pack several reviews into each training row (mingpt.packing); the review layout only."""
+        if on and not self.layout.balances_classes:
+            raise DataError(f"--pack needs the review layout (whole reviews to pack), not {self.layout.name}")
+        self.packer = ReviewPacker(self.splits["train"], self.pad_id) if on else None
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.token_id(PAD)
+
+    def plan_packed_batch(self, batch_size: int, generator: torch.Generator) -> list:
+        """The training rows of each packed row of one batch (set_packing first)."""
+        return self.packer.plan(batch_size, lambda n: self.sample_positions("train", n, None, generator))
+
+    def load_packed_batch(self, plan):
+        """Inputs, targets and review starts of a planned packed batch."""
+        return load_packed(self.splits["train"], plan, self.pad_id)
 
     def review_texts(self, split: str):
         """The (sentiment, text) of every review in a split, decoded from the token files."""

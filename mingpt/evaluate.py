@@ -25,7 +25,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .corpus import DataError, load_csv, load_embedded_corpus
@@ -33,7 +32,7 @@ from .data import TokenData
 from .layouts import get_layout
 from .logit_controls import LogitControls
 from .sampling import add_sampling_flags, sampling_options, write_samples
-from .tokenizer import PAD, SENTIMENT_TOKENS
+from .scoring import nats_per_char
 
 NEAR_COPY_JACCARD = 0.8
 # 好看 and 难看, then prompts that carry no sentiment of their own: subjects and opening phrases.
@@ -116,41 +115,6 @@ def validation_loss(model, data: TokenData, batch_size: int = 64) -> float:
         n = int((y != -1).sum())
         total, count = total + loss.item() * n, count + n
     return total / count
-
-
-def review_windows(ids: list, block: int, pad_id: int) -> list:
-    """(inputs, targets) rows of block tokens that score each of ids[2:] once (the targets before are
-    -1): one row, or windows that slide by half a block, each scoring the targets it adds."""
-    rows, start, scored = [], 0, 2
-    while True:
-        window = ids[start:start + block + 1]
-        targets = [t if start + 1 + k >= scored else -1 for k, t in enumerate(window[1:])]
-        pad = block - len(targets)
-        rows.append((window[:-1] + [pad_id] * pad, targets + [-1] * pad))
-        scored = start + len(window)
-        if scored >= len(ids):
-            return rows
-        start += block // 2
-
-
-@torch.no_grad()
-def nats_per_char(model, tokenizer, layout, reviews, batch_size: int = 64) -> float:
-    """The loss every tokenizer shares: the mean negative log-likelihood, in nats per character, of each
-    review's characters and its end token (counted as one character) given the context token and its
-    sentiment token."""
-    context, end, pad = (tokenizer.token_id(t) for t in (layout.context_token, layout.end_token, PAD))
-    rows, characters = [], 0
-    for sentiment, text in reviews:
-        ids = [context, tokenizer.token_id(SENTIMENT_TOKENS[sentiment])] + tokenizer.encode(text) + [end]
-        rows += review_windows(ids, model.config.block_size, pad)
-        characters += len(text) + 1
-    device = model.transformer.wte.weight.device
-    total = 0.0
-    for first in range(0, len(rows), batch_size):
-        x, y = (torch.tensor(part, device=device) for part in zip(*rows[first:first + batch_size]))
-        logits, _ = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
-    return total / characters
 
 
 def load_judge_sets(train_path, test_path, generator_sources):

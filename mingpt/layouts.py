@@ -84,11 +84,13 @@ class ReviewLayout:
         return x, y
 
     def drop_sentiment(self, x, y, share: float, generator, tokenizer):
-        """Rows that begin a review lose their input sentiment token to <pad> with probability `share`
-        (the model learns reviews without one: guidance's unconditioned side); the targets stay."""
-        dropped = (torch.rand(x.shape[0], generator=generator) < share) & (x[:, 0] == tokenizer.token_id(BOS))
+        """Each review that begins in x (one a row, or several in packed rows) loses its input sentiment token
+        to <pad> with probability `share` (the model learns reviews without one: guidance's unconditioned
+        side); the targets stay."""
+        begins = x[:, :-1] == tokenizer.token_id(BOS)
+        dropped = (torch.rand(begins.shape, generator=generator) < share) & begins
         x = x.clone()
-        x[dropped, 1] = tokenizer.token_id(PAD)
+        x[:, 1:][dropped] = tokenizer.token_id(PAD)
         return x, y
 
     def decode_reviews(self, tokens, tokenizer):

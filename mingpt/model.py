@@ -15,6 +15,9 @@ from .config import GPTConfig
 from .ops import BackendUnavailable, get_ops
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 class KVCache:
     """Keys and values of every layer for a batch of sequences of up to block_size positions."""
 
@@ -175,6 +178,8 @@ class GPT(nn.Module):
                 raise ValueError("GPT.forward: packed rows (starts) are for training; the KV cache holds one review a row")
             if starts.shape != idx.shape:
                 raise ValueError(f"starts shape {tuple(starts.shape)} differs from idx shape {tuple(idx.shape)}")
+            if starts.dtype.is_floating_point or starts.dtype == torch.bool:
+                raise ValueError(f"starts must be integers (where each position's review begins), got {starts.dtype}")
 
     def forward(self, idx, targets=None, cache: KVCache = None, start: int = 0, starts=None):
         """Logits (B, T, vocab) of tokens idx (B, T) at positions start.., and the loss if targets are given.
@@ -197,12 +202,24 @@ class GPT(nn.Module):
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas):
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, kind: str = "adamw") -> list:
+        """adamw: AdamW for every parameter (weight decay on matrices and embeddings only). muon: Muon for the
+        blocks' weight matrices, its update scaled to AdamW's size so that one learning rate serves both,
+        and AdamW for the embeddings and every vector."""
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in params if kind == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+        taken = {id(p) for p in hidden}
+        decay = [p for _, p in params if p.dim() >= 2 and id(p) not in taken]
+        no_decay = [p for _, p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas)]
+        if hidden:
+            optimizers.append(torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
+                                               adjust_lr_fn="match_rms_adamw"))
+        return optimizers
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM appendix."""

@@ -29,7 +29,8 @@ HELP = {
     "weight_decay": "AdamW weight decay on matrices", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
     "grad_clip": "clip the gradient norm to this (0: off)", "eval_interval": "steps between evaluations and checkpoints",
     "eval_iters": "batches per split in an evaluation", "log_interval": "steps between tokens/s updates",
-    "max_minutes": "stop (with a final evaluation and checkpoint) after this many minutes",
+    "max_minutes": "stop after this many minutes of the whole command, the final evaluation and checkpoint "
+                   "included",
     "resume": "continue exactly from out_dir/ckpt.pt",
     "overwrite": "start a new run in an out_dir that holds another: move that run to out_dir/previous/ first "
                  "(without it such an out_dir is refused)",
@@ -38,6 +39,12 @@ HELP = {
     "balance": "review layout: oversample the minority sentiment (auto: when it is under 35%%), on or off",
     "sentiment_dropout": "review layout: the share of training reviews whose sentiment token is replaced by "
                          "<pad>, so the model also learns reviews without one (for sample --guide_against none)",
+    "pack": "review layout: pack several whole reviews into each training row (no compute on padding; "
+            "attention stays within a review and positions restart at each)",
+    "optimizer": "adamw, or muon (Muon for the blocks' weight matrices, AdamW for embeddings and vectors)",
+    "schedule": "cosine (warmup, cosine decay over max_iters) or wsd (warmup, stable, then a linear decay over "
+                "the last decay_fraction of max_iters or of the max_minutes budget, whichever ends first)",
+    "decay_fraction": "wsd: the share of the run spent decaying the learning rate to min_lr",
     "tensorboard": "also log to out_dir/tensorboard",
     "progress": "show a progress bar", "threads": "torch CPU threads per process (None: torch's default)",
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",
@@ -63,6 +70,7 @@ def config_from_args(argv=None) -> TrainConfig:
         apply_overrides(cfg, load_config_file(args.config), args.config)
     apply_overrides(cfg, collect_overrides(args, TrainConfig), "command line")
     apply_overrides(cfg.model, collect_overrides(args, GPTConfig), "command line")
+    cfg.check()
     return cfg
 
 

@@ -31,19 +31,30 @@ from .model import GPT
 from .runs import claim_out_dir, data_summary, new_record, record_end, record_evaluation, write_record
 from .runtime import Distributed, autocast_context, init_distributed
 from .sampling import cached_sampler_unavailable_reason, write_samples
+from .scoring import nats_per_char
 from .tokenizer import SENTIMENT_TOKENS
 
-METRIC_FIELDS = ("iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
+METRIC_FIELDS = ("iter", "train_loss", "val_loss", "val_nats_per_char", "lr", "tokens_per_s", "real_token_share",
+                 "elapsed_s")
+# Held-out reviews scored for nats per character at each evaluation (all of them up to this many).
+NATS_PER_CHAR_REVIEWS = 1000
 
 
 class Interrupted(Exception):
     """Training stopped by a signal after writing a checkpoint."""
 
 
-def learning_rate(it: int, cfg: TrainConfig) -> float:
+def learning_rate(it: int, cfg: TrainConfig, time_share: float = 0.0) -> float:
+    """The learning rate of step `it`: a linear warmup, then cosine decay to min_lr over the steps, or
+    warmup-stable-decay (wsd): the full rate until the last decay_fraction of the run, then a linear
+    decay to min_lr. wsd's run is max_iters steps or the max_minutes budget, whichever ends first:
+    `time_share` is the share of the budget spent."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if cfg.schedule == "wsd":
+        left = 1.0 - max(it / cfg.max_iters, time_share)
+        return cfg.min_lr + (cfg.learning_rate - cfg.min_lr) * min(1.0, max(0.0, left) / cfg.decay_fraction)
     if it >= decay_iters:
         return cfg.min_lr
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
@@ -162,17 +173,21 @@ class Run:
     data: TokenData
     model: GPT
     step_model: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
-    optimizer: torch.optim.Optimizer
+    optimizers: list  # AdamW, and Muon beside it with --optimizer muon
     batch_generator: torch.Generator
     log: Callable
     scaler: Optional[torch.amp.GradScaler] = None  # float16's loss scaler (disabled for other dtypes)
     writer: Optional[object] = None  # a TensorBoard SummaryWriter, when --tensorboard is on
     sampler: str = "reference"  # the sampler of the evaluation samples
     record: Optional[dict] = None  # what out_dir/run.json holds (main process only)
+    val_reviews: list = dataclasses.field(default_factory=list)  # (sentiment, text) scored for nats per character
     it: int = 0
     best_val: float = float("inf")
     losses: dict = dataclasses.field(default_factory=dict)
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # real (not padding) tokens
+    real_token_share: float = 0.0  # of the token slots the model computed on
+    clock_start: float = 0.0  # perf_counter when the max_minutes budget began
+    eval_seconds: float = 0.0  # how long the last evaluation took: kept free at the end of the budget
 
     def path(self, name: str) -> str:
         return os.path.join(self.cfg.out_dir, name)
@@ -211,8 +226,11 @@ def open_tensorboard(cfg: TrainConfig):
     return SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
 
 
-def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
-    """Data, model, optimizer and output folder, restored from out_dir/ckpt.pt with --resume."""
+def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[float] = None) -> Run:
+    """Data, model, optimizer and output folder, restored from out_dir/ckpt.pt with --resume. The max_minutes
+    budget runs from clock_start (a perf_counter reading; default: now)."""
+    clock_start = time.perf_counter() if clock_start is None else clock_start
+    cfg.check()
     autocast_context(cfg.dtype, device)  # rejects a dtype the device cannot train in, before any work
     if cfg.grad_accum % ddp.world_size:
         raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the {ddp.world_size} processes")
@@ -221,15 +239,18 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
     if cfg.sentiment_dropout and not (0 < cfg.sentiment_dropout < 1 and data.layout.balances_classes):
         raise ValueError(f"sentiment_dropout must be in [0, 1) and needs the review layout, got "
                          f"{cfg.sentiment_dropout} with the {data.layout.name} layout")
+    data.set_packing(cfg.pack)
     model = build_model(cfg, data, device)
     moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
     if ddp.is_main:
         # latest + best + their temporary copies, each weights and two AdamW moments
         check_out_dir(cfg.out_dir, needed_bytes=4 * 3 * 4 * model.num_params())
     run = Run(cfg, ddp, device, data, model, step_model=model,
-              optimizer=model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2)),
+              optimizers=model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                    cfg.optimizer),
               batch_generator=torch.Generator().manual_seed(cfg.seed),
-              log=print if ddp.is_main else (lambda *a, **k: None), scaler=make_grad_scaler(cfg.dtype, device))
+              log=print if ddp.is_main else (lambda *a, **k: None), scaler=make_grad_scaler(cfg.dtype, device),
+              val_reviews=data.review_texts("val")[:NATS_PER_CHAR_REVIEWS], clock_start=clock_start)
     if cfg.resume:
         restore(run)
     if ddp.world_size > 1:
@@ -240,7 +261,8 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device) -> Run:
             f"n_embd {cfg.model.n_embd}, block {cfg.model.block_size}, vocab {cfg.model.vocab_size}); "
             f"device {device}, dtype {cfg.dtype}, {ddp.world_size} process(es), backend {cfg.backend} -> "
             f"{ops.name} ({', '.join(f'{k}: {v}' for k, v in ops.sources.items())}); {balance}"
-            + (f"; fine-tuning from {cfg.init_from}" if cfg.init_from and not cfg.resume else ""))
+            + (f"; fine-tuning from {cfg.init_from}" if cfg.init_from and not cfg.resume else "")
+            + f"; optimizer {cfg.optimizer}, schedule {cfg.schedule}" + ("; packed rows" if cfg.pack else ""))
     if moved:
         run.log(f"--overwrite: moved the earlier run in {cfg.out_dir} to {moved}")
     if cfg.backend == "auto" and ops.name == "reference" and extension.UNAVAILABLE_REASON:
@@ -276,9 +298,16 @@ def end_record(run: Run, status: str):
 def restore(run: Run):
     resumed = load_resume_checkpoint(run.path("ckpt.pt"), run.cfg, run.data)
     run.model.load_state_dict(resumed["model"])
-    run.optimizer.load_state_dict(resumed["optimizer"])
+    saved = resumed["optimizer"] if isinstance(resumed["optimizer"], list) else [resumed["optimizer"]]
+    if len(saved) != len(run.optimizers):
+        raise CheckpointError(f"{run.path('ckpt.pt')} holds the state of {len(saved)} optimizer(s), "
+                              f"--optimizer {run.cfg.optimizer} needs {len(run.optimizers)}")
+    for optimizer, state in zip(run.optimizers, saved):
+        optimizer.load_state_dict(state)
     run.it, run.best_val = resumed["iter_num"], resumed["best_val_loss"]
     run.batch_generator.set_state(resumed["batch_rng"])
+    if run.data.packer is not None:
+        run.data.packer.waiting = list(resumed.get("packer_waiting", []))
     restore_rng_states(resumed["rng"])
     if resumed.get("grad_scaler"):
         run.scaler.load_state_dict(resumed["grad_scaler"])
@@ -287,46 +316,78 @@ def restore(run: Run):
 def save(run: Run, name: str):
     if run.ddp.is_main:
         atomic_torch_save(make_checkpoint(
-            run.model, run.data.tokenizer, run.data.meta, optimizer=run.optimizer.state_dict(), iter_num=run.it,
-            best_val_loss=run.best_val, train_config=dataclasses.asdict(run.cfg),
-            batch_rng=run.batch_generator.get_state(), rng=rng_states(), grad_scaler=run.scaler.state_dict()),
+            run.model, run.data.tokenizer, run.data.meta, optimizer=[o.state_dict() for o in run.optimizers],
+            iter_num=run.it, best_val_loss=run.best_val, train_config=dataclasses.asdict(run.cfg),
+            batch_rng=run.batch_generator.get_state(), rng=rng_states(), grad_scaler=run.scaler.state_dict(),
+            packer_waiting=list(run.data.packer.waiting) if run.data.packer is not None else []),
             run.path(name))
 
 
-def optimizer_step(run: Run) -> torch.Tensor:
-    """One optimizer step over batch_size x grad_accum sequences; returns the step's mean loss."""
-    cfg, ddp = run.cfg, run.ddp
-    lr = learning_rate(run.it, cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    positions = [run.data.sample_positions("train", cfg.batch_size, cfg.model.block_size, run.batch_generator)
+def time_share(run: Run) -> float:
+    """The share of the max_minutes budget spent, less the time the final evaluation will take (0 without one)."""
+    if run.cfg.max_minutes is None:
+        return 0.0
+    return (time.perf_counter() - run.clock_start) / max(1e-9, 60 * run.cfg.max_minutes - run.eval_seconds)
+
+
+def micro_batches(run: Run) -> list:
+    """The micro-batches of one step, each (x, y, starts or None), drawn for every process alike (the RNG
+    streams stay in step) and loaded for this process's share."""
+    cfg, data = run.cfg, run.data
+    if cfg.pack:
+        plans = [data.plan_packed_batch(cfg.batch_size, run.batch_generator) for _ in range(cfg.grad_accum)]
+    else:
+        plans = [data.sample_positions("train", cfg.batch_size, cfg.model.block_size, run.batch_generator)
                  for _ in range(cfg.grad_accum)]
-    micro_steps = range(ddp.rank, cfg.grad_accum, ddp.world_size)
-    step_loss = torch.zeros((), device=run.device)
-    for n, micro in enumerate(micro_steps):
-        x, y = run.data.load_batch("train", positions[micro], cfg.model.block_size)
+    batches = []
+    for micro in range(run.ddp.rank, cfg.grad_accum, run.ddp.world_size):
+        if cfg.pack:
+            x, y, starts = data.load_packed_batch(plans[micro])
+        else:
+            (x, y), starts = data.load_batch("train", plans[micro], cfg.model.block_size), None
         if cfg.sentiment_dropout:
-            x, y = run.data.layout.drop_sentiment(x, y, cfg.sentiment_dropout, run.batch_generator, run.data.tokenizer)
-        sync = n == len(micro_steps) - 1 or ddp.world_size == 1
+            x, y = data.layout.drop_sentiment(x, y, cfg.sentiment_dropout, run.batch_generator, data.tokenizer)
+        batches.append((x, y, starts))
+    return batches
+
+
+def optimizer_step(run: Run):
+    """One optimizer step over batch_size x grad_accum sequences; returns the step's mean loss and the number
+    of real (not padding) tokens it computed on, over all processes."""
+    cfg, ddp = run.cfg, run.ddp
+    lr = learning_rate(run.it, cfg, time_share(run))
+    for optimizer in run.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    batches = micro_batches(run)
+    totals = torch.zeros(2, device=run.device)  # the mean loss, the real tokens
+    for n, (x, y, starts) in enumerate(batches):
+        sync = n == len(batches) - 1 or ddp.world_size == 1
         with (contextlib.nullcontext() if sync else run.step_model.no_sync()):
             with autocast_context(cfg.dtype, run.device):
-                _, loss = run.step_model(x.to(run.device), y.to(run.device))
-            run.scaler.scale(loss / len(micro_steps)).backward()
-        step_loss += loss.detach() / len(micro_steps)
+                _, loss = run.step_model(x.to(run.device), y.to(run.device),
+                                         starts=None if starts is None else starts.to(run.device))
+            run.scaler.scale(loss / len(batches)).backward()
+        totals[0] += loss.detach() / len(batches)
+        totals[1] += int((x != run.data.pad_id).sum())
     if ddp.world_size > 1:
-        dist.all_reduce(step_loss)
-        step_loss /= ddp.world_size
+        dist.all_reduce(totals)
+        totals[0] /= ddp.world_size
+    step_loss = totals[0]
     if not torch.isfinite(step_loss):
         raise FloatingPointError(f"loss became {step_loss.item()} at iteration {run.it}; the last "
                                  f"good checkpoint {run.path('ckpt.pt')} is left as it was")
-    run.scaler.unscale_(run.optimizer)  # clipping sees the true gradients
+    for optimizer in run.optimizers:
+        run.scaler.unscale_(optimizer)  # clipping sees the true gradients
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.scaler.step(run.optimizer)  # skipped when a gradient is inf or nan (float16 only)
+    for optimizer in run.optimizers:
+        run.scaler.step(optimizer)  # skipped when a gradient is inf or nan (float16 only)
     run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
     run.it += 1
-    return step_loss
+    return step_loss, int(totals[1])
 
 
 def eval_samples(run: Run) -> list:
@@ -345,18 +406,25 @@ def eval_samples(run: Run) -> list:
 def evaluate_and_save(run: Run, elapsed_s: float) -> str:
     """Losses of both splits, a metrics row and plot, samples, ckpt.pt (and best.pt when val improved) and
     run.json; returns the log lines."""
+    started = time.perf_counter()
     run.losses = estimate_loss(run.model, run.data, run.cfg, run.device, run.cfg.dtype)
+    run.model.eval()
+    with torch.no_grad(), autocast_context(run.cfg.dtype, run.device):
+        run.losses["val_nats_per_char"] = nats_per_char(run.model, run.data.tokenizer, run.data.layout,
+                                                        run.val_reviews)
+    run.model.train()
     improved = run.losses["val"] < run.best_val
     run.best_val = min(run.best_val, run.losses["val"])
     samples = eval_samples(run)
     if run.ddp.is_main:
         append_metrics(run.path("metrics.csv"), dict(
             iter=run.it, train_loss=f"{run.losses['train']:.4f}", val_loss=f"{run.losses['val']:.4f}",
-            lr=f"{learning_rate(run.it, run.cfg):.3e}", tokens_per_s=f"{run.tokens_per_s:.0f}",
-            elapsed_s=f"{elapsed_s:.1f}"))
+            val_nats_per_char=f"{run.losses['val_nats_per_char']:.4f}",
+            lr=f"{learning_rate(run.it, run.cfg, time_share(run)):.3e}", tokens_per_s=f"{run.tokens_per_s:.0f}",
+            real_token_share=f"{run.real_token_share:.3f}", elapsed_s=f"{elapsed_s:.1f}"))
         plot_losses(run.path("metrics.csv"), run.path("loss.png"))
         if run.writer:
-            run.writer.add_scalars("loss", run.losses, run.it)
+            run.writer.add_scalars("loss", {k: run.losses[k] for k in ("train", "val")}, run.it)
             for sentiment, text in samples:
                 run.writer.add_text(f"samples/{sentiment}", text, run.it)
     save(run, "ckpt.pt")
@@ -365,7 +433,9 @@ def evaluate_and_save(run: Run, elapsed_s: float) -> str:
     if run.record is not None:
         record_evaluation(run.record, run.it, run.losses, run.best_val, samples)
         write_record(run.cfg.out_dir, run.record)
-    return "\n".join([f"iter {run.it}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}"]
+    run.eval_seconds = time.perf_counter() - started
+    return "\n".join([f"iter {run.it}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}, "
+                      f"val {run.losses['val_nats_per_char']:.4f} nats/char"]
                      + [f"  [{sentiment}] {' '.join(text.split())}" for sentiment, text in samples])
 
 
@@ -380,17 +450,16 @@ def progress_bar(run: Run):
 def train_loop(run: Run) -> float:
     """Steps until max_iters or max_minutes, evaluating every eval_interval steps; returns the seconds it took."""
     cfg, start_iter = run.cfg, run.it
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+    slots_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
     progress = progress_bar(run)
     started = time.perf_counter()
-    window_start, window_tokens = started, 0
+    window_start, window_tokens, window_slots = started, 0, 0
     run.model.train()
     with StopSignals() as signals:
         while True:
-            out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
-            last = run.it >= cfg.max_iters or out_of_time
+            last = run.it >= cfg.max_iters or time_share(run) >= 1.0
             if (run.it % cfg.eval_interval == 0 and run.it > start_iter) or last:
-                message = evaluate_and_save(run, time.perf_counter() - started)
+                message = evaluate_and_save(run, time.perf_counter() - run.clock_start)
                 (progress.write if progress else run.log)(message)
             if last:
                 break
@@ -398,30 +467,34 @@ def train_loop(run: Run) -> float:
                 save(run, "ckpt.pt")
                 raise Interrupted(f"{signals.received} at iteration {run.it}: wrote {run.path('ckpt.pt')}; "
                                   f"continue with --resume")
-            step_loss = optimizer_step(run)
-            window_tokens += tokens_per_step
+            step_loss, real_tokens = optimizer_step(run)
+            window_tokens += real_tokens
+            window_slots += slots_per_step
             if run.it % cfg.log_interval == 0 or run.it == cfg.max_iters:
                 now = time.perf_counter()
                 run.tokens_per_s = window_tokens / (now - window_start)
-                window_start, window_tokens = now, 0
+                run.real_token_share = window_tokens / window_slots
+                window_start, window_tokens, window_slots = now, 0, 0
                 if run.writer:
                     run.writer.add_scalar("train/loss_step", step_loss.item(), run.it)
-                    run.writer.add_scalar("train/lr", learning_rate(run.it - 1, cfg), run.it)
+                    run.writer.add_scalar("train/lr", learning_rate(run.it - 1, cfg, time_share(run)), run.it)
             if progress:
-                progress.set_postfix(loss=f"{step_loss.item():.3f}", tok_s=f"{run.tokens_per_s:,.0f}", refresh=False)
+                progress.set_postfix(loss=f"{step_loss.item():.3f}", tok_s=f"{run.tokens_per_s:,.0f}",
+                                     real=f"{run.real_token_share:.0%}", refresh=False)
                 progress.update(1)
     if progress:
         progress.close()
     return time.perf_counter() - started
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns a summary with the final losses."""
+def train(cfg: TrainConfig, clock_start: Optional[float] = None) -> dict:
+    """Run training as configured; returns a summary with the final losses. The max_minutes budget runs from
+    clock_start (a perf_counter reading: when the command began, so that preparing data counts; default now)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ddp, device = init_distributed(cfg.device)
     try:
-        run = set_up(cfg, ddp, device)
+        run = set_up(cfg, ddp, device, clock_start)
         try:
             elapsed_s = train_loop(run)
         except BaseException as e:
@@ -431,6 +504,8 @@ def train(cfg: TrainConfig) -> dict:
         if run.writer:
             run.writer.close()
         return {"iters": run.it, "train_loss": run.losses["train"], "val_loss": run.losses["val"],
+                "val_nats_per_char": run.losses["val_nats_per_char"], "tokens_per_s": run.tokens_per_s,
+                "real_token_share": run.real_token_share,
                 "best_val_loss": run.best_val, "elapsed_s": elapsed_s, "params": run.model.num_params(),
                 "ckpt": run.path("ckpt.pt")}
     finally:

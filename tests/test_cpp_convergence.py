@@ -67,7 +67,7 @@ def _train_demo(data: TokenData, dtype, steps: int, batch: int):
     cfg.model.vocab_size = data.tokenizer.vocab_size
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model, backend="cpp")
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    [optimizer] = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     generator = torch.Generator().manual_seed(cfg.seed)
     autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     losses = []

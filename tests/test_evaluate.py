@@ -4,8 +4,8 @@ import torch
 from conftest import shared_csv
 from mingpt import GPT, GPTConfig
 from mingpt.corpus import Review
-from mingpt.evaluate import (DEFAULT_PROMPTS, CopyDetector, SentimentJudge, distinct_n, load_judge_sets,
-                             nats_per_char, parse_prompts, review_windows)
+from mingpt.evaluate import DEFAULT_PROMPTS, CopyDetector, SentimentJudge, distinct_n, load_judge_sets, parse_prompts
+from mingpt.scoring import nats_per_char, review_windows
 from mingpt.layouts import get_layout
 from mingpt.tokenizer import BOS, EOS, SENTIMENT_TOKENS, CharTokenizer
 

@@ -111,7 +111,7 @@ def trained(review_data_dir):
     config = GPTConfig(n_layer=2, n_head=3, n_embd=42, block_size=32, vocab_size=data.tokenizer.vocab_size)
     torch.manual_seed(0)
     model = GPT(config)
-    optimizer = model.configure_optimizer(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.99))
+    [optimizer] = model.configure_optimizers(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(0)
     for _ in range(TRAIN_STEPS):
         x, y = data.get_batch("train", 32, config.block_size, generator)

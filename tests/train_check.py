@@ -32,7 +32,7 @@ def train_steps(backend: str, data: TokenData, config: GPTConfig, steps: int, ba
     torch.manual_seed(1234)
     model = GPT(config, backend=backend).to(device)
     assert {model.ops.sources[op] for op in ops.OP_NAMES} == {backend}
-    optimizer = model.configure_optimizer(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.99))
+    [optimizer] = model.configure_optimizers(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(5678)
     losses, first_grads = [], None
     for step in range(steps):
