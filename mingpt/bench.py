@@ -1,7 +1,9 @@
 """Side-by-side speed of the reference path and the fast paths, in one run:
 `python -m mingpt.bench [--json PATH]`.
 
-Rows: the machine's matmul peak (for MFU), the training step (tokens/s) per backend and dtype,
+Rows: the machine's matmul peak (for MFU), the training step per backend, dtype and row layout (tokens/s
+counts real tokens: rows of real reviews' lengths, one padded review a row or several packed; the note
+gives the real-token share),
 sampling (tokens/s, 1 and 10 samples) per sampler and, for the compiled sampler, per weight format
 beside that format's streaming bound (reading its weight bytes once per step), and every op of the
 op table per backend (forward and forward+backward). Configurations alternate within each round and each figure is
@@ -17,12 +19,15 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 from .config import preset_config
+from .corpus import load_embedded_corpus, load_table
 from .extension import require_extension
 from .model import GPT
 from .ops import OP_NAMES, BackendUnavailable, get_ops
+from .packing import ReviewPacker, load_packed
 from .sampling import SAMPLERS, WEIGHT_FORMATS, generate, packed_sampler, resolve_sampler
 from .runtime import autocast_context
 
@@ -83,18 +88,45 @@ def bench_model(preset: str, vocab_size: int, device, backend="reference") -> GP
     return GPT(cfg.model, backend=backend).to(device)
 
 
-def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batch_size: int, device):
-    """A closure running one AdamW training step of `preset` on random tokens."""
+ROW_LAYOUTS = ("padded", "packed")
+PAD_ID = 0
+
+
+def review_rows(reviews, block_size: int, vocab_size: int, seed: int = 0) -> np.ndarray:
+    """Review-layout rows with the token counts of `reviews` (text, <bos>, sentiment and <eos>; a longer
+    review split into windows, as prepare does) holding random token ids, padded with PAD_ID."""
+    row_len, lengths = block_size + 1, []
+    for review in reviews:
+        n = len(review.text) + 3
+        lengths += [row_len] * ((n - 1) // block_size) + [min(row_len, 1 + (n - 1) % block_size)]
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(1, vocab_size, size=(len(lengths), row_len))
+    rows[np.arange(row_len)[None, :] >= np.array(lengths)[:, None]] = PAD_ID
+    return rows
+
+
+def training_batch(rows: np.ndarray, layout: str, batch_size: int, seed: int = 0):
+    """Inputs, targets and starts (None unpacked) of one batch of `rows`: batch_size of them, or packed."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(len(rows), (n,), generator=generator)  # noqa: E731
+    if layout == "packed":
+        return load_packed(rows, ReviewPacker(rows, PAD_ID).plan(batch_size, draw), PAD_ID)
+    chunk = torch.from_numpy(rows[draw(batch_size).numpy()])
+    x, y = chunk[:, :-1].clone(), chunk[:, 1:].clone()
+    y[y == PAD_ID] = -1
+    return x, y, None
+
+
+def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batch, device):
+    """A closure running one AdamW training step of `preset` on a batch (x, y, starts)."""
     model = bench_model(preset, vocab_size, device, COMPILED.get(backend, backend))
     forward = torch.compile(model) if backend in COMPILED else model
     [optimizer] = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99))
-    block = model.config.block_size
-    x = torch.randint(vocab_size, (batch_size, block), device=device)
-    y = torch.randint(vocab_size, (batch_size, block), device=device)
+    x, y, starts = (None if t is None else t.to(device) for t in batch)
 
     def step():
         with autocast_context(dtype, device):
-            _, loss = forward(x, y)
+            _, loss = forward(x, y, starts=starts)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -176,31 +208,42 @@ def run_rounds(configs: dict, rounds: int, calls: int, device) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def load_bench_reviews(source: str):
+    """The reviews whose lengths shape the training rows: the embedded corpus, or a labelled file."""
+    return load_embedded_corpus()[0] if source == "embedded" else load_table(source)[0]
+
+
 def bench_training(args, device, peaks) -> list:
-    rows, configs = [], {}
-    tokens = args.batch_size * preset_config(args.preset).model.block_size
-    for dtype in args.dtypes:
-        for backend in args.backends:
-            reason = backend_unavailable(backend, device)
-            if reason is None and dtype == "bfloat16" and backend in COMPILED:
-                reason = "bf16 autocast under torch.compile is not measured"
-            if reason:
-                rows.append(Row("train_step", backend, dtype, args.batch_size, note=f"skipped: {reason}"))
-                continue
-            try:
-                step, model = make_train_step(args.preset, args.vocab_size, backend, dtype, args.batch_size, device)
-                for _ in range(args.warmup):
-                    step()
-            except Exception as e:  # a fast path that fails to build here is reported, not fatal
-                rows.append(Row("train_step", backend, dtype, args.batch_size,
-                                note=f"skipped: failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
-                continue
-            configs[(backend, dtype)] = step
-            flops_per_token = model.flops_per_token()
-    for (backend, dtype), seconds in run_rounds(configs, args.rounds, args.steps, device).items():
-        tok_s = tokens / seconds
-        mfu = tok_s * flops_per_token / (peaks[dtype] * 1e9)
-        rows.append(Row("train_step", backend, dtype, args.batch_size, tok_s, seconds * 1e3, mfu))
+    """Training-step rows: tokens/s counts real tokens; MFU counts every token slot computed on."""
+    rows, configs, real = [], {}, {}
+    stored = review_rows(load_bench_reviews(args.reviews), preset_config(args.preset).model.block_size,
+                         args.vocab_size)
+    batches = {layout: training_batch(stored, layout, args.batch_size) for layout in ROW_LAYOUTS}
+    for dtype, backend, layout in itertools.product(args.dtypes, args.backends, ROW_LAYOUTS):
+        task = f"train_step:{layout}"
+        reason = backend_unavailable(backend, device)
+        if reason is None and dtype == "bfloat16" and backend in COMPILED:
+            reason = "bf16 autocast under torch.compile is not measured"
+        if reason:
+            rows.append(Row(task, backend, dtype, args.batch_size, note=f"skipped: {reason}"))
+            continue
+        try:
+            step, model = make_train_step(args.preset, args.vocab_size, backend, dtype, batches[layout], device)
+            for _ in range(args.warmup):
+                step()
+        except Exception as e:  # a fast path that fails to build here is reported, not fatal
+            rows.append(Row(task, backend, dtype, args.batch_size,
+                            note=f"skipped: failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            continue
+        configs[(task, backend, dtype)] = step
+        flops_per_token = model.flops_per_token()
+    for layout, (x, _, _) in batches.items():
+        real[f"train_step:{layout}"] = (int((x != PAD_ID).sum()), x.numel())
+    for (task, backend, dtype), seconds in run_rounds(configs, args.rounds, args.steps, device).items():
+        real_tokens, slots = real[task]
+        mfu = slots / seconds * flops_per_token / (peaks[dtype] * 1e9)
+        rows.append(Row(task, backend, dtype, args.batch_size, real_tokens / seconds, seconds * 1e3, mfu,
+                        note=f"real tokens {real_tokens / slots:.0%} of the slots"))
     return rows
 
 
@@ -310,7 +353,9 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="seed", help="model shape to time (random weights)")
     p.add_argument("--vocab_size", type=int, default=2212, help="vocabulary (2,212: the 5k movie reviews)")
-    p.add_argument("--batch_size", type=int, default=32, help="training batch (sequences of block_size)")
+    p.add_argument("--batch_size", type=int, default=32, help="training batch (rows of block_size)")
+    p.add_argument("--reviews", default="embedded",
+                   help="whose review lengths shape the training rows: embedded (the embedded corpus) or a CSV path")
     p.add_argument("--new_tokens", type=int, default=60, help="tokens each sample generates")
     p.add_argument("--tasks", default="matmul,train,sample,ops", help="comma-separated subset of matmul,train,sample,ops")
     p.add_argument("--backends", default=",".join(TRAIN_BACKENDS), help="training-step backends")

@@ -53,7 +53,7 @@ def make_checkpoint(model: GPT, tokenizer, data_meta: dict, **state) -> dict:
         "model": model.state_dict(),
         "model_config": dataclasses.asdict(model.config),
         "tokenizer": tokenizer.to_dict(),
-        "data": {k: data_meta.get(k) for k in ("layout", "eos_token", "block_size", "source")},
+        "data": {k: data_meta.get(k) for k in ("layout", "eos_token", "block_size", "source", "extra_train")},
         **state,
     }
 

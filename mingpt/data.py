@@ -5,6 +5,7 @@ Token files (in a data directory):
   meta.json           layout name, sizes, the seed of the split, the prepare summary
   train.bin, val.bin  uint16 tokens, shaped by the layout (mingpt.layouts)
   train_labels.bin, val_labels.bin  review layout: uint8 sentiment of each row (1 positive, 0 negative)
+  train_sources.bin   with extra training reviews: uint8 of each train row (0 the source's own, 1 extra)
 """
 import collections
 import json
@@ -24,12 +25,15 @@ BALANCE_THRESHOLD = 0.35
 
 def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_reviews="split",
             val_fraction=0.1, seed=1337, source="", tokenizer="char", bpe_vocab_size=2000, base_tokenizer=None,
-            read_as=None):
+            read_as=None, extra_train=(), extra_source=""):
     """Write tokenizer.json, meta.json and the token files; returns the meta dict.
 
     `read_as` says how the source file was read (format and encoding, e.g. "CSV, GB18030").
     `base_tokenizer` (a tokenizer of an earlier run) keeps its ids and adds what the reviews need,
     so a checkpoint trained with it can be fine-tuned on this data.
+    `extra_train` (review layout): reviews of another source (`extra_source`) added to the train split
+    only, after the rows of `reviews`, and marked in train_sources.bin; the val split and the label
+    counts stay those of `reviews`. An extra review whose text is a held-out review is left out.
     """
     layout = get_layout(layout)
     kept = [r for r in reviews if not any(t in r.text for t in SPECIAL_TOKENS)]
@@ -38,17 +42,27 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
         reviews = kept
     if not reviews:
         raise DataError(f"no usable reviews in {source or 'the input'} (dropped: {dict(drops)})")
-    texts = [r.text for r in reviews] + list(layout.separator_texts)
+    if extra_train and not layout.balances_classes:
+        raise DataError(f"extra training reviews need the review layout, not {layout.name}")
+    texts = [r.text for r in reviews] + [r.text for r in extra_train] + list(layout.separator_texts)
     if base_tokenizer is not None:
         tokenizer = extend_tokenizer(base_tokenizer, texts)
     else:
         tokenizer = train_tokenizer(tokenizer, texts, bpe_vocab_size)
     train, val = split_reviews(reviews, val_fraction, seed)
+    held_out = {r.text for r in val}
+    extra = [r for r in extra_train if r.text not in held_out and not any(t in r.text for t in SPECIAL_TOKENS)]
     os.makedirs(data_dir, exist_ok=True)
     layout_counts = collections.Counter()
     splits = {}
     for name, part in (("train", train), ("val", val)):
         tokens, labels = layout.encode(part, tokenizer, block_size, long_reviews, layout_counts)
+        if name == "train" and extra:
+            extra_tokens, extra_labels = layout.encode(extra, tokenizer, block_size, long_reviews,
+                                                       collections.Counter())
+            sources = np.concatenate([np.zeros(len(tokens), np.uint8), np.ones(len(extra_tokens), np.uint8)])
+            sources.tofile(os.path.join(data_dir, "train_sources.bin"))
+            tokens, labels = np.concatenate([tokens, extra_tokens]), np.concatenate([labels, extra_labels])
         if labels is not None:
             labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
         tokens.tofile(os.path.join(data_dir, f"{name}.bin"))
@@ -65,6 +79,7 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
         "reviews": len(reviews), "positive": n_pos, "negative": len(reviews) - n_pos,
         "base_vocab_size": base_tokenizer.vocab_size if base_tokenizer is not None else None,
         "dropped": dict(drops), "layout_counts": dict(layout_counts), "splits": splits,
+        "extra_train": {"source": extra_source, "reviews": len(extra)} if extra else None,
     }
     with open(os.path.join(data_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=2)
@@ -79,14 +94,16 @@ def summary_line(meta) -> str:
     oversampled = (get_layout(meta["layout"]).balances_classes
                    and min(meta["positive"], meta["negative"]) < BALANCE_THRESHOLD * meta["reviews"])
     read_as = f" (read as {meta['read_as']})" if meta.get("read_as") else ""
+    extra = meta.get("extra_train")
+    extra = f"; train adds {extra['reviews']:,} reviews of {extra['source']}" if extra else ""
     return (f"{meta['source']}{read_as}: kept {meta['reviews']:,} reviews, dropped {dropped:,} ({why}); "
             f"labels {meta['positive']:,} positive / {meta['negative']:,} negative "
             f"({100 * meta['positive'] / meta['reviews']:.0f}% positive); vocab {meta['vocab_size']:,}; "
             f"layout {meta['layout']}{' (' + long_ + ')' if long_ else ''}; "
             f"train {s['train']['tokens']:,} tokens ({s['train']['reviews']:,} reviews), "
             f"val {s['val']['tokens']:,} tokens ({s['val']['reviews']:,} reviews)"
-            + (f"; minority sentiment under {BALANCE_THRESHOLD:.0%}: train oversamples it (--balance auto)"
-               if oversampled else ""))
+            + extra + (f"; minority sentiment under {BALANCE_THRESHOLD:.0%}: train oversamples it (--balance auto)"
+                       if oversampled else ""))
 
 
 class TokenData:
@@ -112,8 +129,10 @@ class TokenData:
         except ValueError as e:
             raise DataError(f"{meta_path}: {e}") from None
         self.splits = {name: self._load_split(name) for name in ("train", "val")}
+        self.sources = self._load_sources()
         self.class_rows = None
         self.packer = None
+        self.extra_share = 0.0  # the share of training draws from the extra reviews (set_extra_share)
 
     def _load_split(self, name):
         path = os.path.join(self.data_dir, f"{name}.bin")
@@ -124,6 +143,25 @@ class TokenData:
             raise DataError(f"{path} holds token ids beyond the vocabulary of {self.tokenizer.vocab_size}; "
                             "it was prepared with another tokenizer")
         return self.layout.shape_tokens(tokens, self.meta["row_len"], path)
+
+    def _load_sources(self):
+        """The source of each train row (0 the data's own, 1 extra), or None without extra reviews."""
+        if not self.meta.get("extra_train"):
+            return None
+        path = os.path.join(self.data_dir, "train_sources.bin")
+        sources = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
+        if sources is None or len(sources) != len(self.splits["train"]):
+            raise DataError(f"{path} is missing or does not match train.bin; prepare the data again")
+        self.source_rows = [torch.from_numpy(np.flatnonzero(sources == source)) for source in (0, 1)]
+        return sources
+
+    def set_extra_share(self, share: float):
+        """Draw this share of training reviews from the extra reviews (0: only the data's own)."""
+        if share and self.sources is None:
+            raise DataError(f"{self.data_dir} holds no extra training reviews to draw a share of")
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"the share of extra training reviews must be in [0, 1), got {share}")
+        self.extra_share = share
 
     def row_labels(self, split: str):
         """uint8 sentiment of each row (1 positive, 0 negative); layouts that balance classes only."""
@@ -143,13 +181,16 @@ class TokenData:
             self.class_rows = None
             return f"class balance: off ({self.layout.name} layout)"
         labels = self.row_labels("train")
-        share = float(labels.mean()) if len(labels) else 0.5
+        own = labels if self.sources is None else labels[self.sources == 0]
+        share = float(own.mean()) if len(own) else 0.5
         minority = min(share, 1 - share)
         if mode == "off" or (mode == "auto" and minority >= BALANCE_THRESHOLD):
             self.class_rows = None
             return f"class balance: off ({share:.0%} of training rows positive)"
-        self.class_rows = [torch.from_numpy(np.flatnonzero(labels == c)) for c in (0, 1)]
-        if any(len(rows) == 0 for rows in self.class_rows):
+        sources = np.zeros(len(labels), np.uint8) if self.sources is None else self.sources
+        self.class_rows = [[torch.from_numpy(np.flatnonzero((labels == c) & (sources == source))) for c in (0, 1)]
+                           for source in range(int(sources.max()) + 1)]
+        if any(len(rows) == 0 for rows in self.class_rows[0]):
             raise DataError("cannot balance: the training rows hold only one sentiment")
         return (f"class balance: on ({share:.0%} of training rows positive; batches drawn 50/50 "
                 f"by oversampling the {'negative' if share > 0.5 else 'positive'} rows)")
@@ -187,13 +228,17 @@ class TokenData:
         return self.tokenizer.token_id(self.layout.end_token)
 
     def sample_positions(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
-        """Positions of one batch: drawn by the layout, or 50/50 by sentiment when training is balanced."""
-        if split == "train" and self.class_rows is not None:
-            classes = torch.randint(2, (batch_size,), generator=generator)
-            picks = torch.rand(batch_size, generator=generator)
-            return torch.stack([self.class_rows[c][int(u * len(self.class_rows[c]))]
-                                for c, u in zip(classes.tolist(), picks.tolist())])
-        return self.layout.sample_positions(self.splits[split], batch_size, block_size, generator)
+        """Positions of one batch: drawn by the layout, or 50/50 by sentiment when training is balanced, a
+        share extra_share of them from the extra reviews."""
+        if split != "train" or (self.class_rows is None and self.sources is None):
+            return self.layout.sample_positions(self.splits[split], batch_size, block_size, generator)
+        sources = ((torch.rand(batch_size, generator=generator) < self.extra_share).long() if self.extra_share
+                   else torch.zeros(batch_size, dtype=torch.long))
+        classes = torch.randint(2, (batch_size,), generator=generator)
+        picks = torch.rand(batch_size, generator=generator)
+        groups = self.class_rows or [[rows, rows] for rows in self.source_rows]
+        chosen = [groups[source][c] for source, c in zip(sources.tolist(), classes.tolist())]
+        return torch.stack([rows[int(u * len(rows))] for rows, u in zip(chosen, picks.tolist())])
 
     def load_batch(self, split: str, positions, block_size: int):
         """Inputs and targets (-1 where there is nothing to predict) at the given positions."""

