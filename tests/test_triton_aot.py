@@ -1,7 +1,8 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 with Triton's real compiler, at every
-launch the tiny, demo and seed models make (fp32, bf16 and fp16 autocast) and every op makes alone in
-fp32, fp16 and bf16 (tests/triton_aot.py), within the architecture's shared memory per block and
-without register spills.
+launch the tiny, demo and seed models make (fp32, bf16 and fp16 autocast; plain and packed rows) and
+every op makes alone in fp32, fp16 and bf16 (tests/triton_aot.py), within the architecture's shared
+memory per block and without register spills. The attention kernels compile both with and without
+starts (packed rows).
 
 The interpreter ignores those limits, and this process runs the kernels in it (conftest), so the
 compiles run in a child process without TRITON_INTERPRET.
@@ -54,4 +55,12 @@ def test_each_preset_and_dtype_is_compiled(compiles):
     uses = {use for r in compiles for use in r["uses"]}
     for preset in triton_aot.PRESET_VOCAB:
         for dtype in triton_aot.DTYPES:
-            assert {f"{preset}/{dtype}/model", f"{preset}/{dtype}/op"} <= uses
+            assert {f"{preset}/{dtype}/model", f"{preset}/{dtype}/packed", f"{preset}/{dtype}/op"} <= uses
+
+
+@pytest.mark.parametrize("arch", triton_aot.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("kernel", ["_attn_fwd", "_attn_bwd"])
+def test_attention_compiles_with_and_without_starts(compiles, kernel, arch):
+    """Packed rows pass STARTS (an int32 pointer); plain rows pass None, which Triton makes a constexpr."""
+    kinds = {r["signature"]["STARTS"] for r in compiles if r["kernel"] == kernel and r["arch"] == f"sm_{arch}"}
+    assert kinds == {"*i32", "constexpr"}, f"{kernel} sm_{arch}: STARTS compiled as {sorted(kinds)}"

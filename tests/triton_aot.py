@@ -1,8 +1,10 @@
 """Ahead-of-time compiles of the Triton kernels with Triton's real compiler, no GPU needed.
 
 The launches come from the code itself: the `tiny`, `demo` and `seed` models take a training step
-(forward and backward; float32, and bfloat16 and float16 autocast) with the triton op table, and every
-op is also called alone with float32, float16 and bfloat16 inputs of the presets' shapes. Each
+(forward and backward; float32, and bfloat16 and float16 autocast) with the triton op table, on plain
+rows and on packed rows (`starts`: several reviews a row, the attention kernels' HAS_STARTS variants),
+and every op is also called alone with float32, float16 and bfloat16 inputs of the presets' shapes
+(attention with and without starts). Each
 launch is recorded instead of run (the launchers' LaunchConfig.launch), turned into the signature,
 constexprs, attributes and options Triton's JIT would build from those arguments, deduplicated, and
 compiled for sm_80 and sm_90. ptxas's verbose report of the PTX gives registers and spills.
@@ -52,8 +54,24 @@ def _patched(owner, name, value):
         setattr(owner, name, saved)
 
 
-def model_step(preset: str, dtype: str):
-    """One forward and backward of the preset's model on the triton op table (on the CPU, kernels recorded)."""
+def packed_starts(T: int) -> torch.Tensor:
+    """(BATCH, T) starts of rows packing reviews of 1 to T // 3 + 1 tokens (the launches depend only on
+    starts being given, not on its values)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(BATCH):
+        row, begin = [], 0
+        while begin < T:
+            n = int(torch.randint(1, T // 3 + 2, (1,), generator=generator))
+            row += [begin] * min(n, T - begin)
+            begin += n
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def model_step(preset: str, dtype: str, packed: bool = False):
+    """One forward and backward of the preset's model on the triton op table (on the CPU, kernels recorded);
+    packed: on rows packing several reviews (starts)."""
     from mingpt.config import preset_config
     from mingpt.kernels.op_table import OPS
     from mingpt.model import GPT
@@ -66,8 +84,12 @@ def model_step(preset: str, dtype: str):
     autocast = (contextlib.nullcontext() if dtype == "float32"
                 else torch.autocast(device_type="cpu", dtype=DTYPES[dtype]))
     with autocast:
-        _, loss = model(idx, idx)
+        _, loss = model(idx, idx, starts=packed_starts(cfg.block_size) if packed else None)
     loss.backward()
+
+
+def packed_model_step(preset: str, dtype: str):
+    model_step(preset, dtype, packed=True)
 
 
 def op_calls(preset: str, dtype: str):
@@ -83,6 +105,7 @@ def op_calls(preset: str, dtype: str):
     outputs = [OPS["layer_norm"](leaf(BATCH, T, C), leaf(C), leaf(C)),
                OPS["bias_gelu"](leaf(BATCH, T, 4 * C), leaf(4 * C)),
                OPS["causal_attention"](leaf(BATCH, T, 3 * C), cfg.n_head),
+               OPS["causal_attention"](leaf(BATCH, T, 3 * C), cfg.n_head, packed_starts(T)),
                OPS["cross_entropy"](leaf(BATCH, T, V), torch.randint(0, V, (BATCH, T))),
                OPS["dropout"](leaf(BATCH, T, C), 0.1, True)]
     for out in outputs:
@@ -108,7 +131,7 @@ def compile_jobs() -> list:
     jobs = {}
     for preset in PRESET_VOCAB:
         for dtype in DTYPES:
-            for source, run in (("model", model_step), ("op", op_calls)):
+            for source, run in (("model", model_step), ("packed", packed_model_step), ("op", op_calls)):
                 for kernel, args, constexprs, config in record_launches(lambda: run(preset, dtype)):
                     src, options = jit_source(kernel, args, constexprs, config, ARCHS[0])
                     key = (kernel.__name__, repr(sorted(src.signature.items())), repr(sorted(src.constants.items())),

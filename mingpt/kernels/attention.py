@@ -20,6 +20,16 @@ blocks at or after j recomputing P = exp2(S - lse) and accumulates dV += P^T dO 
 dK += dS^T q with dS = P * (dO V^T - delta); for query block j it walks the key blocks up to the
 diagonal accumulating dQ += dS K. Each output block has one writer: no atomics, deterministic.
 
+Packed rows: with `starts` (B, T), starts[b, i] the position where the review holding position i
+begins, query i sees only keys starts[b, i] <= j <= i. The kernels take STARTS (int32, (B, T)
+contiguous) under the constexpr HAS_STARTS, so the plain causal kernels compile exactly as without
+it. starts never decreases along T, so a block's first query row has its smallest start: the forward
+and the dQ loop begin at the key block holding it, and the dK/dV loop of a key block stops at the
+first query block whose rows all start after the key block's last key (Q_END, one bound per batch row
+and key block, found on the host by a searchsorted over starts: no sync). A query row's first key
+blocks may hold no key it sees; the forward's running max then stays -inf, and the update uses 0 in
+its place so no inf - inf appears.
+
 Accumulation is fp32 (fp64 for fp64 inputs); P and dS are cast to the input dtype before their
 tl.dot, as in FlashAttention. fp32 tl.dot follows torch.backends.cuda.matmul.allow_tf32.
 """
@@ -29,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import check_starts
 from ._common import LaunchConfig, acc_dtype, check_device, dot_precision, next_pow2, on_tensor_device
 
 LOG2E = 1.4426950408889634
@@ -36,10 +47,10 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _attn_fwd(QKV, O, LSE, T, H, C, D,
+def _attn_fwd(QKV, O, LSE, STARTS, T, H, C, D,
               stride_b, stride_t, stride_c, stride_ob, stride_ot, stride_oc,
               qk_scale,
-              ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+              HAS_STARTS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -60,7 +71,13 @@ def _attn_fwd(QKV, O, LSE, T, H, C, D,
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, T)  # causal: no key after the block's last query
-    for start_n in range(0, hi, BLOCK_N):
+    lo = 0
+    if HAS_STARTS:
+        starts_base = STARTS + b.to(tl.int64) * T
+        row_start = tl.load(starts_base + offs_m, mask=m_ok, other=0)
+        # The block's first row (always < T) has the smallest start: no key below its key block is seen.
+        lo = (tl.load(starts_base + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_c,
@@ -69,11 +86,19 @@ def _attn_fwd(QKV, O, LSE, T, H, C, D,
                     mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
         valid = (offs_m[:, None] >= offs_n[None, :]) & (offs_n < T)[None, :]
+        if HAS_STARTS:
+            valid = valid & (offs_n[None, :] >= row_start[:, None])
         s = tl.where(valid, s, float("-inf"))
-        # Every query row sees key 0 in the first block, so m_new is finite from then on.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if HAS_STARTS:
+            # A row whose review begins in a later key block sees nothing here: its max stays -inf,
+            # and 0 stands in for it so that alpha and p are exp2(-inf) = 0, not exp2(-inf + inf).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            # Without starts every query row sees key 0 in the first block: m_new is finite from then on.
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC).to(ACC)
         m_i = m_new
@@ -128,10 +153,13 @@ def _load_key_rows(k_base, v_base, offs_n, T, offs_d, d_ok, stride_t, stride_c):
 
 
 @triton.jit
-def _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, C, D,
+def _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, starts_base, hi_m,
+                    pid, T, C, D,
                     stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
-                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dK, dV for key block `pid`: walk the query blocks at or below the diagonal."""
+                    HAS_STARTS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """dK, dV for key block `pid`: walk the query blocks at or below the diagonal, up to hi_m (T, or
+    with starts the end of the query rows whose review begins at or before the block's last key)."""
     offs_0 = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
@@ -139,13 +167,16 @@ def _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_bas
     n_ok, kv_mask, k, v = _load_key_rows(k_base, v_base, offs_n, T, offs_d, d_ok, stride_t, stride_c)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
-    for start_m in range(pid * BLOCK, T, BLOCK):
+    for start_m in range(pid * BLOCK, hi_m, BLOCK):
         offs_m = start_m + offs_0
         m_ok, _, q, do, lse, delta = _load_query_rows(q_base, do_base, lse_base, delta_base, offs_m, T,
                                                       offs_d, d_ok, stride_t, stride_c, stride_dt, stride_dc)
         # Transposed scores: rows are keys, columns are queries.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC).to(ACC) * qk_scale
         valid_t = (offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :] & n_ok[:, None]
+        if HAS_STARTS:
+            q_start = tl.load(starts_base + offs_m, mask=m_ok, other=0)
+            valid_t = valid_t & (offs_n[:, None] >= q_start[None, :])
         p_t = tl.where(valid_t, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(ACC)
@@ -160,10 +191,12 @@ def _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_bas
 
 
 @triton.jit
-def _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, D,
+def _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, starts_base, pid, T, D,
                  stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
-                 ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dQ for query block `pid`: walk the key blocks up to the diagonal."""
+                 HAS_STARTS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """dQ for query block `pid`: walk the key blocks up to the diagonal (with starts, from the key block
+    holding the block's smallest start)."""
     offs_0 = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
@@ -172,11 +205,17 @@ def _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, 
                                                        offs_d, d_ok, stride_t, stride_c, stride_dt, stride_dc)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     hi = tl.minimum((pid + 1) * BLOCK, T)
-    for start_n in range(0, hi, BLOCK):
+    lo = 0
+    if HAS_STARTS:
+        row_start = tl.load(starts_base + offs_m, mask=m_ok, other=0)
+        lo = (tl.load(starts_base + pid * BLOCK) // BLOCK) * BLOCK
+    for start_n in range(lo, hi, BLOCK):
         offs_k = start_n + offs_0
         k_ok, _, k, v = _load_key_rows(k_base, v_base, offs_k, T, offs_d, d_ok, stride_t, stride_c)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
         valid = (offs_m[:, None] >= offs_k[None, :]) & k_ok[None, :] & m_ok[:, None]
+        if HAS_STARTS:
+            valid = valid & (offs_k[None, :] >= row_start[:, None])
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
         ds = p * (dp - delta[:, None])
@@ -187,13 +226,14 @@ def _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, 
 
 
 @triton.jit
-def _attn_bwd(QKV, DO, LSE, Delta, DQKV, T, H, C, D,
+def _attn_bwd(QKV, DO, LSE, Delta, DQKV, STARTS, Q_END, T, H, C, D,
               stride_b, stride_t, stride_c, stride_db, stride_dt, stride_dc,
               stride_gb, stride_gt, stride_gc,
               sm_scale, qk_scale,
-              ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+              HAS_STARTS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (pid, batch*head): dK and dV of key block pid, then dQ of query block pid."""
+    """Program (pid, batch*head): dK and dV of key block pid, then dQ of query block pid. With starts,
+    Q_END (B, cdiv(T, BLOCK)) int32 bounds the query rows that see key block pid."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -205,12 +245,17 @@ def _attn_bwd(QKV, DO, LSE, Delta, DQKV, T, H, C, D,
     g_base = DQKV + b.to(tl.int64) * stride_gb + (h * D) * stride_gc
     lse_base = LSE + pid_bh.to(tl.int64) * T
     delta_base = Delta + pid_bh.to(tl.int64) * T
-    _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, C, D,
+    starts_base = STARTS
+    hi_m = T
+    if HAS_STARTS:
+        starts_base = STARTS + b.to(tl.int64) * T
+        hi_m = tl.load(Q_END + b * tl.num_programs(0) + pid)
+    _attn_bwd_dk_dv(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, starts_base, hi_m, pid, T, C, D,
                     stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
-                    ACC, DOT_PREC, BLOCK, BLOCK_D)
-    _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, pid, T, D,
+                    HAS_STARTS, ACC, DOT_PREC, BLOCK, BLOCK_D)
+    _attn_bwd_dq(q_base, k_base, v_base, do_base, g_base, lse_base, delta_base, starts_base, pid, T, D,
                  stride_t, stride_c, stride_dt, stride_dc, stride_gt, stride_gc, sm_scale, qk_scale,
-                 ACC, DOT_PREC, BLOCK, BLOCK_D)
+                 HAS_STARTS, ACC, DOT_PREC, BLOCK, BLOCK_D)
 
 
 def launch_configs(T: int, D: int, dtype: torch.dtype, block_t=None) -> dict:
@@ -244,9 +289,47 @@ def _check(qkv, n_head):
     return C, D
 
 
+def prepare_starts(starts, qkv):
+    """starts checked (integers of shape (B, T) on qkv's device, 0 <= starts[b, i] <= i, never decreasing
+    along T) and returned as the kernels read it: int32, contiguous. None stays None. The value checks
+    cost one device sync."""
+    if starts is None:
+        return None
+    check_starts(starts, qkv)
+    if starts.device != qkv.device:
+        raise ValueError(f"causal_attention: starts is on {starts.device}, qkv on {qkv.device}")
+    T = qkv.shape[1]
+    if starts.numel():
+        positions = torch.arange(T, device=starts.device)
+        below, above = starts < 0, starts > positions
+        falls = starts[:, 1:] < starts[:, :-1]
+        if bool((below.any() | above.any() | falls.any()).item()):
+            b, i = (below | above).nonzero()[0].tolist() if (below | above).any() else falls.nonzero()[0].tolist()
+            if below[b, i]:
+                problem = f"starts[{b}, {i}] = {int(starts[b, i])} is negative"
+            elif above[b, i]:
+                problem = f"starts[{b}, {i}] = {int(starts[b, i])} is after position {i} itself"
+            else:
+                problem = (f"starts decreases along T: starts[{b}, {i + 1}] = {int(starts[b, i + 1])} < "
+                           f"starts[{b}, {i}] = {int(starts[b, i])}")
+            raise ValueError(f"causal_attention: {problem} (each position's start is where its review "
+                             f"begins: 0 <= starts[b, i] <= i, never decreasing along T)")
+    return starts.to(torch.int32).contiguous()
+
+
+def query_ends(starts, T: int, block: int):
+    """(B, cdiv(T, block)) int32: for key block n, the end of the query rows whose review begins at or
+    before the block's last key (starts is sorted along T, so a searchsorted finds it, with no sync)."""
+    last_keys = (torch.arange(triton.cdiv(T, block), device=starts.device, dtype=torch.int32) * block
+                 + block - 1).clamp_max(T - 1)
+    return torch.searchsorted(starts, last_keys.expand(starts.shape[0], -1).contiguous(), right=True,
+                              out_int32=True)
+
+
 @on_tensor_device
-def attention_forward(qkv, n_head, block_t=None):
-    """Returns (out (B, T, C), lse (B, H, T) base-2 logsumexp of the scaled scores)."""
+def attention_forward(qkv, n_head, block_t=None, starts=None):
+    """Returns (out (B, T, C), lse (B, H, T) base-2 logsumexp of the scaled scores). starts: None, or
+    as prepare_starts returns it (int32, (B, T), contiguous, checked)."""
     check_device(qkv)
     C, D = _check(qkv, n_head)
     B, T, _ = qkv.shape
@@ -257,17 +340,17 @@ def attention_forward(qkv, n_head, block_t=None):
         return out, lse
     config = launch_configs(T, D, qkv.dtype, block_t)["_attn_fwd"]
     grid = (triton.cdiv(T, config.blocks["BLOCK_M"]), B * n_head)
-    config.launch(_attn_fwd, grid, qkv, out, lse, T, n_head, C, D,
+    config.launch(_attn_fwd, grid, qkv, out, lse, starts, T, n_head, C, D,
                   qkv.stride(0), qkv.stride(1), qkv.stride(2),
                   out.stride(0), out.stride(1), out.stride(2),
                   LOG2E * (1.0 / math.sqrt(D)),
-                  ACC=acc_dtype(qkv.dtype), DOT_PREC=dot_precision(qkv.dtype))
+                  HAS_STARTS=starts is not None, ACC=acc_dtype(qkv.dtype), DOT_PREC=dot_precision(qkv.dtype))
     return out, lse
 
 
 @on_tensor_device
-def attention_backward(dout, qkv, out, lse, n_head, block_t=None):
-    """Returns dqkv, (B, T, 3C) in the layout of qkv."""
+def attention_backward(dout, qkv, out, lse, n_head, block_t=None, starts=None):
+    """Returns dqkv, (B, T, 3C) in the layout of qkv. starts: as for attention_forward."""
     C, D = _check(qkv, n_head)
     B, T, _ = qkv.shape
     dqkv = torch.empty((B, T, 3 * C), dtype=qkv.dtype, device=qkv.device)
@@ -281,30 +364,36 @@ def attention_backward(dout, qkv, out, lse, n_head, block_t=None):
                                            out.stride(0), out.stride(1), out.stride(2),
                                            dout.stride(0), dout.stride(1), dout.stride(2), ACC=ACC)
     sm_scale = 1.0 / math.sqrt(D)
-    configs["_attn_bwd"].launch(_attn_bwd, grid, qkv, dout, lse, delta, dqkv, T, n_head, C, D,
+    q_end = None if starts is None else query_ends(starts, T, configs["_attn_bwd"].blocks["BLOCK"])
+    configs["_attn_bwd"].launch(_attn_bwd, grid, qkv, dout, lse, delta, dqkv, starts, q_end, T, n_head, C, D,
                                 qkv.stride(0), qkv.stride(1), qkv.stride(2),
                                 dout.stride(0), dout.stride(1), dout.stride(2),
                                 dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
-                                sm_scale, sm_scale * LOG2E, ACC=ACC, DOT_PREC=dot_precision(qkv.dtype))
+                                sm_scale, sm_scale * LOG2E, HAS_STARTS=starts is not None, ACC=ACC,
+                                DOT_PREC=dot_precision(qkv.dtype))
     return dqkv
 
 
 class CausalAttentionFn(torch.autograd.Function):
+    """apply(qkv, n_head, starts=None, block_t=None); starts (integer, no gradient) is checked here."""
+
     @staticmethod
-    def forward(ctx, qkv, n_head, block_t=None):
-        out, lse = attention_forward(qkv, n_head, block_t)
-        ctx.save_for_backward(qkv, out, lse)
+    def forward(ctx, qkv, n_head, starts=None, block_t=None):
+        starts = prepare_starts(starts, qkv)
+        out, lse = attention_forward(qkv, n_head, block_t, starts)
+        ctx.save_for_backward(qkv, out, lse, starts)
         ctx.n_head = n_head
         ctx.block_t = block_t
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qkv, out, lse = ctx.saved_tensors
-        return attention_backward(dout, qkv, out, lse, ctx.n_head, ctx.block_t), None, None
+        qkv, out, lse, starts = ctx.saved_tensors
+        return attention_backward(dout, qkv, out, lse, ctx.n_head, ctx.block_t, starts), None, None, None
 
 
-def causal_attention(qkv, n_head: int):
-    """Causal self-attention from the fused (B, T, 3C) projection to (B, T, C); same signature
-    as mingpt.reference.reference_causal_attention."""
-    return CausalAttentionFn.apply(qkv, n_head)
+def causal_attention(qkv, n_head: int, starts=None):
+    """Causal self-attention from the fused (B, T, 3C) projection to (B, T, C); with starts (B, T), packed
+    rows: query i sees keys starts[b, i]..i only. Same signature as
+    mingpt.reference.reference_causal_attention."""
+    return CausalAttentionFn.apply(qkv, n_head, starts)
