@@ -53,6 +53,7 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     eval_interval: int = 100
+    eval_minutes: Optional[float] = None
     eval_iters: int = 20
     eval_sample_tokens: int = 32
     log_interval: int = 10
@@ -69,6 +70,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     schedule: str = "cosine"
     decay_fraction: float = 0.3
+    ema_decay: float = 0.0
     tensorboard: bool = False
     progress: bool = True
     threads: Optional[int] = None
@@ -84,6 +86,10 @@ class TrainConfig:
             raise ValueError(f"corpus_share must be in [0, 1), got {self.corpus_share}")
         if self.corpus_share and not self.csv:
             raise ValueError("corpus_share mixes the embedded corpus into the reviews of --csv: give --csv")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.eval_minutes is not None and not self.eval_minutes > 0:
+            raise ValueError(f"eval_minutes must be > 0, got {self.eval_minutes}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
 
@@ -107,7 +113,7 @@ PRESETS = {
     # The best review model in a wall-clock budget on a small CPU: `train --preset speedrun --csv FILE`.
     "speedrun": dict(
         model=dict(n_layer=6, n_head=6, n_embd=192, block_size=64, dropout=0.1, bias=True),
-        batch_size=32, learning_rate=2e-3, min_lr=2e-5, warmup_iters=30, max_iters=1_000_000, eval_interval=250,
+        batch_size=32, learning_rate=2e-3, min_lr=2e-5, warmup_iters=30, max_iters=1_000_000, eval_minutes=2.0,
         max_minutes=10.0, pack=True, optimizer="muon", schedule="wsd", decay_fraction=0.4, corpus_share=0.5,
     ),
     # Tiny, for tests.

@@ -28,6 +28,7 @@ HELP = {
     "warmup_iters": "linear warmup steps", "lr_decay_iters": "steps of the cosine decay (None: max_iters)",
     "weight_decay": "AdamW weight decay on matrices", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
     "grad_clip": "clip the gradient norm to this (0: off)", "eval_interval": "steps between evaluations and checkpoints",
+    "eval_minutes": "minutes between evaluations and checkpoints, counted from the start (instead of eval_interval)",
     "eval_iters": "batches per split in an evaluation", "log_interval": "steps between tokens/s updates",
     "max_minutes": "stop after this many minutes of the whole command, the final evaluation and checkpoint "
                    "included",
@@ -45,6 +46,8 @@ HELP = {
     "schedule": "cosine (warmup, cosine decay over max_iters) or wsd (warmup, stable, then a linear decay over "
                 "the last decay_fraction of max_iters or of the max_minutes budget, whichever ends first)",
     "decay_fraction": "wsd: the share of the run spent decaying the learning rate to min_lr",
+    "ema_decay": "evaluate and keep in best.pt an exponential moving average of the weights with this decay "
+                 "per step (0: off); the log also gives the model's own weights' figure",
     "tensorboard": "also log to out_dir/tensorboard",
     "progress": "show a progress bar", "threads": "torch CPU threads per process (None: torch's default)",
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",

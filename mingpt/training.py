@@ -35,8 +35,8 @@ from .sampling import cached_sampler_unavailable_reason, write_samples
 from .scoring import nats_per_char
 from .tokenizer import SENTIMENT_TOKENS
 
-METRIC_FIELDS = ("iter", "train_loss", "val_loss", "val_nats_per_char", "lr", "tokens_per_s", "real_token_share",
-                 "elapsed_s")
+METRIC_FIELDS = ("iter", "train_loss", "val_loss", "val_nats_per_char", "unaveraged_val_nats_per_char", "lr",
+                 "tokens_per_s", "real_token_share", "elapsed_s")
 # Held-out reviews scored for nats per character at each evaluation (all of them up to this many).
 NATS_PER_CHAR_REVIEWS = 1000
 
@@ -186,6 +186,7 @@ class Run:
     writer: Optional[object] = None  # a TensorBoard SummaryWriter, when --tensorboard is on
     sampler: str = "reference"  # the sampler of the evaluation samples
     record: Optional[dict] = None  # what out_dir/run.json holds (main process only)
+    ema: Optional[list] = None  # the averaged weights (ema_decay), one tensor per parameter
     val_reviews: list = dataclasses.field(default_factory=list)  # (sentiment, text) scored for nats per character
     it: int = 0
     best_val: float = float("inf")
@@ -276,6 +277,8 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[flo
               batch_generator=torch.Generator().manual_seed(cfg.seed),
               log=print if ddp.is_main else (lambda *a, **k: None), scaler=make_grad_scaler(cfg.dtype, device),
               val_reviews=data.review_texts("val")[:NATS_PER_CHAR_REVIEWS], clock_start=clock_start)
+    if cfg.ema_decay:
+        run.ema = [p.detach().clone() for p in model.parameters()]
     if cfg.resume:
         restore(run)
     if ddp.world_size > 1:
@@ -333,6 +336,10 @@ def restore(run: Run):
     run.batch_generator.set_state(resumed["batch_rng"])
     if run.data.packer is not None:
         run.data.packer.waiting = list(resumed.get("packer_waiting", []))
+    if run.ema is not None:
+        if resumed.get("ema") is None:
+            raise CheckpointError(f"{run.path('ckpt.pt')} holds no averaged weights to continue --ema_decay with")
+        run.ema = [t.to(run.device) for t in resumed["ema"]]
     restore_rng_states(resumed["rng"])
     if resumed.get("grad_scaler"):
         run.scaler.load_state_dict(resumed["grad_scaler"])
@@ -344,8 +351,44 @@ def save(run: Run, name: str):
             run.model, run.data.tokenizer, run.data.meta, optimizer=[o.state_dict() for o in run.optimizers],
             iter_num=run.it, best_val_loss=run.best_val, train_config=dataclasses.asdict(run.cfg),
             batch_rng=run.batch_generator.get_state(), rng=rng_states(), grad_scaler=run.scaler.state_dict(),
-            packer_waiting=list(run.data.packer.waiting) if run.data.packer is not None else []),
+            packer_waiting=list(run.data.packer.waiting) if run.data.packer is not None else [], ema=run.ema),
             run.path(name))
+
+
+@torch.no_grad()
+def update_average(run: Run):
+    """Move the averaged weights toward the model's; the decay ramps up over the first steps, so that the
+    average soon forgets the initialisation."""
+    decay = min(run.cfg.ema_decay, (1 + run.it) / (10 + run.it))
+    for average, param in zip(run.ema, run.model.parameters()):
+        average.lerp_(param.detach(), 1.0 - decay)
+
+
+@contextlib.contextmanager
+def averaged_weights(run: Run):
+    """The model holds the averaged weights inside the block (when ema_decay is on), its own after."""
+    if run.ema is None:
+        yield
+        return
+    params = list(run.model.parameters())
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for param, average in zip(params, run.ema):
+            param.copy_(average)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, weights in zip(params, own):
+                param.copy_(weights)
+
+
+def val_nats_per_char(run: Run) -> float:
+    run.model.eval()
+    with torch.no_grad(), autocast_context(run.cfg.dtype, run.device):
+        nats = nats_per_char(run.model, run.data.tokenizer, run.data.layout, run.val_reviews)
+    run.model.train()
+    return nats
 
 
 def time_share(run: Run) -> float:
@@ -413,6 +456,8 @@ def optimizer_step(run: Run):
     run.scaler.update()
     for optimizer in run.optimizers:
         optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        update_average(run)
     run.it += 1
     return step_loss, int(totals[1])
 
@@ -432,21 +477,25 @@ def eval_samples(run: Run) -> list:
 
 def evaluate_and_save(run: Run, elapsed_s: float) -> str:
     """Losses of both splits, a metrics row and plot, samples, ckpt.pt (and best.pt when val improved) and
-    run.json; returns the log lines."""
+    run.json; returns the log lines. With ema_decay the averaged weights are measured and go into best.pt;
+    ckpt.pt holds the model's own weights and the average, to resume from."""
     started = time.perf_counter()
-    run.losses = estimate_loss(run.model, run.data, run.cfg, run.device, run.cfg.dtype)
-    run.model.eval()
-    with torch.no_grad(), autocast_context(run.cfg.dtype, run.device):
-        run.losses["val_nats_per_char"] = nats_per_char(run.model, run.data.tokenizer, run.data.layout,
-                                                        run.val_reviews)
-    run.model.train()
-    improved = run.losses["val"] < run.best_val
-    run.best_val = min(run.best_val, run.losses["val"])
-    samples = eval_samples(run)
+    with averaged_weights(run):
+        run.losses = estimate_loss(run.model, run.data, run.cfg, run.device, run.cfg.dtype)
+        run.losses["val_nats_per_char"] = val_nats_per_char(run)
+        improved = run.losses["val"] < run.best_val
+        run.best_val = min(run.best_val, run.losses["val"])
+        samples = eval_samples(run)
+        if improved:
+            save(run, "best.pt")
+    if run.ema is not None:
+        run.losses["unaveraged_val_nats_per_char"] = val_nats_per_char(run)
     if run.ddp.is_main:
+        unaveraged = run.losses.get("unaveraged_val_nats_per_char")
         append_metrics(run.path("metrics.csv"), dict(
             iter=run.it, train_loss=f"{run.losses['train']:.4f}", val_loss=f"{run.losses['val']:.4f}",
             val_nats_per_char=f"{run.losses['val_nats_per_char']:.4f}",
+            unaveraged_val_nats_per_char="" if unaveraged is None else f"{unaveraged:.4f}",
             lr=f"{learning_rate(run.it, run.cfg, time_share(run)):.3e}", tokens_per_s=f"{run.tokens_per_s:.0f}",
             real_token_share=f"{run.real_token_share:.3f}", elapsed_s=f"{elapsed_s:.1f}"))
         plot_losses(run.path("metrics.csv"), run.path("loss.png"))
@@ -455,14 +504,14 @@ def evaluate_and_save(run: Run, elapsed_s: float) -> str:
             for sentiment, text in samples:
                 run.writer.add_text(f"samples/{sentiment}", text, run.it)
     save(run, "ckpt.pt")
-    if improved:
-        save(run, "best.pt")
     if run.record is not None:
         record_evaluation(run.record, run.it, run.losses, run.best_val, samples)
         write_record(run.cfg.out_dir, run.record)
     run.eval_seconds = time.perf_counter() - started
+    unaveraged = run.losses.get("unaveraged_val_nats_per_char")
     return "\n".join([f"iter {run.it}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}, "
-                      f"val {run.losses['val_nats_per_char']:.4f} nats/char"]
+                      f"val {run.losses['val_nats_per_char']:.4f} nats/char"
+                      + (f" (averaged; the model's own {unaveraged:.4f})" if unaveraged is not None else "")]
                      + [f"  [{sentiment}] {' '.join(text.split())}" for sentiment, text in samples])
 
 
@@ -481,11 +530,17 @@ def train_loop(run: Run) -> float:
     progress = progress_bar(run)
     started = time.perf_counter()
     window_start, window_tokens, window_slots = started, 0, 0
+    next_eval_s = 60 * cfg.eval_minutes if cfg.eval_minutes else None
     run.model.train()
     with StopSignals() as signals:
         while True:
             last = run.it >= cfg.max_iters or time_share(run) >= 1.0
-            if (run.it % cfg.eval_interval == 0 and run.it > start_iter) or last:
+            if next_eval_s is not None:
+                due = time.perf_counter() - run.clock_start >= next_eval_s
+                next_eval_s += 60 * cfg.eval_minutes if due else 0
+            else:
+                due = run.it % cfg.eval_interval == 0 and run.it > start_iter
+            if due or last:
                 message = evaluate_and_save(run, time.perf_counter() - run.clock_start)
                 (progress.write if progress else run.log)(message)
             if last:

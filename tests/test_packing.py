@@ -95,9 +95,10 @@ def test_packed_inputs_are_checked():
 
 
 def test_packed_training_computes_on_reviews_and_resumes_bitwise(review_data_dir, tmp_path, monkeypatch):
-    """Packing, Muon and the wsd schedule resume exactly: a run stopped by a signal at step 10 and resumed
-    ends where the straight run ends."""
-    options = dict(pack=True, optimizer="muon", schedule="wsd", max_iters=20, eval_interval=10, backend="reference")
+    """Packing, Muon, the wsd schedule and averaged weights resume exactly: a run stopped by a signal at step
+    10 and resumed ends where the straight run ends."""
+    options = dict(pack=True, optimizer="muon", schedule="wsd", ema_decay=0.9, max_iters=20, eval_interval=10,
+                   backend="reference")
     straight = train(tiny_cfg(review_data_dir, tmp_path / "a", **options))
     step = training.optimizer_step
 

@@ -144,3 +144,15 @@ def test_resume_restores_the_grad_scaler(book_data_dir, tmp_path, monkeypatch):
 def test_float32_and_bfloat16_runs_have_no_scaler_state(book_data_dir, tmp_path):
     train(tiny_cfg(book_data_dir, tmp_path, max_iters=2, eval_interval=2))
     assert load_checkpoint(str(tmp_path))["grad_scaler"] == {}
+
+
+def test_averaged_weights_are_measured_and_kept_in_best(review_data_dir, tmp_path):
+    train(tiny_cfg(review_data_dir, tmp_path, max_iters=20, eval_interval=10, ema_decay=0.8))
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv", encoding="utf-8")))
+    assert all(float(r["unaveraged_val_nats_per_char"]) != float(r["val_nats_per_char"]) for r in rows)
+    latest, best = load_checkpoint(str(tmp_path / "ckpt.pt")), load_checkpoint(str(tmp_path / "best.pt"))
+    averaged = dict(zip([n for n, _ in load_model(str(tmp_path / "ckpt.pt"))[0].named_parameters()], latest["ema"]))
+    assert not torch.equal(averaged["transformer.wte.weight"], latest["model"]["transformer.wte.weight"])
+    assert best["iter_num"] == latest["iter_num"] == 20  # the last evaluation was the best: best.pt is the average
+    for name, weights in averaged.items():
+        assert torch.equal(best["model"][name], weights), name
