@@ -5,15 +5,17 @@ This module registers, for each, a fake kernel (the shapes and dtypes of its out
 torch.compile traces through it) and, for the forward kernels, the autograd formula calling the
 backward kernel. The forwards return what the backwards need (layer norm: mean and 1/std; attention
 and cross-entropy: the log-sum-exp of each softmax row); dropout saves only the seed of its mask, an
-int64 scalar tensor drawn from torch's RNG, and the backward recomputes the mask from it. The kernels
-take float32 and bfloat16 tensors, compute in float32 and return the dtypes the reference ops return,
-under autocast too; parameter gradients come back from C++ in float32 and are cast here to the
-parameters' dtypes.
+int64 scalar tensor drawn from torch's RNG, and the backward recomputes the mask from it. Attention
+over packed rows takes `starts` (B, T), where each position's review begins, as int64 (the op table
+converts other integer dtypes and checks the values) and hands it to the backward; it has no gradient.
+The kernels take float32 and bfloat16 tensors, compute in float32 and return the dtypes the reference
+ops return, under autocast too; parameter gradients come back from C++ in float32 and are cast here to
+the parameters' dtypes.
 """
 import torch
 
 from .extension import REBUILD_HINT, UNAVAILABLE_REASON, _C
-from .reference import check_dropout_rate, check_qkv
+from .reference import check_dropout_rate, check_qkv, check_starts
 
 if _C is None:
     raise ImportError(UNAVAILABLE_REASON)
@@ -21,9 +23,18 @@ if _C is None:
 KERNELS = ("layer_norm_forward", "layer_norm_backward", "bias_gelu_forward", "bias_gelu_backward",
            "causal_attention_forward", "causal_attention_backward", "cross_entropy_forward",
            "cross_entropy_backward", "dropout")
+# Kernels whose arguments changed: an older build registers them without the argument named here.
+SCHEMA_NEEDS = {
+    "dropout": ("Tensor seed", "dropout(Tensor x, float p, Tensor seed)"),
+    "causal_attention_forward": ("Tensor? starts", "causal_attention_forward(Tensor qkv, int n_head, Tensor? starts)"),
+    "causal_attention_backward": ("Tensor? starts",
+                                  "causal_attention_backward(Tensor grad_out, Tensor qkv, Tensor lse, int n_head, "
+                                  "Tensor? starts)"),
+}
 _missing = [name for name in KERNELS if not hasattr(torch.ops.mingpt, name)]
-if not _missing and "Tensor seed" not in str(torch.ops.mingpt.dropout.default._schema):
-    _missing = ["dropout(Tensor x, float p, Tensor seed)"]
+if not _missing:
+    _missing = [signature for name, (argument, signature) in SCHEMA_NEEDS.items()
+                if argument not in str(getattr(torch.ops.mingpt, name).default._schema)]
 if _missing:
     raise ImportError(f"mingpt._C is out of date: it lacks the kernels {', '.join(_missing)}; "
                       f"re{REBUILD_HINT}")
@@ -58,13 +69,13 @@ def _(grad_y, x, bias):
 
 
 @torch.library.register_fake("mingpt::causal_attention_forward")
-def _(qkv, n_head):
+def _(qkv, n_head, starts=None):
     B, T, C3 = qkv.shape
     return qkv.new_empty((B, T, C3 // 3)), _float32(qkv, B, n_head, T)
 
 
 @torch.library.register_fake("mingpt::causal_attention_backward")
-def _(grad_out, qkv, lse, n_head):
+def _(grad_out, qkv, lse, n_head, starts=None):
     return qkv.new_empty(qkv.shape)
 
 
@@ -118,13 +129,13 @@ def _bias_gelu_backward(ctx, grad_y):
 
 
 def _attention_setup(ctx, inputs, output):
-    qkv, ctx.n_head = inputs
-    ctx.save_for_backward(qkv, output[1])
+    qkv, ctx.n_head, starts = inputs
+    ctx.save_for_backward(qkv, output[1], starts)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    qkv, lse = ctx.saved_tensors
-    return _kernels.causal_attention_backward(grad_out, qkv, lse, ctx.n_head), None
+    qkv, lse, starts = ctx.saved_tensors
+    return _kernels.causal_attention_backward(grad_out, qkv, lse, ctx.n_head, starts), None, None
 
 
 def _cross_entropy_setup(ctx, inputs, output):
@@ -165,12 +176,32 @@ def bias_gelu(x, bias):
     return _kernels.bias_gelu_forward(x, bias)
 
 
-def causal_attention(qkv, n_head: int):
+def check_start_values(starts):
+    """Each review starts at or before the positions it holds (0 <= starts[b, i] <= i), and a row's
+    reviews follow one another (starts does not decrease along T)."""
+    before = (starts < 0) | (starts > torch.arange(starts.shape[1], device=starts.device))
+    if before.any():
+        b, i = before.nonzero()[0].tolist()
+        raise ValueError(f"causal_attention: starts[{b}, {i}] = {int(starts[b, i])} is outside 0..{i}: "
+                         "a review starts at or before each position it holds")
+    falls = starts[:, 1:] < starts[:, :-1]
+    if falls.any():
+        b, i = falls.nonzero()[0].tolist()
+        raise ValueError(f"causal_attention: starts decreases along T at [{b}, {i + 1}] "
+                         f"({int(starts[b, i])} then {int(starts[b, i + 1])}): a row's reviews must follow one another")
+
+
+def causal_attention(qkv, n_head: int, starts=None):
     check_qkv(qkv, n_head)
+    if starts is not None:
+        check_starts(starts, qkv)
+        if not torch.compiler.is_compiling():  # data-dependent; the kernels check the values again
+            check_start_values(starts)
+        starts = starts.long()
     if torch.is_autocast_enabled("cpu"):
         # The reference's matmuls autocast, so its output has the autocast dtype even for float32 qkv.
         qkv = qkv.to(torch.get_autocast_dtype("cpu"))
-    return _kernels.causal_attention_forward(qkv, n_head)[0]
+    return _kernels.causal_attention_forward(qkv, n_head, starts)[0]
 
 
 def cross_entropy(logits, targets):

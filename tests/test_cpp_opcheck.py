@@ -4,7 +4,7 @@ autograd registration and an AOT-traced run), and a compiled GPT on the cpp back
 The numerical checks of the kernels against the reference ops are in tests/test_fused_ops.py and
 tests/test_cpp_ops.py; opcheck compares each fake kernel's outputs (shapes, dtypes, strides) with the
 real kernel's on the same inputs. Shapes: width 252 (the seed preset's), head dim 21, T = 1, 17, 64,
-with and without the optional parameters.
+with and without the optional parameters (attention: packed rows' starts).
 """
 import pytest
 import torch
@@ -50,13 +50,20 @@ def test_bias_gelu(T, with_bias):
     check_backward(kernels.bias_gelu_backward, (torch.randn(2, T, N), x, bias))
 
 
+def packed_starts(B, T, review=5):
+    """Reviews of `review` tokens back to back (the last cut short): where each position's begins."""
+    return (torch.arange(T) // review * review).expand(B, T).contiguous()
+
+
 @pytest.mark.parametrize("T", [1, 17, 64])
-def test_causal_attention(T):
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+def test_causal_attention(T, packed):
     n_head, C = 12, 252  # head dim 21
     qkv = leaf(2, T, 3 * C)
-    opcheck(kernels.causal_attention_forward, (qkv, n_head))
-    out, lse = kernels.causal_attention_forward(qkv, n_head)
-    check_backward(kernels.causal_attention_backward, (torch.randn_like(out), qkv, lse, n_head))
+    starts = (packed_starts(2, T),) if packed else ()
+    opcheck(kernels.causal_attention_forward, (qkv, n_head, *starts))
+    out, lse = kernels.causal_attention_forward(qkv, n_head, *starts)
+    check_backward(kernels.causal_attention_backward, (torch.randn_like(out), qkv, lse, n_head, *starts))
 
 
 @pytest.mark.parametrize("rows", [1, 17, 64])
@@ -75,6 +82,16 @@ def test_dropout(T):
 
 
 # ---------------------------------------------------------------------------- a compiled model
+
+def test_compiled_packed_attention_matches_eager():
+    """The op table's check of the starts values is data-dependent: compiled, it is left to the kernel,
+    and the graph has no break."""
+    from mingpt.cpp_ops import OPS
+    torch._dynamo.reset()
+    qkv, starts = torch.randn(2, 17, 3 * 24), packed_starts(2, 17)
+    compiled = torch.compile(OPS["causal_attention"], fullgraph=True)
+    torch.testing.assert_close(compiled(qkv, 2, starts), OPS["causal_attention"](qkv, 2, starts), rtol=0, atol=0)
+
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=37)
 

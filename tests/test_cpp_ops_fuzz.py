@@ -44,6 +44,20 @@ def test_causal_attention_forward(shape, dtype, n_head):
 
 
 @settings(max_examples=60, deadline=None)
+@given(st.integers(0, 3), st.integers(0, 9), SHAPES, DTYPES, st.integers(-3, 12), st.integers(0, 2))
+def test_causal_attention_with_starts(B, T, starts_shape, starts_dtype, value, position):
+    """Good qkv, any starts: the shape and dtype drawn, or the right shape holding one bad value."""
+    qkv, n_head = torch.randn(B, T, 3 * 12), 2
+    starts = tensor(starts_shape, starts_dtype)
+    if position and T:
+        starts = torch.zeros(B, T, dtype=torch.long)
+        starts[:, T - 1 if position == 1 else T // 2:] = value
+    call(kernels.causal_attention_forward, qkv, n_head, starts)
+    out, lse = kernels.causal_attention_forward(qkv, n_head)
+    call(kernels.causal_attention_backward, torch.randn_like(out), qkv, lse, n_head, starts)
+
+
+@settings(max_examples=60, deadline=None)
 @given(SHAPES, DTYPES, SHAPES, st.integers(-3, 12))
 def test_cross_entropy_forward(logit_shape, dtype, target_shape, target_value):
     targets = torch.full(target_shape, target_value, dtype=torch.long)
