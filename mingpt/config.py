@@ -84,8 +84,6 @@ class TrainConfig:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if not 0.0 <= self.corpus_share < 1.0:
             raise ValueError(f"corpus_share must be in [0, 1), got {self.corpus_share}")
-        if self.corpus_share and not self.csv:
-            raise ValueError("corpus_share mixes the embedded corpus into the reviews of --csv: give --csv")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.eval_minutes is not None and not self.eval_minutes > 0:

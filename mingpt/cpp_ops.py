@@ -15,7 +15,7 @@ the parameters' dtypes.
 import torch
 
 from .extension import REBUILD_HINT, UNAVAILABLE_REASON, _C
-from .reference import check_dropout_rate, check_qkv, check_starts
+from .reference import check_dropout_rate, check_qkv, check_start_values, check_starts
 
 if _C is None:
     raise ImportError(UNAVAILABLE_REASON)
@@ -174,21 +174,6 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
 
 def bias_gelu(x, bias):
     return _kernels.bias_gelu_forward(x, bias)
-
-
-def check_start_values(starts):
-    """Each review starts at or before the positions it holds (0 <= starts[b, i] <= i), and a row's
-    reviews follow one another (starts does not decrease along T)."""
-    before = (starts < 0) | (starts > torch.arange(starts.shape[1], device=starts.device))
-    if before.any():
-        b, i = before.nonzero()[0].tolist()
-        raise ValueError(f"causal_attention: starts[{b}, {i}] = {int(starts[b, i])} is outside 0..{i}: "
-                         "a review starts at or before each position it holds")
-    falls = starts[:, 1:] < starts[:, :-1]
-    if falls.any():
-        b, i = falls.nonzero()[0].tolist()
-        raise ValueError(f"causal_attention: starts decreases along T at [{b}, {i + 1}] "
-                         f"({int(starts[b, i])} then {int(starts[b, i + 1])}): a row's reviews must follow one another")
 
 
 def causal_attention(qkv, n_head: int, starts=None):

@@ -58,11 +58,8 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     for name, part in (("train", train), ("val", val)):
         tokens, labels = layout.encode(part, tokenizer, block_size, long_reviews, layout_counts)
         if name == "train" and extra:
-            extra_tokens, extra_labels = layout.encode(extra, tokenizer, block_size, long_reviews,
-                                                       collections.Counter())
-            sources = np.concatenate([np.zeros(len(tokens), np.uint8), np.ones(len(extra_tokens), np.uint8)])
-            sources.tofile(os.path.join(data_dir, "train_sources.bin"))
-            tokens, labels = np.concatenate([tokens, extra_tokens]), np.concatenate([labels, extra_labels])
+            tokens, labels = add_extra_rows(tokens, labels, layout.encode(extra, tokenizer, block_size, long_reviews,
+                                                                          collections.Counter()), data_dir)
         if labels is not None:
             labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
         tokens.tofile(os.path.join(data_dir, f"{name}.bin"))
@@ -84,6 +81,13 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     with open(os.path.join(data_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=2)
     return meta
+
+
+def add_extra_rows(tokens, labels, extra, data_dir):
+    """The train rows and labels with the extra reviews' (tokens, labels) after them; writes train_sources.bin."""
+    sources = np.concatenate([np.zeros(len(tokens), np.uint8), np.ones(len(extra[0]), np.uint8)])
+    sources.tofile(os.path.join(data_dir, "train_sources.bin"))
+    return np.concatenate([tokens, extra[0]]), np.concatenate([labels, extra[1]])
 
 
 def summary_line(meta) -> str:

@@ -67,7 +67,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ops, cache=None, start: int = 0, starts=None):
         qkv = self.c_attn(x)
         if cache is None:
-            y = ops.causal_attention(qkv, self.n_head) if starts is None else ops.causal_attention(qkv, self.n_head, starts)
+            y = ops.causal_attention(qkv, self.n_head, starts)
         else:
             y = ops.cached_attention(qkv, self.n_head, *cache, start)
         return ops.dropout(self.c_proj(y), self.dropout, self.training)

@@ -45,6 +45,21 @@ def check_starts(starts, qkv):
                          f"got {starts.dtype} {tuple(starts.shape)}")
 
 
+def check_start_values(starts):
+    """Each review starts at or before the positions it holds (0 <= starts[b, i] <= i), and a row's
+    reviews follow one another (starts does not decrease along T). On a GPU this costs a device sync."""
+    before = (starts < 0) | (starts > torch.arange(starts.shape[1], device=starts.device))
+    if before.any():
+        b, i = before.nonzero()[0].tolist()
+        raise ValueError(f"causal_attention: starts[{b}, {i}] = {int(starts[b, i])} is outside 0..{i}: "
+                         "a review starts at or before each position it holds")
+    falls = starts[:, 1:] < starts[:, :-1]
+    if falls.any():
+        b, i = falls.nonzero()[0].tolist()
+        raise ValueError(f"causal_attention: starts decreases along T at [{b}, {i + 1}] "
+                         f"({int(starts[b, i])} then {int(starts[b, i + 1])}): a row's reviews must follow one another")
+
+
 def visible_keys(starts, T: int, device):
     """The attention mask: query i sees key j where j <= i, and, with `starts`, j >= starts[:, i] (no
     attention across a review boundary). (T, T), or (B, 1, T, T) with starts."""
@@ -59,6 +74,8 @@ def reference_causal_attention(qkv, n_head: int, starts=None):
     """Causal self-attention; with `starts` (B, T), a row packs several reviews and each query sees only
     the keys of its own review (positions starts[b, i]..i)."""
     check_starts(starts, qkv)
+    if starts is not None:
+        check_start_values(starts)
     q, k, v = split_heads(qkv, n_head)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     att = att.masked_fill(~visible_keys(starts, q.shape[2], qkv.device), float("-inf")).softmax(dim=-1)

@@ -218,6 +218,28 @@ def build_model(cfg: TrainConfig, data: TokenData, device) -> GPT:
     return model.to(device)
 
 
+def load_data(cfg: TrainConfig, ddp: Distributed):
+    """The run's TokenData, prepared from cfg.csv into out_dir/data first (claiming out_dir before writing
+    there: the folder the claim moved an earlier run to is returned), and a note for the log when
+    corpus_share has no embedded-corpus reviews to draw."""
+    moved = None
+    if cfg.csv:
+        moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
+        cfg.data_dir = os.path.join(cfg.out_dir, "data")
+        if not cfg.resume and ddp.is_main:
+            print(summary_line(prepare_csv(cfg)))
+        if ddp.world_size > 1:
+            dist.barrier()
+    data = TokenData(cfg.data_dir)
+    note = ""
+    if cfg.corpus_share and data.sources is None:
+        note = (f"; corpus_share {cfg.corpus_share} unused: {cfg.data_dir} holds no embedded-corpus reviews "
+                "beside its own (train --csv adds them)")
+        cfg.corpus_share = 0.0
+    data.set_extra_share(cfg.corpus_share)
+    return data, moved, note
+
+
 def prepare_csv(cfg: TrainConfig) -> dict:
     """Token files in cfg.data_dir from the labelled reviews of cfg.csv (as `prepare --csv` makes them, for the
     model's block size), with the embedded corpus added to the train split when corpus_share asks for it."""
@@ -250,16 +272,7 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[flo
     autocast_context(cfg.dtype, device)  # rejects a dtype the device cannot train in, before any work
     if cfg.grad_accum % ddp.world_size:
         raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the {ddp.world_size} processes")
-    moved = None
-    if cfg.csv:  # the data goes into out_dir: claim it first
-        moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
-        cfg.data_dir = os.path.join(cfg.out_dir, "data")
-        if not cfg.resume and ddp.is_main:
-            print(summary_line(prepare_csv(cfg)))
-        if ddp.world_size > 1:
-            dist.barrier()
-    data = TokenData(cfg.data_dir)
-    data.set_extra_share(cfg.corpus_share)
+    data, moved, corpus_note = load_data(cfg, ddp)
     balance = data.set_balance(cfg.balance)
     if cfg.sentiment_dropout and not (0 < cfg.sentiment_dropout < 1 and data.layout.balances_classes):
         raise ValueError(f"sentiment_dropout must be in [0, 1) and needs the review layout, got "
@@ -290,7 +303,9 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[flo
             f"device {device}, dtype {cfg.dtype}, {ddp.world_size} process(es), backend {cfg.backend} -> "
             f"{ops.name} ({', '.join(f'{k}: {v}' for k, v in ops.sources.items())}); {balance}"
             + (f"; fine-tuning from {cfg.init_from}" if cfg.init_from and not cfg.resume else "")
-            + f"; optimizer {cfg.optimizer}, schedule {cfg.schedule}" + ("; packed rows" if cfg.pack else ""))
+            + f"; optimizer {cfg.optimizer}, schedule {cfg.schedule}" + ("; packed rows" if cfg.pack else "")
+            + (f"; {cfg.corpus_share:.0%} of training reviews from the embedded corpus" if cfg.corpus_share else "")
+            + corpus_note)
     if moved:
         run.log(f"--overwrite: moved the earlier run in {cfg.out_dir} to {moved}")
     if cfg.backend == "auto" and ops.name == "reference" and extension.UNAVAILABLE_REASON:

@@ -109,15 +109,20 @@ def test_unwritable_or_full_out_dir_fails_at_start(book_data_dir, tmp_path, monk
         train(tiny_cfg(book_data_dir, tmp_path / "out", max_iters=1))
 
 
-def test_torchrun_two_processes_match_one(book_data_dir, tmp_path):
+@pytest.mark.parametrize("data, options", [
+    ("book_data_dir", []),
+    ("review_data_dir", ["--pack", "true", "--optimizer", "muon", "--schedule", "wsd", "--ema_decay", "0.9"]),
+], ids=["book", "packed-muon-wsd-ema"])
+def test_torchrun_two_processes_match_one(data, options, tmp_path, request):
+    data_dir = request.getfixturevalue(data)
     common = ["--max_iters", "6", "--eval_interval", "6", "--eval_iters", "1", "--batch_size", "4",
-              "--grad_accum", "2", "--dropout", "0"]
-    single = subprocess.run(train_command(book_data_dir, tmp_path / "one", *common),
+              "--grad_accum", "2", "--dropout", "0", *options]
+    single = subprocess.run(train_command(data_dir, tmp_path / "one", *common),
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            "--master_port=29533", *train_command(book_data_dir, tmp_path / "two", *common)[1:]],
+                            "--master_port=29533", *train_command(data_dir, tmp_path / "two", *common)[1:]],
                            capture_output=True, text=True, timeout=300, env=env)
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert "2 process(es)" in multi.stdout

@@ -24,7 +24,7 @@ def reviews_csv(tmp_path):
 
 
 def run_train(capsys, *args):
-    code = main(["--preset", "tiny", "--progress", "false", "--backend", "reference", *args])
+    code = main(["--preset", "tiny", "--progress", "false", *args])
     out, err = capsys.readouterr()
     assert code == 0, err
     return out
@@ -67,9 +67,10 @@ def test_the_embedded_corpus_joins_the_training_reviews_only(reviews_csv, tmp_pa
     assert record["config"]["corpus_share"] == 0.5
 
 
-def test_corpus_share_needs_a_csv(tmp_path, capsys):
-    assert main(["--preset", "tiny", "--data_dir", str(tmp_path), "--corpus_share", "0.3"]) == 2
-    assert "give --csv" in capsys.readouterr().err
+def test_corpus_share_without_extra_reviews_says_it_is_unused(review_data_dir, tmp_path, capsys):
+    out = run_train(capsys, "--data_dir", review_data_dir, "--out_dir", str(tmp_path), "--max_iters", "2",
+                    "--corpus_share", "0.3")
+    assert f"corpus_share 0.3 unused: {review_data_dir} holds no embedded-corpus reviews" in out
 
 
 def test_the_speedrun_preset_runs_on_the_clock():

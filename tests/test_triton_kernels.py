@@ -170,8 +170,8 @@ def test_causal_attention_packed_gradcheck_fp64():
 @pytest.mark.parametrize("starts,problem", [
     (torch.zeros(2, 5, dtype=torch.long), "shape"),
     (torch.zeros(1, 4), "integers"),
-    (torch.tensor([[0, 0, -1, 0]]), "negative"),
-    (torch.tensor([[0, 0, 3, 3]]), "after position 2"),
+    (torch.tensor([[0, 0, -1, 0]]), r"starts\[0, 2\] = -1 is outside 0..2"),
+    (torch.tensor([[0, 0, 3, 3]]), r"starts\[0, 2\] = 3 is outside 0..2"),
     (torch.tensor([[0, 1, 2, 1]]), "decreases"),
 ], ids=["shape", "float", "negative", "after-position", "decreasing"])
 def test_causal_attention_rejects_bad_starts(starts, problem):

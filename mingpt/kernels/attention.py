@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import check_starts
+from ..reference import check_start_values, check_starts
 from ._common import LaunchConfig, acc_dtype, check_device, dot_precision, next_pow2, on_tensor_device
 
 LOG2E = 1.4426950408889634
@@ -291,29 +291,13 @@ def _check(qkv, n_head):
 
 def prepare_starts(starts, qkv):
     """starts checked (integers of shape (B, T) on qkv's device, 0 <= starts[b, i] <= i, never decreasing
-    along T) and returned as the kernels read it: int32, contiguous. None stays None. The value checks
-    cost one device sync."""
+    along T) and returned as the kernels read it: int32, contiguous. None stays None."""
     if starts is None:
         return None
     check_starts(starts, qkv)
     if starts.device != qkv.device:
         raise ValueError(f"causal_attention: starts is on {starts.device}, qkv on {qkv.device}")
-    T = qkv.shape[1]
-    if starts.numel():
-        positions = torch.arange(T, device=starts.device)
-        below, above = starts < 0, starts > positions
-        falls = starts[:, 1:] < starts[:, :-1]
-        if bool((below.any() | above.any() | falls.any()).item()):
-            b, i = (below | above).nonzero()[0].tolist() if (below | above).any() else falls.nonzero()[0].tolist()
-            if below[b, i]:
-                problem = f"starts[{b}, {i}] = {int(starts[b, i])} is negative"
-            elif above[b, i]:
-                problem = f"starts[{b}, {i}] = {int(starts[b, i])} is after position {i} itself"
-            else:
-                problem = (f"starts decreases along T: starts[{b}, {i + 1}] = {int(starts[b, i + 1])} < "
-                           f"starts[{b}, {i}] = {int(starts[b, i])}")
-            raise ValueError(f"causal_attention: {problem} (each position's start is where its review "
-                             f"begins: 0 <= starts[b, i] <= i, never decreasing along T)")
+    check_start_values(starts)
     return starts.to(torch.int32).contiguous()
 
 
