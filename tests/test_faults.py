@@ -87,8 +87,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(book_data_dir, tmp_pa
     good = (tmp_path / "ckpt.pt").read_bytes()
     forward = GPT.forward
 
-    def poisoned(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
+    def poisoned(self, idx, targets=None, **packed):
+        logits, loss = forward(self, idx, targets, **packed)
         return logits, (loss * float("nan") if self.training and loss is not None else loss)
 
     monkeypatch.setattr(GPT, "forward", poisoned)
