@@ -108,7 +108,10 @@ def review_rows(reviews, block_size: int, vocab_size: int, seed: int = 0) -> np.
 def training_batch(rows: np.ndarray, layout: str, batch_size: int, seed: int = 0):
     """Inputs, targets and starts (None unpacked) of one batch of `rows`: batch_size of them, or packed."""
     generator = torch.Generator().manual_seed(seed)
-    draw = lambda n: torch.randint(len(rows), (n,), generator=generator)  # noqa: E731
+
+    def draw(n):
+        return torch.randint(len(rows), (n,), generator=generator)
+
     if layout == "packed":
         return load_packed(rows, ReviewPacker(rows, PAD_ID).plan(batch_size, draw), PAD_ID)
     chunk = torch.from_numpy(rows[draw(batch_size).numpy()])

@@ -15,7 +15,7 @@ the parameters' dtypes.
 import torch
 
 from .extension import REBUILD_HINT, UNAVAILABLE_REASON, _C
-from .reference import check_dropout_rate, check_qkv, check_start_values, check_starts
+from .reference import check_dropout_rate, check_qkv, check_starts
 
 if _C is None:
     raise ImportError(UNAVAILABLE_REASON)
@@ -179,9 +179,7 @@ def bias_gelu(x, bias):
 def causal_attention(qkv, n_head: int, starts=None):
     check_qkv(qkv, n_head)
     if starts is not None:
-        check_starts(starts, qkv)
-        if not torch.compiler.is_compiling():  # data-dependent; the kernels check the values again
-            check_start_values(starts)
+        check_starts(starts, qkv)  # the kernels check the values again, under torch.compile too
         starts = starts.long()
     if torch.is_autocast_enabled("cpu"):
         # The reference's matmuls autocast, so its output has the autocast dtype even for float32 qkv.

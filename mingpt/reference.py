@@ -36,13 +36,16 @@ def reference_bias_gelu(x, bias):
 
 
 def check_starts(starts, qkv):
-    """`starts` (B, T) integers: where the review that holds each position begins (packed rows)."""
+    """`starts` (B, T) integers: where the review that holds each position begins (packed rows); their
+    values too (check_start_values), except while torch.compile traces, where they are unknown."""
     if starts is None:
         return
     B, T = qkv.shape[:2]
     if tuple(starts.shape) != (B, T) or starts.dtype.is_floating_point or starts.dtype == torch.bool:
         raise ValueError(f"causal_attention: starts must be integers of shape {(B, T)}, "
                          f"got {starts.dtype} {tuple(starts.shape)}")
+    if not torch.compiler.is_compiling():
+        check_start_values(starts)
 
 
 def check_start_values(starts):
@@ -74,8 +77,6 @@ def reference_causal_attention(qkv, n_head: int, starts=None):
     """Causal self-attention; with `starts` (B, T), a row packs several reviews and each query sees only
     the keys of its own review (positions starts[b, i]..i)."""
     check_starts(starts, qkv)
-    if starts is not None:
-        check_start_values(starts)
     q, k, v = split_heads(qkv, n_head)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     att = att.masked_fill(~visible_keys(starts, q.shape[2], qkv.device), float("-inf")).softmax(dim=-1)

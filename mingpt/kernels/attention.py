@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import check_start_values, check_starts
+from ..reference import check_starts
 from ._common import LaunchConfig, acc_dtype, check_device, dot_precision, next_pow2, on_tensor_device
 
 LOG2E = 1.4426950408889634
@@ -294,10 +294,9 @@ def prepare_starts(starts, qkv):
     along T) and returned as the kernels read it: int32, contiguous. None stays None."""
     if starts is None:
         return None
-    check_starts(starts, qkv)
     if starts.device != qkv.device:
         raise ValueError(f"causal_attention: starts is on {starts.device}, qkv on {qkv.device}")
-    check_start_values(starts)
+    check_starts(starts, qkv)
     return starts.to(torch.int32).contiguous()
 
 
