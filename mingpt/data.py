@@ -17,7 +17,9 @@ import torch
 from .corpus import DataError, split_reviews
 from .layouts import get_layout
 from .packing import ReviewPacker, load_packed
-from .tokenizer import PAD, SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, train_tokenizer
+from .tokenizer import BOS, EXTRA_BOS, PAD, SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, train_tokenizer
+
+RESERVED_STRINGS = SPECIAL_TOKENS + (EXTRA_BOS,)
 
 # Oversample the minority sentiment by default when it holds less than this share of the rows.
 BALANCE_THRESHOLD = 0.35
@@ -33,10 +35,11 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     so a checkpoint trained with it can be fine-tuned on this data.
     `extra_train` (review layout): reviews of another source (`extra_source`) added to the train split
     only, after the rows of `reviews`, and marked in train_sources.bin; the val split and the label
-    counts stay those of `reviews`. An extra review whose text is a held-out review is left out.
+    counts stay those of `reviews`. An extra review whose text is a held-out review is left out. A new
+    tokenizer holds EXTRA_BOS, which begins the extra reviews in place of <bos>.
     """
     layout = get_layout(layout)
-    kept = [r for r in reviews if not any(t in r.text for t in SPECIAL_TOKENS)]
+    kept = [r for r in reviews if not any(t in r.text for t in RESERVED_STRINGS)]
     if len(kept) < len(reviews):
         drops["holds a special-token string such as <eos>"] += len(reviews) - len(kept)
         reviews = kept
@@ -48,18 +51,20 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     if base_tokenizer is not None:
         tokenizer = extend_tokenizer(base_tokenizer, texts)
     else:
-        tokenizer = train_tokenizer(tokenizer, texts, bpe_vocab_size)
+        tokenizer = train_tokenizer(tokenizer, texts, bpe_vocab_size, extra_bos=bool(extra_train))
     train, val = split_reviews(reviews, val_fraction, seed)
     held_out = {r.text for r in val}
-    extra = [r for r in extra_train if r.text not in held_out and not any(t in r.text for t in SPECIAL_TOKENS)]
+    extra = [r for r in extra_train if r.text not in held_out and not any(t in r.text for t in RESERVED_STRINGS)]
+    extra_context = EXTRA_BOS if EXTRA_BOS in tokenizer.special_tokens else BOS
     os.makedirs(data_dir, exist_ok=True)
     layout_counts = collections.Counter()
     splits = {}
     for name, part in (("train", train), ("val", val)):
         tokens, labels = layout.encode(part, tokenizer, block_size, long_reviews, layout_counts)
         if name == "train" and extra:
-            tokens, labels = add_extra_rows(tokens, labels, layout.encode(extra, tokenizer, block_size, long_reviews,
-                                                                          collections.Counter()), data_dir)
+            extra_rows = layout.encode(extra, tokenizer, block_size, long_reviews, collections.Counter(),
+                                       context_token=extra_context)
+            tokens, labels = add_extra_rows(tokens, labels, extra_rows, data_dir)
         if labels is not None:
             labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
         tokens.tofile(os.path.join(data_dir, f"{name}.bin"))

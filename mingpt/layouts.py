@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .corpus import DataError
-from .tokenizer import BOS, EOS, PAD, SENTIMENT_TOKENS
+from .tokenizer import BOS, EOS, PAD, SENTIMENT_TOKENS, review_begin_ids
 
 LONG_REVIEW_POLICIES = ("split", "truncate", "drop")
 BOOK_SEPARATOR = "\n"
@@ -28,9 +28,9 @@ class ReviewLayout:
     def row_len(self, block_size: int) -> int:
         return block_size + 1
 
-    def encode(self, reviews, tokenizer, block_size: int, long_reviews: str, counts):
+    def encode(self, reviews, tokenizer, block_size: int, long_reviews: str, counts, context_token=BOS):
         """Rows of block_size+1 tokens, one review each, padded with <pad>, and the uint8 sentiment of
-        each row (1 positive, 0 negative).
+        each row (1 positive, 0 negative). Each review begins with context_token.
 
         A review longer than a row is split into consecutive windows (each target predicted once),
         truncated, or dropped, by `long_reviews`; `counts` records how many were.
@@ -40,7 +40,7 @@ class ReviewLayout:
         row_len, pad = self.row_len(block_size), tokenizer.token_id(PAD)
         rows, labels = [], []
         for review in reviews:
-            tokens = ([tokenizer.token_id(BOS), tokenizer.token_id(SENTIMENT_TOKENS[review.sentiment])]
+            tokens = ([tokenizer.token_id(context_token), tokenizer.token_id(SENTIMENT_TOKENS[review.sentiment])]
                       + tokenizer.encode(review.text) + [tokenizer.token_id(EOS)])
             windows = [tokens]
             if len(tokens) > row_len:
@@ -87,7 +87,7 @@ class ReviewLayout:
         """Each review that begins in x (one a row, or several in packed rows) loses its input sentiment token
         to <pad> with probability `share` (the model learns reviews without one: guidance's unconditioned
         side); the targets stay."""
-        begins = x[:, :-1] == tokenizer.token_id(BOS)
+        begins = torch.isin(x[:, :-1], torch.tensor(review_begin_ids(tokenizer)))
         dropped = (torch.rand(begins.shape, generator=generator) < share) & begins
         x = x.clone()
         x[:, 1:][dropped] = tokenizer.token_id(PAD)
@@ -95,10 +95,11 @@ class ReviewLayout:
 
     def decode_reviews(self, tokens, tokenizer):
         """The (sentiment, text) of every review in the token file."""
-        bos, eos, pos = tokenizer.token_id(BOS), tokenizer.token_id(EOS), tokenizer.token_id(SENTIMENT_TOKENS["pos"])
+        begins, eos = review_begin_ids(tokenizer), tokenizer.token_id(EOS)
+        pos = tokenizer.token_id(SENTIMENT_TOKENS["pos"])
         reviews = []
         for row in np.asarray(tokens).tolist():
-            if row[0] == bos:
+            if row[0] in begins:
                 reviews.append(("pos" if row[1] == pos else "neg", row[2:]))
             elif reviews:
                 reviews[-1][1].extend(row[1:])  # a later window of a split review: its first token overlaps

@@ -7,6 +7,9 @@ import json
 
 PAD, BOS, EOS, POS, NEG = "<pad>", "<bos>", "<eos>", "<pos>", "<neg>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, POS, NEG)
+# Begins the reviews of an extra training source in place of <bos> (data.prepare's extra_train), so that the
+# model learns that source apart and <bos> asks for reviews like the user's own. It follows SPECIAL_TOKENS.
+EXTRA_BOS = "<bos:extra>"
 SENTIMENT_TOKENS = {"pos": POS, "neg": NEG}
 
 
@@ -30,8 +33,8 @@ class CharTokenizer:
             raise ValueError(f"vocabulary of {len(self.itos)} does not fit uint16 token files")
 
     @classmethod
-    def train(cls, texts):
-        return cls(sorted(set().union(*map(set, texts))))
+    def train(cls, texts, special_tokens=SPECIAL_TOKENS):
+        return cls(sorted(set().union(*map(set, texts))), special_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -70,20 +73,21 @@ class BPETokenizer:
 
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
-        self.special_tokens = SPECIAL_TOKENS
-        for i, token in enumerate(SPECIAL_TOKENS):
+        has_extra_bos = hf_tokenizer.token_to_id(EXTRA_BOS) is not None
+        self.special_tokens = SPECIAL_TOKENS + ((EXTRA_BOS,) if has_extra_bos else ())
+        for i, token in enumerate(self.special_tokens):
             if hf_tokenizer.token_to_id(token) != i:
                 raise ValueError(f"BPE tokenizer must hold special token {token} at id {i}")
         if self.vocab_size > 65535:
             raise ValueError(f"vocabulary of {self.vocab_size} does not fit uint16 token files")
 
     @classmethod
-    def train(cls, texts, vocab_size: int = 2000):
+    def train(cls, texts, vocab_size: int = 2000, special_tokens=SPECIAL_TOKENS):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         hf = Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         hf.train_from_iterator(texts, trainer)
         return cls(hf)
@@ -120,15 +124,22 @@ class BPETokenizer:
 TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
 
 
-def train_tokenizer(kind: str, texts, vocab_size: int = 2000):
+def train_tokenizer(kind: str, texts, vocab_size: int = 2000, extra_bos: bool = False):
+    """A tokenizer of `kind` for texts; with extra_bos it also holds EXTRA_BOS."""
+    special_tokens = SPECIAL_TOKENS + ((EXTRA_BOS,) if extra_bos else ())
     if kind == "char":
-        return CharTokenizer.train(texts)
+        return CharTokenizer.train(texts, special_tokens)
     if kind == "bpe":
         try:
-            return BPETokenizer.train(texts, vocab_size)
+            return BPETokenizer.train(texts, vocab_size, special_tokens)
         except ImportError:
             raise ValueError("--tokenizer bpe needs the `tokenizers` package: pip install tokenizers") from None
     raise ValueError(f"unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZERS)}")
+
+
+def review_begin_ids(tokenizer) -> list:
+    """The ids that begin a review of the review layout: <bos>, and EXTRA_BOS where the tokenizer holds it."""
+    return [tokenizer.token_id(t) for t in (BOS, EXTRA_BOS) if t in tokenizer.special_tokens]
 
 
 def extend_tokenizer(base, texts):

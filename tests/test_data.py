@@ -1,13 +1,15 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import synthetic_reviews
 from mingpt.corpus import DataError
 from mingpt.data import TokenData, prepare
-from mingpt.tokenizer import BOS, PAD
+from mingpt.corpus import Review
+from mingpt.tokenizer import BOS, EXTRA_BOS, PAD, SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +75,29 @@ def test_book_batches_for_a_seeded_generator(small_dirs):
                           [16, 7, 15, 5, 4, 18, 33, 46]]
     assert y.tolist() == [[23, 36, 52, 41, 42, 16, 8, 9], [43, 52, 19, 28, 17, 43, 52, 30],
                           [7, 15, 5, 4, 18, 33, 46, 16]]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_extra_training_reviews_begin_with_their_own_token(tmp_path, kind):
+    own = synthetic_reviews(40)
+    extra = [Review("这家酒店房间很干净服务也好", "pos"), Review("电脑用了三天就坏了", "neg"),
+             Review(own[0].text, "pos"), Review(f"混进来的{EXTRA_BOS}", "neg")]
+    prepare(own, {}, str(tmp_path), block_size=32, tokenizer=kind, bpe_vocab_size=300, extra_train=extra,
+            extra_source="hotels")
+    data = TokenData(str(tmp_path))
+    tokenizer = data.tokenizer
+    assert tokenizer.special_tokens == SPECIAL_TOKENS + (EXTRA_BOS,)  # the first ids are as without extra reviews
+    rows = data.splits["train"]
+    begins = np.isin(rows[:, 0], [tokenizer.token_id(BOS), tokenizer.token_id(EXTRA_BOS)])  # not later windows
+    for source, token in ((0, BOS), (1, EXTRA_BOS)):
+        assert set(rows[begins & (data.sources == source), 0].tolist()) == {tokenizer.token_id(token)}
+    texts = {text for _, text in data.review_texts("train")}
+    assert {"这家酒店房间很干净服务也好", "电脑用了三天就坏了"} <= texts and f"混进来的{EXTRA_BOS}" not in texts
+    assert data.meta["extra_train"]["reviews"] == 2 + (own[0].text not in {t for _, t in data.review_texts("val")})
+    x, y = data.load_batch("train", torch.arange(len(rows)), 32)
+    dropped_x, dropped_y = data.layout.drop_sentiment(x, y, 1.0, torch.Generator().manual_seed(0), tokenizer)
+    assert (dropped_x[torch.from_numpy(begins), 1] == tokenizer.token_id(PAD)).all() and torch.equal(dropped_y, y)
+
+
+def test_prepared_data_without_extra_reviews_keeps_the_five_special_tokens(small_dirs):
+    assert TokenData(small_dirs["review"]).tokenizer.special_tokens == SPECIAL_TOKENS

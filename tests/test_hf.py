@@ -16,7 +16,7 @@ from mingpt import GPT, GPTConfig, export, generate, sample
 from mingpt.checkpoint import atomic_torch_save, load_model, make_checkpoint
 from mingpt.config import preset_config
 from mingpt.hf import HFFormatError, load_pretrained, to_hf_model, to_hf_tokenizer, tokenizer_from_json
-from mingpt.tokenizer import BOS, EOS, NEG, POS, BPETokenizer, CharTokenizer
+from mingpt.tokenizer import BOS, EOS, EXTRA_BOS, NEG, POS, SPECIAL_TOKENS, BPETokenizer, CharTokenizer
 
 LOGIT_ATOL = 1e-5  # fp32
 EXTRA_TEXTS = ["好看 , 很精彩! 值得一看。", "难看?? 剧情拖沓…… 不推荐!!!", "  演技很好\n喜欢  "]
@@ -27,8 +27,8 @@ def transformers():
     return pytest.importorskip("transformers", reason="needs the hf extra: pip install -e .[hf]")
 
 
-def review_tokenizer():
-    return CharTokenizer.train([r.text for r in synthetic_reviews(200)] + EXTRA_TEXTS)
+def review_tokenizer(special_tokens=SPECIAL_TOKENS):
+    return CharTokenizer.train([r.text for r in synthetic_reviews(200)] + EXTRA_TEXTS, special_tokens)
 
 
 def scrambled(config: GPTConfig, seed: int) -> GPT:
@@ -125,14 +125,16 @@ def test_autotokenizer_encodes_and_decodes_like_mingpt(exported, transformers):
         hf_tokenizer("好看😀")
 
 
-@pytest.mark.parametrize("bias, layer_norm_eps", [(True, 1e-5), (False, 1e-6)])
-def test_round_trip_mingpt_hf_mingpt_is_bit_identical(transformers, tmp_path, bias, layer_norm_eps):
-    ckpt = write_checkpoint(tmp_path / "ckpt.pt", bias=bias, seed=3, layer_norm_eps=layer_norm_eps)
+@pytest.mark.parametrize("bias, layer_norm_eps, special_tokens", [(True, 1e-5, SPECIAL_TOKENS),
+                                                                  (False, 1e-6, SPECIAL_TOKENS + (EXTRA_BOS,))])
+def test_round_trip_mingpt_hf_mingpt_is_bit_identical(transformers, tmp_path, bias, layer_norm_eps, special_tokens):
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", bias=bias, seed=3, layer_norm_eps=layer_norm_eps,
+                            tokenizer=review_tokenizer(special_tokens))
     assert export.main(["--ckpt", ckpt, "--out", str(tmp_path / "hf")]) == 0
     original, tokenizer = load_model(ckpt)
     loaded, loaded_tokenizer = load_pretrained(str(tmp_path / "hf"))[:2]
     assert dataclasses.asdict(loaded.config) == dataclasses.asdict(original.config)
-    assert loaded_tokenizer.itos == tokenizer.itos
+    assert loaded_tokenizer.itos == tokenizer.itos and loaded_tokenizer.special_tokens == special_tokens
     before, after = original.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -232,8 +234,9 @@ def test_untied_head_and_nonzero_biases_are_refused(exported, tmp_path):
         load_pretrained(str(tmp_path / "hf"))
 
 
-def test_bpe_tokenizer_exports_and_loads_back(transformers, tmp_path):
-    tokenizer = BPETokenizer.train([r.text for r in synthetic_reviews(200)] + EXTRA_TEXTS, vocab_size=300)
+@pytest.mark.parametrize("special_tokens", [SPECIAL_TOKENS, SPECIAL_TOKENS + (EXTRA_BOS,)])
+def test_bpe_tokenizer_exports_and_loads_back(transformers, tmp_path, special_tokens):
+    tokenizer = BPETokenizer.train([r.text for r in synthetic_reviews(200)] + EXTRA_TEXTS, 300, special_tokens)
     ckpt = write_checkpoint(tmp_path / "ckpt.pt", tokenizer=tokenizer)
     assert export.main(["--ckpt", ckpt, "--out", str(tmp_path / "hf")]) == 0
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -244,6 +247,7 @@ def test_bpe_tokenizer_exports_and_loads_back(transformers, tmp_path):
         assert hf_tokenizer.decode(ids) == tokenizer.decode(ids, skip_special=False)
     model, loaded = load_pretrained(str(tmp_path / "hf"))[:2]
     assert isinstance(loaded, BPETokenizer) and loaded.hf.get_vocab() == tokenizer.hf.get_vocab()
+    assert loaded.special_tokens == tokenizer.special_tokens == special_tokens
     assert loaded.encode(EXTRA_TEXTS[0]) == tokenizer.encode(EXTRA_TEXTS[0])
     original, _ = load_model(ckpt)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.state_dict().items())
