@@ -12,7 +12,9 @@ CLI's default settings) and measures them beside real held-out reviews of the sa
                       near-equal (Jaccard similarity of character 3-gram sets >= 0.8); reviews of
                       earlier stages (--pretrained_on) count as training reviews too
   exact copies        share of samples equal to a training review
-  distinct-1/2        unique character uni/bigrams over all uni/bigrams of the samples
+  distinct-1/2        unique character uni/bigrams over all uni/bigrams of what the model wrote: the
+                      samples after their prompt (every sample repeats the prompt, which no set of real
+                      reviews does), the real reviews whole
 With --sweep_guidance and --sweep_temperature it prints the trade-off over that grid instead.
 """
 import argparse
@@ -165,7 +167,8 @@ def measure_prompts(model, tokenizer, layout, prompts, reference: Reference, num
         real = [t for s, t in reference.held_out if s == sentiment]
         real = statistics(rng.sample(real, min(len(real), num_samples)), sentiment, reference)
         real["sentiment_accuracy"] = reference.real_rates[sentiment]
-        rows.append({"start": start, "sentiment": sentiment, "generated": statistics(texts, sentiment, reference),
+        generated = statistics(texts, sentiment, reference, prompt=start)
+        rows.append({"start": start, "sentiment": sentiment, "generated": generated,
                      "real_held_out": real, "examples": texts[:5]})
     return rows
 
@@ -201,11 +204,13 @@ def sweep(model, tokenizer, layout, prompts, reference: Reference, guidances, te
     return rows
 
 
-def statistics(texts, sentiment, reference: Reference) -> dict:
+def statistics(texts, sentiment, reference: Reference, prompt: str = "") -> dict:
+    """The measures of texts; distinct-n counts what follows `prompt` in each."""
+    written = [t[len(prompt):] if t.startswith(prompt) else t for t in texts]
     return {"count": len(texts), "sentiment_accuracy": reference.judge.agreement(texts, sentiment),
             "novelty": reference.copies.novelty(texts),
             "exact_copies": sum(t in reference.copies.exact for t in texts) / len(texts) if texts else 0.0,
-            "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+            "distinct_1": distinct_n(written, 1), "distinct_2": distinct_n(written, 2),
             "mean_length": float(np.mean([len(t) for t in texts])) if texts else 0.0}
 
 

@@ -4,7 +4,8 @@ import torch
 from conftest import shared_csv
 from mingpt import GPT, GPTConfig
 from mingpt.corpus import Review
-from mingpt.evaluate import DEFAULT_PROMPTS, CopyDetector, SentimentJudge, distinct_n, load_judge_sets, parse_prompts
+from mingpt.evaluate import (DEFAULT_PROMPTS, CopyDetector, SentimentJudge, distinct_n, load_judge_sets, parse_prompts,
+                             statistics)
 from mingpt.scoring import nats_per_char, review_windows
 from mingpt.layouts import get_layout
 from mingpt.tokenizer import BOS, EOS, SENTIMENT_TOKENS, CharTokenizer
@@ -15,6 +16,17 @@ def test_distinct_n_on_known_cases():
     assert distinct_n(["abab"], 2) == 2 / 3          # ab, ba, ab
     assert distinct_n(["ab", "ab"], 2) == 1 / 2
     assert distinct_n(["a"], 2) == 0.0
+
+
+def test_distinct_n_counts_what_follows_the_prompt():
+    judge = SentimentJudge([Review(t, "pos") for t in ("好看", "喜欢", "精彩")] + [Review(t, "neg") for t in
+                                                                              ("难看", "无聊", "失望")])
+    reference = type("Reference", (), {"judge": judge, "copies": CopyDetector(["剧情好看"])})()
+    texts = ["剧情好看", "剧情无聊", "剧情"]
+    measured = statistics(texts, "pos", reference, prompt="剧情")
+    assert measured["distinct_2"] == 2 / 2 and measured["distinct_1"] == 4 / 4  # 好看, 无聊; the prompt's 剧情 not
+    assert statistics(texts, "pos", reference)["distinct_2"] == 5 / 7  # 剧情 thrice, 情好, 好看, 情无, 无聊
+    assert measured["novelty"] == 2 / 3 and measured["mean_length"] == pytest.approx(10 / 3)
 
 
 def test_copies_exact_and_near_exact():
