@@ -55,15 +55,13 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     train, val = split_reviews(reviews, val_fraction, seed)
     held_out = {r.text for r in val}
     extra = [r for r in extra_train if r.text not in held_out and not any(t in r.text for t in RESERVED_STRINGS)]
-    extra_context = EXTRA_BOS if EXTRA_BOS in tokenizer.special_tokens else BOS
     os.makedirs(data_dir, exist_ok=True)
     layout_counts = collections.Counter()
     splits = {}
     for name, part in (("train", train), ("val", val)):
         tokens, labels = layout.encode(part, tokenizer, block_size, long_reviews, layout_counts)
         if name == "train" and extra:
-            extra_rows = layout.encode(extra, tokenizer, block_size, long_reviews, collections.Counter(),
-                                       context_token=extra_context)
+            extra_rows = encode_extra(layout, extra, tokenizer, block_size, long_reviews)
             tokens, labels = add_extra_rows(tokens, labels, extra_rows, data_dir)
         if labels is not None:
             labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
@@ -86,6 +84,12 @@ def prepare(reviews, drops, data_dir, layout="review", block_size=64, long_revie
     with open(os.path.join(data_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=2)
     return meta
+
+
+def encode_extra(layout, extra, tokenizer, block_size: int, long_reviews: str):
+    """The (tokens, labels) of the extra training reviews, each begun by EXTRA_BOS where the tokenizer holds it."""
+    context = EXTRA_BOS if EXTRA_BOS in tokenizer.special_tokens else BOS
+    return layout.encode(extra, tokenizer, block_size, long_reviews, collections.Counter(), context_token=context)
 
 
 def add_extra_rows(tokens, labels, extra, data_dir):
