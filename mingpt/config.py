@@ -110,12 +110,13 @@ PRESETS = {
     ),
     # The best review model in a wall-clock budget on a small CPU: `train --preset speedrun --csv FILE`.
     # Measured choices (README, "A review model in 10 minutes"): packed rows, Muon, warmup-stable-decay on the
-    # clock, bfloat16 autocast, 70 % of the training reviews from the embedded corpus throughout.
+    # clock, bfloat16 autocast, 70 % of the training reviews from the embedded corpus throughout, and the
+    # user's reviews drawn as they come (oversampling a minority sentiment memorises it).
     "speedrun": dict(
         model=dict(n_layer=6, n_head=6, n_embd=192, block_size=64, dropout=0.1, bias=True),
         batch_size=32, learning_rate=2e-3, min_lr=2e-5, warmup_iters=30, max_iters=1_000_000, eval_minutes=2.0,
         max_minutes=10.0, dtype="bfloat16", pack=True, optimizer="muon", schedule="wsd", decay_fraction=0.4,
-        corpus_share=0.7, corpus_fade=False,
+        corpus_share=0.7, corpus_fade=False, balance="off",
     ),
     # Tiny, for tests.
     "tiny": dict(
