@@ -64,7 +64,7 @@ class CompletionBody(BaseModel):
     guidance: float = Field(SAMPLING_DEFAULTS["guidance"], ge=0, le=20)
     guide_against: Literal["opposite", "none"] = "opposite"
     repetition_penalty: float = Field(1.0, gt=0, le=20)
-    no_repeat_ngram_size: int = Field(0, ge=0)
+    no_repeat_ngram_size: int = Field(SAMPLING_DEFAULTS["no_repeat_ngram_size"], ge=0)
 
 
 def error_body(message: str, param=None, kind="invalid_request_error") -> dict:

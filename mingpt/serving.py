@@ -46,7 +46,8 @@ class Settings:
     top_k: Optional[int] = None
     top_p: Optional[float] = SAMPLING_DEFAULTS["top_p"]
     seed: Optional[int] = None
-    controls: LogitControls = LogitControls(guidance=SAMPLING_DEFAULTS["guidance"])
+    controls: LogitControls = LogitControls(guidance=SAMPLING_DEFAULTS["guidance"],
+                                            no_repeat_ngram_size=SAMPLING_DEFAULTS["no_repeat_ngram_size"])
     guide_against: str = "opposite"
 
 
