@@ -17,9 +17,8 @@ import torch
 from .corpus import DataError, split_reviews
 from .layouts import get_layout
 from .packing import ReviewPacker, load_packed
-from .tokenizer import BOS, EXTRA_BOS, PAD, SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, train_tokenizer
-
-RESERVED_STRINGS = SPECIAL_TOKENS + (EXTRA_BOS,)
+from .tokenizer import (BOS, EXTRA_BOS, PAD, RESERVED_STRINGS, extend_tokenizer, load_tokenizer,
+                        train_tokenizer)
 
 # Oversample the minority sentiment by default when it holds less than this share of the rows.
 BALANCE_THRESHOLD = 0.35

@@ -10,6 +10,7 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, POS, NEG)
 # Begins the reviews of an extra training source in place of <bos> (data.prepare's extra_train), so that the
 # model learns that source apart and <bos> asks for reviews like the user's own. It follows SPECIAL_TOKENS.
 EXTRA_BOS = "<bos:extra>"
+RESERVED_STRINGS = SPECIAL_TOKENS + (EXTRA_BOS,)  # every special token a tokenizer may hold: no review holds one
 SENTIMENT_TOKENS = {"pos": POS, "neg": NEG}
 
 
