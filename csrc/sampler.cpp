@@ -57,15 +57,19 @@ void check_generate_args(const ModelConfig& c, const torch::Tensor& idx, int64_t
 // The logit controls (see mingpt/logit_controls.py); returns guidance's second prompts, undefined
 // when guidance is off.
 torch::Tensor check_controls(const ModelConfig& c, const torch::Tensor& idx, double guidance,
-                             const std::optional<torch::Tensor>& guidance_idx, double repetition_penalty,
-                             int64_t no_repeat_ngram_size) {
+                             const std::optional<torch::Tensor>& guidance_idx, int64_t guidance_tokens,
+                             double guidance_after, double repetition_penalty, int64_t no_repeat_ngram_size) {
   TORCH_CHECK_VALUE(std::isfinite(guidance) && guidance >= 0, "generate: guidance must be a finite number >= 0 "
                     "(1: off), got ", guidance);
+  TORCH_CHECK_VALUE(guidance_tokens >= 0 && guidance_tokens <= std::numeric_limits<int>::max(), "generate: "
+                    "guidance_tokens must be an integer >= 0 (0: every token), got ", guidance_tokens);
+  TORCH_CHECK_VALUE(std::isfinite(guidance_after) && guidance_after >= 0, "generate: guidance_after must be a "
+                    "finite number >= 0 (1: off), got ", guidance_after);
   TORCH_CHECK_VALUE(std::isfinite(repetition_penalty) && repetition_penalty > 0, "generate: repetition_penalty "
                     "must be a finite number > 0 (1: off), got ", repetition_penalty);
   TORCH_CHECK_VALUE(no_repeat_ngram_size >= 0 && no_repeat_ngram_size <= c.block_size, "generate: "
                     "no_repeat_ngram_size must be in [0, block_size] (0: off), got ", no_repeat_ngram_size);
-  if (guidance == 1.0) return torch::Tensor();
+  if (guidance == 1.0 && (guidance_tokens == 0 || guidance_after == 1.0)) return torch::Tensor();
   TORCH_CHECK_VALUE(guidance_idx.has_value(), "generate: guidance ", guidance, " needs guidance_idx, the prompts "
                     "under the second conditioning");
   const torch::Tensor& second = *guidance_idx;
@@ -89,18 +93,20 @@ class KVSampler {
   py::object generate(const torch::Tensor& idx, int64_t max_new_tokens, double temperature, int64_t top_k,
                       double top_p, int64_t eos_id, uint64_t seed, int64_t num_threads, const py::object& callback,
                       bool record_logits, double guidance, const std::optional<torch::Tensor>& guidance_idx,
-                      double repetition_penalty, int64_t no_repeat_ngram_size) const {
+                      int64_t guidance_tokens, double guidance_after, double repetition_penalty,
+                      int64_t no_repeat_ngram_size) const {
     const ModelConfig& c = g_.cfg;
     check_generate_args(c, idx, max_new_tokens, temperature, top_k, top_p, eos_id, num_threads, callback);
-    const torch::Tensor second = check_controls(c, idx, guidance, guidance_idx, repetition_penalty,
-                                                no_repeat_ngram_size);
+    const torch::Tensor second = check_controls(c, idx, guidance, guidance_idx, guidance_tokens, guidance_after,
+                                                repetition_penalty, no_repeat_ngram_size);
     const int threads = num_threads > 0 ? int(num_threads) : omp_get_max_threads();
     const int max_new = int(std::min<int64_t>(max_new_tokens, std::numeric_limits<int>::max() - idx.size(1)));
     torch::Tensor record;
     if (record_logits)
       record = torch::full({idx.size(0), max_new, c.vocab_size}, std::numeric_limits<float>::quiet_NaN());
     const SamplingOptions opt{float(temperature), int(std::min<int64_t>(top_k, c.vocab_size)), top_p, eos_id,
-                              float(guidance), float(repetition_penalty), int(no_repeat_ngram_size)};
+                              float(guidance), float(repetition_penalty), int(no_repeat_ngram_size),
+                              int(guidance_tokens), float(guidance_after)};
     Generation run(g_, idx.contiguous(), second, max_new, opt, seed, threads,
                    record_logits ? record.data_ptr<float>() : nullptr);
     std::exception_ptr callback_error;
@@ -128,7 +134,7 @@ class KVSampler {
 
 void init_sampler(py::module& m) {
   using mingpt::sampler::KVSampler;
-  m.attr("SAMPLER_VERSION") = 5;  // bump with any change to KVSampler's interface (see mingpt/sampling.py)
+  m.attr("SAMPLER_VERSION") = 6;  // bump with any change to KVSampler's interface (see mingpt/sampling.py)
   py::class_<KVSampler>(m, "KVSampler",
                         "A GPT's weights packed for the KV-cached sampler; build once, generate many times.")
       .def(py::init<const std::map<std::string, torch::Tensor>&, const py::dict&, const std::string&, bool>(),
@@ -143,12 +149,14 @@ void init_sampler(py::module& m) {
            py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("eos_id") = -1, py::arg("seed") = 0,
            py::arg("num_threads") = 0, py::arg("callback") = py::none(), py::arg("record_logits") = false,
            py::kw_only(), py::arg("guidance") = 1.0, py::arg("guidance_idx") = py::none(),
-           py::arg("repetition_penalty") = 1.0, py::arg("no_repeat_ngram_size") = 0,
+           py::arg("guidance_tokens") = 0, py::arg("guidance_after") = 1.0, py::arg("repetition_penalty") = 1.0,
+           py::arg("no_repeat_ngram_size") = 0,
            "Continue each row of idx (int64, (batch, prompt_length <= block_size)) by up to max_new_tokens; a "
            "row that emits eos_id is padded with it, and the call stops when every row has. temperature 0 is "
            "greedy; top_k 0 and top_p 1 disable those filters. callback(tokens) gets each new column as a "
            "list and may return row indices to stop after it (padded with eos_id from then on). guidance (with "
-           "guidance_idx), repetition_penalty and no_repeat_ngram_size: see mingpt/logit_controls.py. With "
+           "guidance_idx), guidance_tokens, guidance_after, repetition_penalty and no_repeat_ngram_size: see "
+           "mingpt/logit_controls.py. With "
            "record_logits, returns (tokens, logits of shape (batch, steps, vocab)), NaN for rows already "
            "finished.")
       .def_property_readonly("packed_bytes", &KVSampler::packed_bytes, "bytes of packed weights held")

@@ -60,7 +60,7 @@ std::exception_ptr Generation::run(const py::object& callback) {
       for (int i = part(n, tid, nth); i < part(n, tid + 1, nth); ++i) {
         const int s = active_[i];
         next_[s] = pickers_[tid].pick(forward_.logits(i), guided ? forward_.logits(n + i) : nullptr, sequence(s),
-                                      length_, opt_, rngs_[s]);
+                                      length_, step_, opt_, rngs_[s]);
       }
 #pragma omp barrier
       if (tid == 0) advance(callback);

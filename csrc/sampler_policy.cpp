@@ -46,14 +46,15 @@ void ban_repeated_ngrams(const int64_t* history, int length, int n, float* z) {
 
 // The logits after guidance, repetition penalty and n-gram bans: `logits` itself when all are off.
 const float* TokenPicker::shape(const float* logits, const float* second, const int64_t* history,
-                                int history_length, const SamplingOptions& opt) {
+                                int history_length, int step, const SamplingOptions& opt) {
   const bool penalized = opt.repetition_penalty != 1.0f, banning = opt.no_repeat_ngram_size > 0;
   if (second == nullptr && !penalized && !banning) return logits;
   float* z = shaped_.data();
   if (second != nullptr) {
     log_softmax(logits, z);
     log_softmax(second, second_.data());
-    for (int v = 0; v < vocab_size_; ++v) z[v] = second_[v] + opt.guidance * (z[v] - second_[v]);
+    const float guidance = opt.guidance_at(step);
+    for (int v = 0; v < vocab_size_; ++v) z[v] = second_[v] + guidance * (z[v] - second_[v]);
   } else {
     std::copy(logits, logits + vocab_size_, z);
   }
@@ -92,9 +93,9 @@ double TokenPicker::keep_top_p(const float* z, float* w, double top_p) {
 }
 
 int64_t TokenPicker::pick(const float* raw_logits, const float* second, const int64_t* history, int history_length,
-                          const SamplingOptions& opt, std::mt19937_64& rng) {
+                          int step, const SamplingOptions& opt, std::mt19937_64& rng) {
   const int V = vocab_size_;
-  const float* logits = shape(raw_logits, second, history, history_length, opt);
+  const float* logits = shape(raw_logits, second, history, history_length, step, opt);
   if (opt.temperature == 0.0f) return std::max_element(logits, logits + V) - logits;
   float* z = scaled_.data();
   for (int v = 0; v < V; ++v) z[v] = logits[v] / opt.temperature;

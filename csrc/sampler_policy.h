@@ -13,9 +13,16 @@ struct SamplingOptions {
   int top_k;                 // 0: no limit
   double top_p;              // 1: no limit
   int64_t eos_id;            // -1: none
-  float guidance;            // 1: off (see mingpt/logit_controls.py for these three)
+  float guidance;            // 1: off (see mingpt/logit_controls.py for these five)
   float repetition_penalty;  // 1: off
   int no_repeat_ngram_size;  // 0: off
+  int guidance_tokens;       // 0: guidance scales every new token
+  float guidance_after;      // the scale after the first guidance_tokens new tokens
+
+  // The guidance scale of the step-th new token (0: the first).
+  float guidance_at(int step) const {
+    return guidance_tokens == 0 || step < guidance_tokens ? guidance : guidance_after;
+  }
 };
 
 // One stream per sample, from the call's seed and the sample's row: the draws do not depend on threads.
@@ -27,13 +34,14 @@ std::mt19937_64 sample_stream(uint64_t seed, int sample);
 class TokenPicker {
  public:
   TokenPicker(int vocab_size, int padded_vocab);
-  // second: the logits under guidance's second conditioning, or null; history: the row's tokens so far.
-  int64_t pick(const float* logits, const float* second, const int64_t* history, int history_length,
+  // second: the logits under guidance's second conditioning, or null; history: the row's tokens so far;
+  // step: how many of them are new.
+  int64_t pick(const float* logits, const float* second, const int64_t* history, int history_length, int step,
                const SamplingOptions& opt, std::mt19937_64& rng);
 
  private:
   const float* shape(const float* logits, const float* second, const int64_t* history, int history_length,
-                     const SamplingOptions& opt);
+                     int step, const SamplingOptions& opt);
   void log_softmax(const float* logits, float* out);
   void penalize_repetition(const int64_t* history, int history_length, float penalty, float* z);
   void keep_top_k(float* z, int top_k);

@@ -62,8 +62,10 @@ class CompletionBody(BaseModel):
     logprobs: Optional[int] = None
     sentiment: Literal["pos", "neg", "auto"] = "auto"
     guidance: float = Field(SAMPLING_DEFAULTS["guidance"], ge=0, le=20)
+    guidance_tokens: int = Field(SAMPLING_DEFAULTS["guidance_tokens"], ge=0)
+    guidance_after: float = Field(SAMPLING_DEFAULTS["guidance_after"], ge=0, le=20)
     guide_against: Literal["opposite", "none"] = "opposite"
-    repetition_penalty: float = Field(1.0, gt=0, le=20)
+    repetition_penalty: float = Field(SAMPLING_DEFAULTS["repetition_penalty"], gt=0, le=20)
     no_repeat_ngram_size: int = Field(SAMPLING_DEFAULTS["no_repeat_ngram_size"], ge=0)
 
 
@@ -117,7 +119,8 @@ async def read_body(http: HTTPRequest, limits: Limits) -> CompletionBody:
 
 
 def settings(body: CompletionBody) -> Settings:
-    controls = LogitControls(body.guidance, body.repetition_penalty, body.no_repeat_ngram_size)
+    controls = LogitControls(body.guidance, body.repetition_penalty, body.no_repeat_ngram_size, body.guidance_tokens,
+                             body.guidance_after)
     return Settings(body.temperature, body.top_k or None, body.top_p, body.seed, controls, body.guide_against)
 
 

@@ -5,6 +5,10 @@ reference that the compiled sampler is tested against.
   guidance              classifier-free guidance: each row also runs under a second conditioning (the
                         opposite sentiment, or none), and its log-probabilities are pushed away from
                         that one's: second + g * (first - second). 1: off; 0: the second alone.
+  guidance_tokens       n: only a sample's first n new tokens, where its sentiment is set, take the guidance
+                        scale; later ones take guidance_after, so that a sample stays varied and ends about
+                        where the model would. 0: every new token takes the guidance scale.
+  guidance_after        the guidance scale after the first guidance_tokens new tokens. 1: off.
   repetition_penalty    a token already in the row (prompt included) has its logit divided by the
                         penalty where positive, multiplied where negative. 1: off.
   no_repeat_ngram_size  n: a token that would repeat an n-gram of the row (prompt included) is
@@ -20,10 +24,17 @@ class LogitControls:
     guidance: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    guidance_tokens: int = 0
+    guidance_after: float = 1.0
 
     def __post_init__(self):
         if not self.guidance >= 0:
             raise ValueError(f"guidance must be >= 0 (1: off), got {self.guidance}")
+        if not self.guidance_after >= 0:
+            raise ValueError(f"guidance_after must be >= 0 (1: off), got {self.guidance_after}")
+        if isinstance(self.guidance_tokens, bool) or not isinstance(self.guidance_tokens, int) \
+                or self.guidance_tokens < 0:
+            raise ValueError(f"guidance_tokens must be an integer >= 0 (0: every token), got {self.guidance_tokens}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
         if isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int) \
@@ -32,7 +43,12 @@ class LogitControls:
 
     @property
     def guided(self) -> bool:
-        return self.guidance != 1.0
+        """Whether any new token is guided: the samplers then run the second conditioning beside."""
+        return self.guidance != 1.0 or (self.guidance_tokens > 0 and self.guidance_after != 1.0)
+
+    def guidance_at(self, step: int) -> float:
+        """The guidance scale of the step-th new token (0: the first)."""
+        return self.guidance if self.guidance_tokens == 0 or step < self.guidance_tokens else self.guidance_after
 
 
 def guide(logits: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -55,10 +71,12 @@ def banned_ngram_tokens(row: list, n: int) -> list:
     return sorted({row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix})
 
 
-def apply_controls(logits: torch.Tensor, history: torch.Tensor, controls: LogitControls) -> torch.Tensor:
-    """logits: (R, V), or (2R, V) guided (see `guide`); history: (R, T) the tokens of each row so far."""
+def apply_controls(logits: torch.Tensor, history: torch.Tensor, controls: LogitControls,
+                   step: int = 0) -> torch.Tensor:
+    """logits: (R, V), or (2R, V) guided (see `guide`); history: (R, T) the tokens of each row so far;
+    step: how many new tokens each row holds before this one."""
     if controls.guided:
-        logits = guide(logits, controls.guidance)
+        logits = guide(logits, controls.guidance_at(step))
     if controls.repetition_penalty != 1.0:
         logits = penalize_repetition(logits, history, controls.repetition_penalty)
     if controls.no_repeat_ngram_size:

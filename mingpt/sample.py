@@ -41,7 +41,8 @@ def build_parser():
 
 # The flags an --interactive line `:name value` may set between prompts.
 INTERACTIVE_FLAGS = ("sentiment", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                     "guidance", "guide_against", "repetition_penalty", "no_repeat_ngram_size")
+                     "guidance", "guidance_tokens", "guidance_after", "guide_against", "repetition_penalty",
+                     "no_repeat_ngram_size")
 
 
 def one_line(text: str) -> str:

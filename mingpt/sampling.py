@@ -27,7 +27,7 @@ from .tokenizer import PAD, SENTIMENT_TOKENS, UnknownCharacterError
 SAMPLERS = ("auto", "reference", "kvcache", "cached")
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 5
+SAMPLER_VERSION = 6
 
 # The formats the compiled sampler holds the weight matrices in: fp32 (exact), bf16, int8 (per-row scales).
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
@@ -85,12 +85,12 @@ def _decode_loop(next_logits, idx, max_new_tokens, temperature, top_k, top_p, eo
     seq = idx if not controls.guided else torch.cat([idx, guidance_idx])
     running = torch.arange(batch, device=idx.device)
     kept = None
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         rows, model_kept = running, kept
         if controls.guided:  # the guidance rows follow the running rows, in the same order
             rows = torch.cat([running, running + batch])
             model_kept = None if kept is None else torch.cat([kept, kept + previously_running])
-        logits = apply_controls(next_logits(seq[rows], model_kept), seq[running], controls)
+        logits = apply_controls(next_logits(seq[rows], model_kept), seq[running], controls, step)
         picked = pick_next(logits, temperature, top_k, top_p, generator).squeeze(1)
         column = torch.full_like(idx[:, 0], -1 if eos_id is None else eos_id).index_copy(0, running, picked)
         seq = torch.cat([seq, column.repeat(2 if controls.guided else 1).unsqueeze(1)], dim=1)
@@ -187,6 +187,7 @@ def cached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         idx, max_new_tokens, temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
         eos_id=-1 if eos_id is None else eos_id, seed=seed % 2 ** 64, num_threads=threads, callback=callback,
         guidance=controls.guidance, guidance_idx=guidance_idx if controls.guided else None,
+        guidance_tokens=controls.guidance_tokens, guidance_after=controls.guidance_after,
         repetition_penalty=controls.repetition_penalty, no_repeat_ngram_size=controls.no_repeat_ngram_size)
 
 
@@ -225,14 +226,14 @@ def resolve_sampler(sampler: str, model=None) -> str:
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
              seed=None, sampler="auto", callback=None, guidance=1.0, guidance_idx=None, repetition_penalty=1.0,
-             no_repeat_ngram_size=0, weights="fp32"):
+             no_repeat_ngram_size=0, weights="fp32", guidance_tokens=0, guidance_after=1.0):
     """Continue each prompt row of idx; rows that emit eos_id are padded with it afterwards.
 
     callback, if given, receives each new column of tokens as a list (one id per row; rows that have
     ended show eos_id); it may return row indices to stop after that column (a client went away):
     they are padded with eos_id like rows that emitted it, and no longer computed.
     guidance (with guidance_idx: each row's prompt under the second conditioning, idx's shape),
-    repetition_penalty and no_repeat_ngram_size: see mingpt.logit_controls. weights: the format the
+    guidance_tokens, guidance_after, repetition_penalty and no_repeat_ngram_size: see mingpt.logit_controls. weights: the format the
     compiled CPU sampler holds the weight matrices in (WEIGHT_FORMATS); bf16 and int8 run there only.
     """
     if sampler not in SAMPLERS:
@@ -240,7 +241,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p, model.config.vocab_size, eos_id)
-    controls = LogitControls(guidance, repetition_penalty, no_repeat_ngram_size)
+    controls = LogitControls(guidance, repetition_penalty, no_repeat_ngram_size, guidance_tokens, guidance_after)
     if controls.guided:
         check_guidance_idx(idx, guidance_idx, model.config.vocab_size)
     name = resolve_sampler(sampler, model)
@@ -392,7 +393,8 @@ def stop_end(text: str, stops, after: int):
 
 # The sample CLI's (and the server's) defaults, which `evaluate` measures too: chosen by measurement on
 # the 10-minute speedrun model (README, "Sentiment control"); the library functions keep the controls off.
-SAMPLING_DEFAULTS = dict(temperature=1.2, top_p=None, guidance=6.0, no_repeat_ngram_size=2)
+DEFAULT_CONTROLS = LogitControls(guidance=8.0, no_repeat_ngram_size=2, guidance_tokens=8, guidance_after=1.5)
+SAMPLING_DEFAULTS = dict(temperature=1.25, top_p=0.98, **dataclasses.asdict(DEFAULT_CONTROLS))
 
 
 def add_sampling_flags(p):
@@ -403,10 +405,15 @@ def add_sampling_flags(p):
     p.add_argument("--guidance", type=float, default=SAMPLING_DEFAULTS["guidance"],
                    help="classifier-free guidance toward the asked sentiment: >1 pushes away from --guide_against "
                         "(1: off)")
+    p.add_argument("--guidance_tokens", type=int, default=SAMPLING_DEFAULTS["guidance_tokens"],
+                   help="--guidance scales a sample's first N new tokens, where its sentiment is set, and "
+                        "--guidance_after the rest (0: --guidance scales every token)")
+    p.add_argument("--guidance_after", type=float, default=SAMPLING_DEFAULTS["guidance_after"],
+                   help="the guidance scale after the first --guidance_tokens new tokens (1: off)")
     p.add_argument("--guide_against", choices=GUIDE_AGAINST, default="opposite",
                    help="guidance's second conditioning: the opposite sentiment, or none (models trained with "
                         "--sentiment_dropout)")
-    p.add_argument("--repetition_penalty", type=float, default=1.0,
+    p.add_argument("--repetition_penalty", type=float, default=SAMPLING_DEFAULTS["repetition_penalty"],
                    help="divide (multiply, if negative) the logits of tokens already in the sample (1: off)")
     p.add_argument("--no_repeat_ngram_size", type=int, default=SAMPLING_DEFAULTS["no_repeat_ngram_size"],
                    help="never repeat an n-gram of this size (0: off)")
@@ -420,7 +427,8 @@ def add_sampling_flags(p):
 def sampling_options(args) -> dict:
     """write_samples' keyword arguments from the flags of add_sampling_flags."""
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                controls=LogitControls(args.guidance, args.repetition_penalty, args.no_repeat_ngram_size),
+                controls=LogitControls(args.guidance, args.repetition_penalty, args.no_repeat_ngram_size,
+                                       args.guidance_tokens, args.guidance_after),
                 guide_against=args.guide_against, stop=tuple(args.stop), weights=args.weights)
 
 
@@ -447,8 +455,7 @@ def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samp
     eos_id = tokenizer.token_id(layout.end_token)
     idx = torch.tensor(prompts, dtype=torch.long, device=model.device)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, sampler=sampler,
-                   weights=weights, guidance=controls.guidance, guidance_idx=guidance_idx,
-                   repetition_penalty=controls.repetition_penalty, no_repeat_ngram_size=controls.no_repeat_ngram_size)
+                   weights=weights, guidance_idx=guidance_idx, **dataclasses.asdict(controls))
     if on_text is None and not stop:  # no Python between the compiled sampler's steps
         out = generate(model, idx, max_new_tokens, **options)
         start_length, texts = len(prompts[0]) - 2, []

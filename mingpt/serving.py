@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import torch
 
 from .logit_controls import LogitControls
-from .sampling import (SAMPLING_DEFAULTS, IncrementalDecoder, check_prompt_fits, draw_sentiments, generate,
-                       guidance_rows, prompt_row, resolve_sampler)
+from .sampling import (DEFAULT_CONTROLS, SAMPLING_DEFAULTS, IncrementalDecoder, check_prompt_fits, draw_sentiments,
+                       generate, guidance_rows, prompt_row, resolve_sampler)
 
 SENTIMENTS = ("pos", "neg", "auto")
 
@@ -46,8 +46,7 @@ class Settings:
     top_k: Optional[int] = None
     top_p: Optional[float] = SAMPLING_DEFAULTS["top_p"]
     seed: Optional[int] = None
-    controls: LogitControls = LogitControls(guidance=SAMPLING_DEFAULTS["guidance"],
-                                            no_repeat_ngram_size=SAMPLING_DEFAULTS["no_repeat_ngram_size"])
+    controls: LogitControls = DEFAULT_CONTROLS
     guide_against: str = "opposite"
 
 
@@ -261,12 +260,10 @@ class Engine:
             self._prepare(batch)
             idx, guidance_idx = (torch.tensor([getattr(c, rows) for c in batch], dtype=torch.long,
                                               device=self.model.device) for rows in ("prompt_ids", "guidance_ids"))
-            controls = settings.controls
             generate(self.model, idx, max(c.request.max_tokens for c in batch), temperature=settings.temperature,
                      top_k=settings.top_k, top_p=settings.top_p, eos_id=self.eos_id, seed=settings.seed,
-                     sampler=self.sampler, callback=callback, guidance=controls.guidance, guidance_idx=guidance_idx,
-                     repetition_penalty=controls.repetition_penalty,
-                     no_repeat_ngram_size=controls.no_repeat_ngram_size)
+                     sampler=self.sampler, callback=callback, guidance_idx=guidance_idx,
+                     **dataclasses.asdict(settings.controls))
         except Exception as e:  # a sample that cannot be made ends with the reason; the worker goes on
             for choice in batch:
                 if not choice.done:

@@ -163,6 +163,8 @@ def test_sample_prompts_file_stop_strings_and_controls(trained, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--guidance", "-1"], "guidance must be >= 0"),
     (["--repetition_penalty", "0"], "repetition_penalty must be > 0"),
+    (["--guidance_tokens", "-1"], "guidance_tokens must be an integer >= 0"),
+    (["--guidance_after", "-1"], "guidance_after must be >= 0"),
     (["--no_repeat_ngram_size", "-2"], "no_repeat_ngram_size"),
     (["--stop", ""], "stop strings must be non-empty"),
     (["--prompts", "PROMPTS", "--interactive"], "--prompts and --interactive"),

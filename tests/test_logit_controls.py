@@ -26,6 +26,18 @@ def test_guidance_pushes_log_probabilities_away_from_the_second_conditioning():
     torch.testing.assert_close(guide(torch.cat([first, second]), 0.0), second)
 
 
+def test_guidance_scales_the_first_guidance_tokens_then_guidance_after():
+    controls = LogitControls(guidance=8.0, guidance_tokens=3, guidance_after=1.5)
+    assert [controls.guidance_at(step) for step in range(5)] == [8.0, 8.0, 8.0, 1.5, 1.5]
+    assert [LogitControls(guidance=8.0, guidance_after=1.5).guidance_at(step) for step in (0, 50)] == [8.0, 8.0]
+    assert LogitControls(guidance_tokens=3, guidance_after=2.0).guided  # off at first, on from the 4th token
+    assert not LogitControls(guidance_tokens=3).guided and not LogitControls(guidance_after=2.0).guided
+    logits = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
+    history = torch.zeros((2, 5), dtype=torch.long)
+    torch.testing.assert_close(apply_controls(logits, history, controls, step=2), guide(logits, 8.0))
+    torch.testing.assert_close(apply_controls(logits, history, controls, step=3), guide(logits, 1.5))
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
     logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
     history = torch.tensor([[0, 1, 0]])  # token 0 twice: penalised once
@@ -61,7 +73,10 @@ def test_controls_match_hugging_face_logits_processors():
 @pytest.mark.parametrize("bad, message", [
     (dict(guidance=-0.5), "guidance"), (dict(guidance=float("nan")), "guidance"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=-1.0), "repetition_penalty"),
-    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size")])
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size"),
+    (dict(guidance_tokens=-1), "guidance_tokens"), (dict(guidance_tokens=2.5), "guidance_tokens"),
+    (dict(guidance_tokens=True), "guidance_tokens"), (dict(guidance_after=-0.5), "guidance_after"),
+    (dict(guidance_after=float("nan")), "guidance_after")])
 def test_bad_controls_are_value_errors_naming_the_value(bad, message):
     with pytest.raises(ValueError, match=message):
         LogitControls(**bad)
@@ -83,6 +98,9 @@ CONTROLS = {
     "penalty": dict(repetition_penalty=1.5),
     "ngram 2": dict(no_repeat_ngram_size=2),
     "all": dict(guidance=1.5, repetition_penalty=1.3, no_repeat_ngram_size=3),
+    "guidance for 5 tokens": dict(guidance=3.0, guidance_tokens=5, guidance_after=1.0),
+    "all, guidance for 2 tokens": dict(guidance=2.5, guidance_tokens=2, guidance_after=1.5, repetition_penalty=1.3,
+                                       no_repeat_ngram_size=3),
 }
 
 
@@ -101,6 +119,36 @@ def test_greedy_decoding_under_controls_is_token_identical_across_samplers(contr
         "the controls should change the greedy tokens here"
     for name in ("kvcache", "cached"):
         assert torch.equal(generate(model, idx, new_tokens, sampler=name, **options), expected), name
+
+
+@requires_cached
+@pytest.mark.parametrize("name", ["reference", "kvcache", "cached"])
+def test_each_sampler_switches_the_guidance_scale_after_guidance_tokens(name):
+    """Guidance 0 (the second conditioning alone) for 3 tokens, then 2.5: the first 3 greedy tokens are
+    those of guidance 0 throughout, and the switch happens at the 4th token in every sampler."""
+    model = spread_model()
+    idx = torch.randint(50, (3, 4), generator=torch.Generator().manual_seed(3))
+    guidance_idx = idx.clone()
+    guidance_idx[:, 1] = torch.tensor([50, 51, 52])
+    options = dict(temperature=0, guidance_idx=guidance_idx)
+    switched = generate(model, idx, 8, sampler=name, guidance=0.0, guidance_tokens=3, guidance_after=2.5, **options)
+    second_alone = generate(model, idx, 8, sampler=name, guidance=0.0, **options)
+    assert torch.equal(switched[:, :7], second_alone[:, :7])
+    assert not torch.equal(switched[:, 7], second_alone[:, 7]), "guidance 2.5 should change the 4th token here"
+    assert torch.equal(switched, generate(model, idx, 8, sampler="reference", guidance=0.0, guidance_tokens=3,
+                                          guidance_after=2.5, **options))
+
+
+@requires_cached
+def test_the_compiled_sampler_checks_the_guidance_schedule_itself():
+    sampler = packed_sampler(spread_model())
+    idx = torch.zeros((2, 3), dtype=torch.long)
+    with pytest.raises(ValueError, match="guidance_tokens"):
+        sampler.generate(idx, 3, guidance=2.0, guidance_idx=idx, guidance_tokens=-1)
+    with pytest.raises(ValueError, match="guidance_after"):
+        sampler.generate(idx, 3, guidance=2.0, guidance_idx=idx, guidance_tokens=1, guidance_after=float("inf"))
+    with pytest.raises(ValueError, match="guidance_idx"):
+        sampler.generate(idx, 3, guidance_tokens=1, guidance_after=2.0)
 
 
 @requires_cached
@@ -130,7 +178,11 @@ def test_guidance_needs_the_second_prompts(name):
         generate(model, idx, 3, sampler=name, guidance=2.0)
     with pytest.raises(ValueError, match="guidance_idx"):
         generate(model, idx, 3, sampler=name, guidance=2.0, guidance_idx=torch.zeros((2, 4), dtype=torch.long))
+    with pytest.raises(ValueError, match="guidance_idx"):  # guided from the 3rd token on
+        generate(model, idx, 3, sampler=name, guidance_tokens=2, guidance_after=2.0)
     with pytest.raises(ValueError, match="guidance"):
         generate(model, idx, 3, sampler=name, guidance=-1.0, guidance_idx=idx)
+    with pytest.raises(ValueError, match="guidance_after"):
+        generate(model, idx, 3, sampler=name, guidance_tokens=2, guidance_after=-1.0, guidance_idx=idx)
     with pytest.raises(ValueError, match="repetition_penalty"):
         generate(model, idx, 3, sampler=name, repetition_penalty=0.0)

@@ -199,7 +199,7 @@ def test_models_health_model_card_and_the_page(live_server):
 def test_sampling_controls_reach_the_sampler(live_server):
     body = {"prompt": "难看", "sentiment": "neg", "max_tokens": 16, "temperature": 0, "n": 2}
     _, _, plain = post(live_server, body)
-    status, _, guided = post(live_server, {**body, "guidance": 3, "repetition_penalty": 1.5,
+    status, _, guided = post(live_server, {**body, "guidance": 3, "guidance_tokens": 0, "repetition_penalty": 1.5,
                                            "no_repeat_ngram_size": 2})
     assert status == 200 and guided["choices"][0]["text"] == guided["choices"][1]["text"]  # greedy
     assert guided["choices"][0]["text"] != plain["choices"][0]["text"]
@@ -225,6 +225,9 @@ def test_sampling_controls_reach_the_sampler(live_server):
     ({"prompt": "好", "logprobs": 2}, "logprobs"),
     ({"prompt": "好", "guidance": -1}, "guidance"),
     ({"prompt": "好", "guide_against": "neutral"}, "guide_against"),
+    ({"prompt": "好", "guidance_tokens": -1}, "guidance_tokens"),
+    ({"prompt": "好", "guidance_tokens": 1.5}, "guidance_tokens"),
+    ({"prompt": "好", "guidance_after": -1}, "guidance_after"),
     ({"prompt": "好", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "好", "no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
 ])
