@@ -70,8 +70,8 @@ torch::Tensor check_controls(const ModelConfig& c, const torch::Tensor& idx, dou
   TORCH_CHECK_VALUE(no_repeat_ngram_size >= 0 && no_repeat_ngram_size <= c.block_size, "generate: "
                     "no_repeat_ngram_size must be in [0, block_size] (0: off), got ", no_repeat_ngram_size);
   if (guidance == 1.0 && (guidance_tokens == 0 || guidance_after == 1.0)) return torch::Tensor();
-  TORCH_CHECK_VALUE(guidance_idx.has_value(), "generate: guidance ", guidance, " needs guidance_idx, the prompts "
-                    "under the second conditioning");
+  TORCH_CHECK_VALUE(guidance_idx.has_value(), "generate: guidance needs guidance_idx, the prompts under the "
+                    "second conditioning");
   const torch::Tensor& second = *guidance_idx;
   TORCH_CHECK_VALUE(second.scalar_type() == torch::kLong && second.device().is_cpu() && second.sizes() == idx.sizes(),
                     "generate: guidance_idx must be int64 token ids on the CPU of idx's shape ", idx.sizes(),
@@ -156,9 +156,8 @@ void init_sampler(py::module& m) {
            "greedy; top_k 0 and top_p 1 disable those filters. callback(tokens) gets each new column as a "
            "list and may return row indices to stop after it (padded with eos_id from then on). guidance (with "
            "guidance_idx), guidance_tokens, guidance_after, repetition_penalty and no_repeat_ngram_size: see "
-           "mingpt/logit_controls.py. With "
-           "record_logits, returns (tokens, logits of shape (batch, steps, vocab)), NaN for rows already "
-           "finished.")
+           "mingpt/logit_controls.py. With record_logits, returns (tokens, logits of shape (batch, steps, "
+           "vocab)), NaN for rows already finished.")
       .def_property_readonly("packed_bytes", &KVSampler::packed_bytes, "bytes of packed weights held")
       .def_property_readonly("streamed_bytes", &KVSampler::streamed_bytes,
                              "bytes of weights every step reads: the matrices, their biases and scales")

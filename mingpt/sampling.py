@@ -233,8 +233,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     ended show eos_id); it may return row indices to stop after that column (a client went away):
     they are padded with eos_id like rows that emitted it, and no longer computed.
     guidance (with guidance_idx: each row's prompt under the second conditioning, idx's shape),
-    guidance_tokens, guidance_after, repetition_penalty and no_repeat_ngram_size: see mingpt.logit_controls. weights: the format the
-    compiled CPU sampler holds the weight matrices in (WEIGHT_FORMATS); bf16 and int8 run there only.
+    guidance_tokens, guidance_after, repetition_penalty and no_repeat_ngram_size: see
+    mingpt.logit_controls. weights: the format the compiled CPU sampler holds the weight matrices in
+    (WEIGHT_FORMATS); bf16 and int8 run there only.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
