@@ -186,9 +186,7 @@ def cached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     return sampler.generate(
         idx, max_new_tokens, temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
         eos_id=-1 if eos_id is None else eos_id, seed=seed % 2 ** 64, num_threads=threads, callback=callback,
-        guidance=controls.guidance, guidance_idx=guidance_idx if controls.guided else None,
-        guidance_tokens=controls.guidance_tokens, guidance_after=controls.guidance_after,
-        repetition_penalty=controls.repetition_penalty, no_repeat_ngram_size=controls.no_repeat_ngram_size)
+        guidance_idx=guidance_idx if controls.guided else None, **dataclasses.asdict(controls))
 
 
 def cached_sampler_unavailable_reason(model=None):
