@@ -13,7 +13,7 @@ CUDA_ARCHS := 8.0;9.0
 # What the CUDA build runs: its own checks and the C++ ops and sampler against the reference.
 CUDA_BUILD_TESTS := tests/test_cuda_compile.py tests/test_cpp_ops.py tests/test_sampler.py tests/test_model.py
 
-.PHONY: install install-test browser demo test test-cuda-build bench
+.PHONY: install install-test browser demo test test-cuda-build bench gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,3 +60,9 @@ test-cuda-build:
 
 bench: install
 	$(BIN)/python -m mingpt.bench --json bench.json
+
+# The GPU acceptance run (benchmarks/gpu_check.py), with the python that holds a CUDA build of torch: builds
+# mingpt._C in place for the GPU it finds, runs the GPU tests, a convergence run and the bench, and prints
+# a summary (gpu-check/). Exit 3: no GPU here.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out gpu-check

@@ -74,6 +74,7 @@ def backend_unavailable(backend: str, device) -> str:
 
 
 def matmul_gflops(dtype, device, n=2048, repeats=5) -> float:
+    """The best of `repeats` n x n products; a GPU needs n = 8192 to reach its peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -251,15 +252,19 @@ def bench_training(args, device, peaks) -> list:
 
 
 def sampling_configs(model, args, device):
-    """The closures to time: every sampler at 1 and 10 samples, the compiled one in each weight format,
-    every sampler guided (keyed (sampler, format, samples, guidance)), and rows that cannot run here."""
+    """The closures to time: every sampler at each of args.sample_batches, the compiled one in each weight
+    format, every sampler guided (keyed (sampler, format, samples, guidance)), and rows that cannot run here.
+    On CUDA the cached sampler decodes with the fused op table (the extension's decode kernels); the
+    others keep the reference ops."""
     rows, configs = [], {}
+    fused = bench_model(args.preset, args.vocab_size, device, "auto").eval() if device.type == "cuda" else model
     runs = [(sampler, "fp32", 1.0) for sampler in SAMPLERS if sampler not in ("auto", "cached")]
     runs += [("cached", weights, 1.0) for weights in WEIGHT_FORMATS]
     runs += [(sampler, "fp32", 2.0) for sampler in SAMPLERS if sampler != "auto"]
-    for (sampler, weights, guidance), num_samples in itertools.product(runs, (1, 10)):
+    for (sampler, weights, guidance), num_samples in itertools.product(runs, args.sample_batches):
         try:
-            run = make_sampler_run(model, sampler, num_samples, args.new_tokens, device, weights, guidance)
+            run = make_sampler_run(fused if sampler == "cached" else model, sampler, num_samples, args.new_tokens,
+                                   device, weights, guidance)
             run()
         except (RuntimeError, ValueError) as e:
             rows.append(Row("sample", sampler, FORMAT_DTYPES[weights], num_samples, note=f"skipped: {e}"))
@@ -271,14 +276,15 @@ def sampling_configs(model, args, device):
 def bench_sampling(args, device) -> list:
     model = bench_model(args.preset, args.vocab_size, device).eval()
     rows, configs = sampling_configs(model, args, device)
-    streamed = {w: packed_sampler(model, w).streamed_bytes for (sampler, w, _, _) in configs if sampler == "cached"}
+    streamed = {w: packed_sampler(model, w).streamed_bytes for (sampler, w, _, _) in configs
+                if sampler == "cached" and device.type == "cpu"}  # the bound of the compiled CPU sampler
     reads = {w: make_stream_read(nbytes) for w, nbytes in streamed.items()}
     for (sampler, weights, num_samples, guidance), seconds in run_rounds(configs, args.rounds, 1, device).items():
         note = f"{args.new_tokens} new tokens" + (f", guidance {guidance:g}" if guidance != 1.0 else "")
         rows.append(Row("sample", sampler, FORMAT_DTYPES[weights], num_samples,
                         num_samples * args.new_tokens / seconds, seconds * 1e3, note=note))
     for weights, seconds in run_rounds(reads, args.rounds, 50, device).items():
-        for num_samples in (1, 10):
+        for num_samples in args.sample_batches:
             rows.append(Row("sample", "stream-bound", FORMAT_DTYPES[weights], num_samples,
                             num_samples / seconds, seconds * args.new_tokens * 1e3,
                             note=f"reading {streamed[weights] / 1e6:.1f} MB once per step"))
@@ -293,7 +299,7 @@ def weight_format_summary(rows) -> list:
     lines = []
     for weights in WEIGHT_FORMATS:
         dtype = FORMAT_DTYPES[weights]
-        for batch in (1, 10):
+        for batch in sorted({r.batch for r in rows if r.task == "sample"}):
             tok_s, fp32 = speed.get(("cached", dtype, batch)), speed.get(("cached", "float32", batch))
             bound = speed.get(("stream-bound", dtype, batch))
             if tok_s and fp32 and bound:
@@ -328,8 +334,8 @@ def bench_ops(args, device) -> list:
 def row_order(row: Row):
     task = row.task.split(":")[0]
     backends = TRAIN_BACKENDS + tuple(s for s in SAMPLERS if s not in TRAIN_BACKENDS) + ("stream-bound",)
-    return (("matmul_2048", "train_step", "sample", "op").index(task), row.task, row.dtype != "float32", row.dtype,
-            row.batch, row.note, backends.index(row.backend) if row.backend in backends else -1)
+    return (("matmul_2048", "matmul_8192", "train_step", "sample", "op").index(task), row.task,
+            row.dtype != "float32", row.dtype, row.batch, row.note, backends.index(row.backend) if row.backend in backends else -1)
 
 
 def speedups(rows):
@@ -338,6 +344,16 @@ def speedups(rows):
             if r.backend == "reference" and r.dtype == "float32" and r.tokens_per_s}
     return [base.get((r.task, r.batch, r.note)) and r.tokens_per_s and r.tokens_per_s / base[(r.task, r.batch, r.note)]
             for r in rows]
+
+
+def markdown_table(rows) -> str:
+    lines = ["| task | backend | dtype | batch | tokens/s | ms | x ref | MFU | note |", "|" + " --- |" * 9]
+    for row, speedup in zip(rows, speedups(rows)):
+        lines.append(f"| {row.task} | {row.backend} | {row.dtype} | {row.batch} | "
+                     f"{'' if row.tokens_per_s is None else f'{row.tokens_per_s:,.0f}'} | "
+                     f"{'' if row.ms is None else f'{row.ms:.2f}'} | {'' if not speedup else f'{speedup:.2f}'} | "
+                     f"{'' if row.mfu is None else f'{100 * row.mfu:.0f}%'} | {row.note} |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(rows, file=sys.stdout):
@@ -360,6 +376,7 @@ def build_parser():
     p.add_argument("--reviews", default="embedded",
                    help="whose review lengths shape the training rows: embedded (the embedded corpus) or a CSV path")
     p.add_argument("--new_tokens", type=int, default=60, help="tokens each sample generates")
+    p.add_argument("--sample_batches", default="1,10", help="comma-separated numbers of samples decoded at once")
     p.add_argument("--tasks", default="matmul,train,sample,ops", help="comma-separated subset of matmul,train,sample,ops")
     p.add_argument("--backends", default=",".join(TRAIN_BACKENDS), help="training-step backends")
     p.add_argument("--dtypes", default="float32,bfloat16", help="training-step dtypes")
@@ -369,12 +386,14 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", help="also write the rows as a JSON list to this path")
+    p.add_argument("--markdown", help="also write the table in markdown to this path")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.backends, args.dtypes = args.backends.split(","), args.dtypes.split(",")
+    args.sample_batches = [int(n) for n in args.sample_batches.split(",")]
     tasks = set(args.tasks.split(","))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -382,9 +401,10 @@ def main(argv=None):
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, preset {args.preset} "
           f"(vocab {args.vocab_size}), sampler auto -> {resolve_sampler('auto')}", flush=True)
     rows = []
-    peaks = {"float32": matmul_gflops(torch.float32, device), "bfloat16": matmul_gflops(torch.bfloat16, device)}
+    n = 8192 if device.type == "cuda" else 2048
+    peaks = {dtype: matmul_gflops(getattr(torch, dtype), device, n) for dtype in ("float32", "bfloat16")}
     if "matmul" in tasks:
-        rows += [Row("matmul_2048", "torch", dtype, 1, note=f"{gflops:.0f} GFLOP/s (MFU denominator)")
+        rows += [Row(f"matmul_{n}", "torch", dtype, 1, note=f"{gflops:.0f} GFLOP/s (MFU denominator)")
                  for dtype, gflops in peaks.items()]
     if "train" in tasks:
         rows += bench_training(args, device, peaks)
@@ -398,6 +418,9 @@ def main(argv=None):
         print(line)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this run: {peak_mb:,.0f} MB")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown_table(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([dataclasses.asdict(r) | {"speedup_vs_reference": s} for r, s in zip(rows, speedups(rows))],

@@ -31,10 +31,13 @@ Tolerances, and why:
         rounding to fp16 alone costs up to half an ulp, 2**-11 = 4.9e-4 of the scale; attention
         also rounds P and dS to fp16 before its matmuls, as FlashAttention does (observed <= 6.2e-4,
         torch's fp16 ops <= 1.4e-3). 4e-3 is 8 half-ulps.
+  bf16  (triton, on a GPU only: the interpreter's bf16 tl.dot is wrong) 2**-6, and no worse than 2x
+        torch's own bf16 op + 2**-8: the fp16 bound scaled by bf16's 8x coarser half-ulp (2**-8).
   The comparison with torch's own op in the low-precision dtype says the kernel loses no more
   precision than the op it replaces.
 """
 import os
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -44,6 +47,9 @@ import torch
 from mingpt import ops
 
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Where check_op appends each comparison it makes (one JSON line: backend, op, tensor, dtype, error, tolerance),
+# when set: the GPU check (benchmarks/gpu_check.py) reports the largest error per backend and dtype from it.
+ERROR_LOG = os.environ.get("MINGPT_OP_ERROR_LOG")
 
 
 def _load_cpp_ops() -> dict:
@@ -67,9 +73,7 @@ def _load_triton_ops() -> dict:
 class Backend:
     name: str
     device: str
-    low: torch.dtype  # the low-precision dtype checked besides fp32
-    low_tol: float
-    half_ulp: float  # of `low`, relative to the scale: what rounding an output once costs
+    lows: dict  # low-precision dtype checked besides fp32 -> (tolerance, its half-ulp relative to the scale)
     load_ops: Callable[[], dict]
     ops: Optional[dict] = field(default=None, init=False)
 
@@ -80,12 +84,17 @@ class Backend:
         return self
 
     @property
+    def low(self) -> torch.dtype:
+        """The first low-precision dtype: the one the mixed-dtype checks use."""
+        return next(iter(self.lows))
+
+    @property
     def dtypes(self):
-        return (torch.float32, self.low)
+        return (torch.float32, *self.lows)
 
     @property
     def tol(self) -> dict:
-        return {torch.float32: 1e-5, self.low: self.low_tol}
+        return {torch.float32: 1e-5, **{dtype: tol for dtype, (tol, _) in self.lows.items()}}
 
     def rand(self, *shape, scale=1.0, shift=0.0):
         """Normal values rounded to the low-precision dtype, held in fp64: exact in every dtype under test."""
@@ -100,23 +109,32 @@ class Backend:
         truth = run(reference, inputs, torch.float64, grad_out)
         got = run(kernel or self.ops[op], inputs, dtype, grad_out)
         assert len(got) == len(truth) == len(names)
-        torch_low = run(reference, inputs, dtype, grad_out) if dtype == self.low else None
+        torch_low = run(reference, inputs, dtype, grad_out) if dtype in self.lows else None
         for i, name in enumerate(names):
             want = torch.float32 if op == "cross_entropy" and i == 0 else dtype  # the loss is fp32
             assert got[i].dtype == want, f"{op} {name}: dtype {got[i].dtype}, expected {want}"
             assert got[i].shape == truth[i].shape, name
             e = err(got[i], truth[i])
+            log_error(self.name, op, name, dtype, e, self.tol[dtype])
             assert e <= self.tol[dtype], f"{self.name} {op} {name} ({dtype}): error {e:.2e} > {self.tol[dtype]:.1e}"
             if torch_low is not None:
-                bound = 2 * err(torch_low[i], truth[i]) + self.half_ulp
+                bound = 2 * err(torch_low[i], truth[i]) + self.lows[dtype][1]
                 assert e <= bound, (f"{self.name} {op} {name} ({dtype}): error {e:.2e} > 2x torch's own op "
                                     f"+ half an ulp ({bound:.2e})")
 
 
+def log_error(backend: str, op: str, tensor: str, dtype, error: float, tol: float):
+    if ERROR_LOG:
+        with open(ERROR_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"backend": backend, "op": op, "tensor": tensor, "dtype": DTYPE_IDS[dtype],
+                                "error": error, "tol": tol}) + "\n")
+
+
+ON_GPU = torch.cuda.is_available()
+TRITON_LOWS = {torch.float16: (4e-3, 2.0 ** -11), **({torch.bfloat16: (2.0 ** -6, 2.0 ** -8)} if ON_GPU else {})}
 BACKENDS = {
-    "cpp": Backend("cpp", "cpu", torch.bfloat16, 2.0 ** -7, 2.0 ** -8, _load_cpp_ops),
-    "triton": Backend("triton", "cuda" if torch.cuda.is_available() else "cpu", torch.float16, 4e-3, 2.0 ** -11,
-                      _load_triton_ops),
+    "cpp": Backend("cpp", "cpu", {torch.bfloat16: (2.0 ** -7, 2.0 ** -8)}, _load_cpp_ops),
+    "triton": Backend("triton", "cuda" if ON_GPU else "cpu", TRITON_LOWS, _load_triton_ops),
 }
 
 

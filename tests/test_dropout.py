@@ -15,35 +15,40 @@ import torch
 from mingpt import ops
 
 
+ON_GPU = torch.cuda.is_available()
+# The Triton kernels run on the GPU where there is one, else in the interpreter on the CPU.
+DEVICES = {"reference": "cpu", "cpp": "cpu", "triton": "cuda" if ON_GPU else "cpu"}
+
+
 def backend_ops(name):
     try:
-        return ops.get_ops(name, "cpu")
+        return ops.get_ops(name, DEVICES[name])
     except ops.BackendUnavailable as e:
         pytest.skip(str(e))
 
 
-BACKENDS = ["reference", "cpp", "triton"]
+BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
 DTYPES = {"reference": [torch.float32, torch.bfloat16], "cpp": [torch.float32, torch.bfloat16],
-          "triton": [torch.float32, torch.float16]}
-CASES = [(b, d) for b in BACKENDS for d in DTYPES[b]]
-CASE_IDS = [f"{b}-{str(d).replace('torch.', '')}" for b, d in CASES]
+          "triton": [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])}
+CASES = [pytest.param(b, d, id=f"{b}-{str(d).replace('torch.', '')}", marks=pytest.mark.triton if b == "triton" else ())
+         for b in DEVICES for d in DTYPES[b]]
 
 
-def nonzero_input(*shape, dtype=torch.float32):
+def nonzero_input(*shape, dtype=torch.float32, device="cpu"):
     x = torch.randn(shape)
-    return (x + x.sign() * 0.5).to(dtype)  # |x| >= 0.5: a zero output can only mean dropped
+    return (x + x.sign() * 0.5).to(device, dtype)  # |x| >= 0.5: a zero output can only mean dropped
 
 
 def six_sigma(p, n):
     return 6 * math.sqrt(p * (1 - p) / n)
 
 
-@pytest.mark.parametrize("backend,dtype", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("shape", [(7,), (3, 17, 252), (2, 64, 1008)], ids=["7", "3x17x252", "2x64x1008"])
 def test_kept_values_are_scaled_and_gradients_follow_the_mask(backend, dtype, shape):
     dropout = backend_ops(backend).dropout
     p = 0.3
-    x = nonzero_input(*shape, dtype=dtype).requires_grad_()
+    x = nonzero_input(*shape, dtype=dtype, device=DEVICES[backend]).requires_grad_()
     y = dropout(x, p, True)
     kept = y != 0
     assert y.dtype == dtype and y.shape == x.shape
@@ -51,7 +56,7 @@ def test_kept_values_are_scaled_and_gradients_follow_the_mask(backend, dtype, sh
     # one rounding of x / (1 - p) to dtype; torch's own bf16 multiply rounds the scale as well
     tol = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
     assert torch.allclose(y.float(), expected, rtol=tol, atol=0)
-    grad = torch.randn(shape).to(dtype)
+    grad = torch.randn(shape).to(x.device, dtype)
     y.backward(grad)
     expected_grad = torch.where(kept, grad.float() / (1 - p), 0.0)
     assert torch.allclose(x.grad.float(), expected_grad, rtol=tol, atol=0)
@@ -60,13 +65,14 @@ def test_kept_values_are_scaled_and_gradients_follow_the_mask(backend, dtype, sh
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_drop_rate_and_independence(backend):
     dropout = backend_ops(backend).dropout
-    n = 1 << 18 if backend != "triton" else 1 << 16
+    n = 1 << 18 if backend != "triton" or ON_GPU else 1 << 16
+    ones = torch.ones(n, device=DEVICES[backend])
     for p in (0.1, 0.5):
-        dropped = dropout(torch.ones(n), p, True) == 0
+        dropped = dropout(ones, p, True) == 0
         assert abs(dropped.float().mean().item() - p) < six_sigma(p, n), p
         both = (dropped[:-1] & dropped[1:]).float().mean().item()
         assert abs(both - p * p) < six_sigma(p * p, n - 1), f"neighbours dropped together: {both} vs {p * p}"
-        again = dropout(torch.ones(n), p, True) == 0
+        again = dropout(ones, p, True) == 0
         same = (dropped == again).float().mean().item()
         want = p * p + (1 - p) ** 2  # two independent masks agree this often
         assert abs(same - want) < six_sigma(want, n), f"two calls share their mask ({same} vs {want})"
@@ -75,7 +81,7 @@ def test_drop_rate_and_independence(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seeded_torch_rng_repeats_the_mask(backend):
     dropout = backend_ops(backend).dropout
-    x = nonzero_input(4, 100)
+    x = nonzero_input(4, 100, device=DEVICES[backend])
     torch.manual_seed(7)
     first = dropout(x, 0.2, True)
     torch.manual_seed(7)
@@ -85,7 +91,7 @@ def test_seeded_torch_rng_repeats_the_mask(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_identity_when_not_training_or_p_zero(backend):
     dropout = backend_ops(backend).dropout
-    x = nonzero_input(3, 5)
+    x = nonzero_input(3, 5, device=DEVICES[backend])
     assert torch.equal(dropout(x, 0.5, False), x)
     assert torch.equal(dropout(x, 0.0, True), x)
 
@@ -95,7 +101,7 @@ def test_identity_when_not_training_or_p_zero(backend):
 def test_rate_outside_unit_interval_is_refused(backend, p):
     dropout = backend_ops(backend).dropout
     with pytest.raises(ValueError, match="p must be in"):
-        dropout(torch.ones(4), p, True)
+        dropout(torch.ones(4, device=DEVICES[backend]), p, True)
 
 
 def test_cpp_kernel_checks_its_inputs():
@@ -121,9 +127,9 @@ def test_cpp_mask_does_not_depend_on_thread_count():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS[1:])
 def test_non_contiguous_input(backend):
-    x = nonzero_input(17, 40).t()
+    x = nonzero_input(17, 40, device=DEVICES[backend]).t()
     y = backend_ops(backend).dropout(x, 0.5, True)
     kept = y != 0
     assert 0 < kept.sum() < kept.numel()

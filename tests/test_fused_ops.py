@@ -19,15 +19,21 @@ from mingpt import ops, reference
 from op_check import BACKENDS, DTYPE_IDS, err
 
 
-@pytest.fixture(params=list(BACKENDS))
+def marks(name: str):
+    """The Triton backend's tests carry the `triton` mark: the GPU check runs them on the GPU."""
+    return pytest.mark.triton if name == "triton" else ()
+
+
+@pytest.fixture(params=[pytest.param(name, marks=marks(name)) for name in BACKENDS])
 def backend(request):
     return BACKENDS[request.param].load()
 
 
-# Runs a test for each backend (through the fixture above) in fp32 and in the backend's low-precision dtype.
+# Runs a test for each backend (through the fixture above) in fp32 and in the backend's low-precision dtypes.
 EACH_BACKEND_AND_DTYPE = pytest.mark.parametrize(
     "backend,dtype",
-    [pytest.param(name, dtype, id=f"{name}-{DTYPE_IDS[dtype]}") for name, b in BACKENDS.items() for dtype in b.dtypes],
+    [pytest.param(name, dtype, id=f"{name}-{DTYPE_IDS[dtype]}", marks=marks(name))
+     for name, b in BACKENDS.items() for dtype in b.dtypes],
     indirect=["backend"])
 
 

@@ -258,7 +258,7 @@ def test_sample_cli_uses_the_cached_sampler_by_default(review_data_dir, tmp_path
     assert texts["auto"] == texts["cached"] == texts["reference"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the CUDA kernels are compile-tested only)")
+@pytest.mark.cuda
 def test_cuda_cached_sampler_matches_reference():
     model = spread_model("odd").cuda()
     reason = sampling.cached_sampler_unavailable_reason(model)

@@ -19,12 +19,15 @@ Tolerances, and why:
                        observed max 4.7e-5 and 8e-6 in norm after 20 steps, first-step gradients
                        6e-8 apart and losses at most 7e-7 (1.5 ulps) apart.
 """
+import pytest
+
 from mingpt import GPTConfig
 from mingpt.data import TokenData
 from op_check import BACKENDS
 from train_check import assert_cli_runs_agree, assert_tracks_reference, run_train_cli, train_steps
 
 DEVICE = BACKENDS["triton"].load().device
+pytestmark = pytest.mark.triton
 
 
 def test_triton_training_tracks_reference_step_by_step(book_data_dir):

@@ -27,7 +27,9 @@ import pytest
 import torch
 
 from mingpt import reference
-from op_check import BACKENDS, err
+from op_check import BACKENDS, DTYPE_IDS, err
+
+pytestmark = pytest.mark.triton
 
 TRITON = BACKENDS["triton"].load()
 OPS = TRITON.ops
@@ -98,7 +100,7 @@ def test_bias_gelu_gradcheck_fp64():
 
 # ---------------------------------------------------------------------------- causal attention
 
-@pytest.mark.parametrize("dtype", TRITON.dtypes, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", TRITON.dtypes, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("T,block", [(17, 16), (64, 16), (130, None)], ids=["T17-b16", "T64-b16", "T130-b64"])
 def test_causal_attention_many_blocks(T, block, dtype):
     """Several query and key blocks (online-softmax rescaling across blocks, the diagonal block,
@@ -142,7 +144,7 @@ PACKED_ROWS = {
 }
 
 
-@pytest.mark.parametrize("dtype", TRITON.dtypes, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", TRITON.dtypes, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("T,block", [(1, None), (17, 16), (64, 16), (64, None)],
                          ids=["T1", "T17-b16", "T64-b16", "T64-default"])
 def test_causal_attention_packed_rows(T, block, dtype):
