@@ -159,8 +159,9 @@ def test_causal_attention_packed_edge_rows():
     """starts all 0 is plain causal attention, bit for bit; every token its own review gives out = v."""
     qkv = rand(2, 35, 3 * 2 * 5).float()
     plain = CausalAttentionFn.apply(qkv, 2, None, 16)
-    assert torch.equal(CausalAttentionFn.apply(qkv, 2, torch.zeros(2, 35, dtype=torch.long), 16), plain)
-    alone = torch.arange(35).expand(2, 35)
+    assert torch.equal(CausalAttentionFn.apply(qkv, 2, torch.zeros(2, 35, dtype=torch.long, device=DEVICE), 16),
+                       plain)
+    alone = torch.arange(35, device=DEVICE).expand(2, 35)
     assert torch.allclose(CausalAttentionFn.apply(qkv, 2, alone, 16), qkv[..., 2 * 10:], atol=1e-6)
 
 
