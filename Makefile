@@ -22,7 +22,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH) ninja wheel "setuptools>=64"
 	$(BIN)/pip install --quiet --no-build-isolation -e .
-	@$(BIN)/python -c "from mingpt.extension import UNAVAILABLE_REASON as r; r and print('WARNING:', r)"
+	@$(BIN)/python -c "from mingpt.ops.extension import UNAVAILABLE_REASON as r; r and print('WARNING:', r)"
 
 # Debian's Chromium and chromedriver for the browser test (tests/test_playground.py), skipped when
 # present; as root with apt-get (CI), else the test skips and says why (and fails under CI=true).
@@ -61,8 +61,8 @@ test-cuda-build:
 bench: install
 	$(BIN)/python -m mingpt.bench --json bench.json
 
-# The GPU acceptance run (benchmarks/gpu_check.py), with the python that holds a CUDA build of torch: builds
-# mingpt._C in place for the GPU it finds, runs the GPU tests, a convergence run and the bench, and prints
-# a summary (gpu-check/). Exit 3: no GPU here.
+# The GPU acceptance run (benchmarks/gpu_check.py), with the python that holds a CUDA build of torch: installs
+# mingpt into it (pip -e, nothing downloaded) with mingpt._C built for the GPU it finds, runs the GPU tests, a
+# convergence run and the bench, and prints a summary (files in gpu-check/). Exit 3: no GPU here.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out gpu-check

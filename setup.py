@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 REQUIRE_EXTENSION = os.environ.get("MINGPT_REQUIRE_EXTENSION") == "1"
 FORCE_CUDA = os.environ.get("MINGPT_FORCE_CUDA") == "1"
@@ -67,12 +67,18 @@ def want_cuda() -> bool:
 
 
 def extension():
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    """csrc/: extension.cpp, ops/ (the CPU training kernels), sampler/ (the compiled sampler), probes/ (the
+    bench's memory-bandwidth probe), cuda/ (the decode kernels, CUDA builds only); simd.h and openmp.h at
+    the top serve them all."""
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/sampler/*.cpp")
+                         + glob.glob("csrc/probes/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    include_dirs = [os.path.abspath("csrc")]
     if want_cuda() and CUDA_ROOT:
-        return CUDAExtension("mingpt._C", cpp_sources + cuda_sources, define_macros=[("MINGPT_WITH_CUDA", None)],
+        return CUDAExtension("mingpt._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+                             define_macros=[("MINGPT_WITH_CUDA", None)],
                              extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})
-    return CppExtension("mingpt._C", cpp_sources, extra_compile_args={"cxx": ["-O3"]})
+    return CppExtension("mingpt._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": ["-O3"]})
 
 
 def compiler_accepts(compiler: list, flags: list, source: str = "int probe() { return 0; }\n") -> bool:
@@ -156,6 +162,10 @@ class OptionalBuildExtension(BuildExtension):
               "the reference path. Set MINGPT_REQUIRE_EXTENSION=1 to make this an error.", file=sys.stderr)
 
 setup(
+    # Every package under mingpt/ (a new one cannot be left out of a wheel), and the Triton kernels, which live
+    # at the top level as the design card has them, installed as mingpt.kernels.
+    packages=find_packages(include=["mingpt", "mingpt.*"]) + ["mingpt.kernels"],
+    package_dir={"mingpt.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=True)},
 )

@@ -2,8 +2,9 @@
 
 On a machine with a CUDA GPU it runs, in order, each step in a process of its own under a time limit:
 
-  build        the device, driver, torch, CUDA and Triton versions; mingpt._C built in place for this
-               GPU's architecture against the torch already installed (setup.py, no download)
+  build        the device, driver, torch, CUDA and Triton versions; mingpt installed in place (pip install
+               -e, no index, no dependencies: nothing is downloaded) with mingpt._C built for this GPU's
+               architecture against the torch already installed
   tests        every test marked `cuda` or `triton` (pytest -m "cuda or triton" over GPU_TEST_FILES): the
                Triton kernels forward and backward against the reference in fp32, fp16 and bf16 on the odd
                shapes and on packed rows, the CUDA decode against GPT.forward, generate on CUDA for every
@@ -49,8 +50,7 @@ BENCH_ARGS = ("--tasks", "matmul,train,sample", "--backends", "reference,sdpa,tr
 
 
 def child_env(out_dir: str) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-            "MINGPT_OP_ERROR_LOG": os.path.join(out_dir, "op_errors.jsonl"), "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "MINGPT_OP_ERROR_LOG": os.path.join(out_dir, "op_errors.jsonl"), "PYTHONUNBUFFERED": "1"}
 
 
 def run_step(name: str, out_dir: str, limit: float) -> dict:
@@ -97,13 +97,13 @@ def step_build(out_dir: str) -> dict:
     print("environment:", json.dumps(environment), flush=True)
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}", "MINGPT_REQUIRE_EXTENSION": "1",
            "MAX_JOBS": str(os.cpu_count() or 4)}
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
-                           capture_output=True, text=True)
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
+                            "-e", "."], cwd=ROOT, env=env, capture_output=True, text=True)
     with open(os.path.join(out_dir, "build.log"), "w", encoding="utf-8") as f:
         f.write(build.stdout + build.stderr)
     if build.returncode != 0:
         lines = [line for line in (build.stdout + build.stderr).splitlines() if "error" in line.lower()]
-        return {"ok": False, "environment": environment, "detail": (lines or ["setup.py failed"])[0][:300]}
+        return {"ok": False, "environment": environment, "detail": (lines or ["pip install -e . failed"])[0][:300]}
     info = command_output([sys.executable, "-c", "import json, mingpt._C as c; print(json.dumps(c.build_info()))"])
     built = json.loads(info) if info.startswith("{") else {"error": info[-300:]}
     ok = built.get("cuda") is True
@@ -172,7 +172,7 @@ def largest_errors(path: str) -> list:
 
 def synthetic_reviews(n: int, seed: int = 0):
     """Short reviews of both sentiments from phrases that say it, numbered so that none repeats."""
-    from mingpt.corpus import Review
+    from mingpt.data.corpus import Review
     positive = ["好看", "很好看", "精彩", "喜欢", "感动", "推荐", "演技很好", "剧情不错", "值得一看", "配乐动人"]
     negative = ["难看", "无聊", "失望", "烂片", "浪费时间", "剧情拖沓", "演技很差", "不推荐", "太假了"]
     rng = random.Random(seed)
@@ -208,9 +208,9 @@ def step_convergence(out_dir: str) -> dict:
     import tempfile
     import torch
     from mingpt import GPTConfig
-    from mingpt.data import TokenData, prepare
+    from mingpt.data.tokens import TokenData, write_data_dir
     data_dir = tempfile.mkdtemp(prefix="gpu-check-data-")
-    prepare(synthetic_reviews(2000), {}, data_dir, block_size=32, source="gpu_check synthetic reviews")
+    write_data_dir(synthetic_reviews(2000), {}, data_dir, block_size=32, source="gpu_check synthetic reviews")
     data = TokenData(data_dir)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=42, block_size=32, vocab_size=data.tokenizer.vocab_size)
     generator = torch.Generator().manual_seed(5678)

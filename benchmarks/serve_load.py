@@ -8,14 +8,13 @@ call in this process (the generation alone). Batching should give 10 clients at 
 """
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-from mingpt.loadtest import run_clients, summarize
+from loadtest import run_clients, summarize
 
 
 def free_port() -> int:
@@ -54,13 +53,11 @@ def sample_cli(ckpt: str, reviews: int, body: dict) -> dict:
 
 def write_samples_in_process(ckpt: str, reviews: int, body: dict) -> dict:
     """The same reviews as one write_samples batch in this process: sample's generation without start-up."""
-    from mingpt.hf import load_for_sampling
-    from mingpt.layouts import get_layout
-    from mingpt.sampling import write_samples
-    model, tokenizer, data, _ = load_for_sampling(ckpt)
+    from mingpt import SamplingSettings, load, write_samples
+    loaded = load(ckpt)
     started = time.perf_counter()
-    samples = write_samples(model, tokenizer, get_layout(data["layout"]), body["prompt"], body["sentiment"], reviews,
-                            body["max_tokens"], temperature=body["temperature"])
+    samples = write_samples(loaded.model, loaded.tokenizer, loaded.layout, body["prompt"], body["sentiment"], reviews,
+                            body["max_tokens"], SamplingSettings(temperature=body["temperature"]))
     wall = time.perf_counter() - started
     chars = sum(len(text) - len(body["prompt"]) for _, text in samples)
     return {"clients": "write_samples, one batch", "requests": reviews, "errors": 0, "first_char_p50_ms": None,
@@ -88,7 +85,7 @@ def main(argv=None):
         server.wait(30)
     rows.append(sample_cli(args.ckpt, args.requests, body))
     rows.append(write_samples_in_process(args.ckpt, args.requests, body))
-    print(f"| clients | reviews | errors | first char p50 ms | p99 ms | chars | chars/s | wall s |")
+    print("| clients | reviews | errors | first char p50 ms | p99 ms | chars | chars/s | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     fmt = lambda v: "–" if v is None else (f"{v:.0f}" if isinstance(v, float) else str(v))
     for r in rows:

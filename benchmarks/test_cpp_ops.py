@@ -1,4 +1,4 @@
-"""pytest-benchmark rows for the C++ CPU kernels (mingpt.cpp_ops) against PyTorch, on the CPU.
+"""pytest-benchmark rows for the C++ CPU kernels (mingpt.ops.cpp) against PyTorch, on the CPU.
 
     flock /tmp/mingpt-cpu.lock pytest benchmarks/test_cpp_ops.py --benchmark-group-by=group
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from mingpt import ops
-from mingpt.bench import op_pass
+from bench import op_pass
 
 try:
-    from mingpt.cpp_ops import OPS as CPP_OPS
+    from mingpt.ops.cpp import OPS as CPP_OPS
 except ImportError as e:
     pytest.skip(f"the C++ kernels are not available: {e}", allow_module_level=True)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mingpt import ops, reference
-from mingpt.bench import op_pass
+from bench import op_pass
 
 SEED = dict(B=32, T=64, C=252, H=12, V=4000)
 PASSES = ("forward", "forward+backward")

@@ -4,7 +4,7 @@
 #include <torch/extension.h>
 
 #include "openmp.h"
-#include "sampler.h"
+#include "sampler/sampler.h"
 
 void init_stream_read(pybind11::module& m);
 

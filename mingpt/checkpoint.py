@@ -1,13 +1,17 @@
-"""Atomic checkpoint writes and safe loads (weights_only: a checkpoint can never run code)."""
+"""Atomic checkpoint writes and safe loads (weights_only: a checkpoint can never run code), and `load`,
+the one loader of every command: a checkpoint file, a run folder or a Hugging Face GPT-2 folder."""
 import dataclasses
 import os
 import pickle
 import tempfile
 import zipfile
+from typing import Optional
 
 import torch
 
 from .config import GPTConfig
+from .data.layouts import get_layout
+from .hf import is_pretrained_dir, load_pretrained
 from .model import GPT
 from .tokenizer import tokenizer_from_dict
 
@@ -103,10 +107,29 @@ def model_from_checkpoint(ckpt: dict, path: str, device="cpu", backend="auto"):
     return model.to(device), tokenizer
 
 
-def load_model(path: str, device="cpu", backend="auto"):
-    """Returns (model in eval mode, tokenizer) from a checkpoint file or directory."""
-    model, tokenizer = model_from_checkpoint(load_checkpoint(path), path, device, backend)
-    return model.eval(), tokenizer
+@dataclasses.dataclass
+class Loaded:
+    """What `load` read: the model (eval mode), its tokenizer, what its data was (layout, eos_token, source,
+    ...), and the checkpoint dict (None for a Hugging Face folder)."""
+    model: GPT
+    tokenizer: object
+    data: dict
+    checkpoint: Optional[dict]
+
+    @property
+    def layout(self):
+        return get_layout(self.data["layout"])
+
+
+def load(path: str, device="cpu", backend="auto") -> Loaded:
+    """A model to use, from a checkpoint file, a run folder (its ckpt.pt) or a Hugging Face GPT-2 folder
+    (mingpt.export) with its tokenizer."""
+    if is_pretrained_dir(path):
+        model, tokenizer, data = load_pretrained(path, device=device, backend=backend, require_tokenizer=True)
+        return Loaded(model, tokenizer, data, None)
+    ckpt = load_checkpoint(path)
+    model, tokenizer = model_from_checkpoint(ckpt, path, device, backend)
+    return Loaded(model.eval(), tokenizer, ckpt["data"], ckpt)
 
 
 def vocabulary_extends(base, tokenizer) -> bool:

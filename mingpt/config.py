@@ -34,7 +34,7 @@ class GPTConfig:
 
 @dataclass
 class TrainConfig:
-    data_dir: str = "data/default"
+    data_dir: Optional[str] = None
     out_dir: str = "out"
     preset: str = "demo"
     backend: str = "auto"
@@ -90,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"eval_minutes must be > 0, got {self.eval_minutes}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.csv and self.data_dir:
+            raise ValueError("csv is prepared into out_dir/data: give csv or data_dir, not both")
 
 
 SCHEDULES = ("cosine", "wsd")
@@ -109,13 +111,14 @@ PRESETS = {
         eval_interval=100,
     ),
     # The best review model in a wall-clock budget on a small CPU: `train --preset speedrun --csv FILE`.
-    # Measured choices (README, "A review model in 10 minutes"): packed rows, Muon, warmup-stable-decay on the
-    # clock, bfloat16 autocast, 70 % of the training reviews from the embedded corpus throughout, and the
-    # user's reviews drawn as they come (oversampling a minority sentiment memorises it).
+    # Measured choices (docs/results.md, "A review model in 10 minutes"): packed rows, Muon, warmup-stable-decay
+    # on the clock, bfloat16 autocast where the machine runs bf16 faster than fp32 (dtype auto), 70 % of the
+    # training reviews from the embedded corpus throughout, and the user's reviews drawn as they come
+    # (oversampling a minority sentiment memorises it).
     "speedrun": dict(
         model=dict(n_layer=6, n_head=6, n_embd=192, block_size=64, dropout=0.1, bias=True),
         batch_size=32, learning_rate=2e-3, min_lr=2e-5, warmup_iters=30, max_iters=1_000_000, eval_minutes=2.0,
-        max_minutes=10.0, dtype="bfloat16", pack=True, optimizer="muon", schedule="wsd", decay_fraction=0.4,
+        max_minutes=10.0, dtype="auto", pack=True, optimizer="muon", schedule="wsd", decay_fraction=0.4,
         corpus_share=0.7, corpus_fade=False, balance="off",
     ),
     # Tiny, for tests.

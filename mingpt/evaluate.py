@@ -18,105 +18,23 @@ CLI's default settings) and measures them beside real held-out reviews of the sa
 With --sweep_guidance and --sweep_temperature it prints the trade-off over that grid instead.
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
 import random
 import sys
 
-import numpy as np
-import torch
+from .checkpoint import CheckpointError, load
+from .data.corpus import EMBEDDED_CORPUS, DataError, load_csv, load_embedded_corpus
+from .data.tokens import TokenData
+from .metrics import Reference, SentimentJudge, measure_prompts, nats_per_char, sweep, validation_loss
+from .sample.settings import add_flags, from_args
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .corpus import EMBEDDED_CORPUS, DataError, load_csv, load_embedded_corpus
-from .data import TokenData
-from .layouts import get_layout
-from .logit_controls import LogitControls
-from .sampling import add_sampling_flags, sampling_options, write_samples
-from .scoring import nats_per_char
-
-NEAR_COPY_JACCARD = 0.8
 # 好看 and 难看, then prompts that carry no sentiment of their own: subjects and opening phrases.
 NEUTRAL_PROMPTS = ("这部电影", "剧情", "演员", "导演", "我觉得", "看完之后")
 DEFAULT_PROMPTS = ",".join(("好看", "难看") + NEUTRAL_PROMPTS)
 DEFAULT_JUDGE_TRAIN = os.path.join("..", "shared", "data", "douban_comments_train.csv")
 DEFAULT_JUDGE_TEST = os.path.join("..", "shared", "data", "douban_comments_test.csv")
-
-
-def distinct_n(texts, n: int) -> float:
-    grams = [t[i:i + n] for t in texts for i in range(len(t) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def char_ngrams(text: str, n: int = 3) -> frozenset:
-    return frozenset(text[i:i + n] for i in range(max(1, len(text) - n + 1)))
-
-
-class CopyDetector:
-    """Finds exact and near-exact copies of training reviews through an index of character 3-grams."""
-
-    def __init__(self, train_texts):
-        self.exact = set(train_texts)
-        self.grams = [char_ngrams(t) for t in train_texts]
-        self.index = {}
-        for i, grams in enumerate(self.grams):
-            for g in grams:
-                self.index.setdefault(g, []).append(i)
-
-    def is_copy(self, text: str) -> bool:
-        if text in self.exact:
-            return True
-        grams = char_ngrams(text)
-        shared = {}
-        for g in grams:
-            for i in self.index.get(g, ()):
-                shared[i] = shared.get(i, 0) + 1
-        return any(n / (len(grams) + len(self.grams[i]) - n) >= NEAR_COPY_JACCARD for i, n in shared.items())
-
-    def novelty(self, texts) -> float:
-        return sum(not self.is_copy(t) for t in texts) / len(texts) if texts else 0.0
-
-
-class SentimentJudge:
-    """Character 1-3-gram TF-IDF + logistic regression: pos/neg of a Chinese review."""
-
-    def __init__(self, reviews):
-        try:
-            from sklearn.feature_extraction.text import TfidfVectorizer
-            from sklearn.linear_model import LogisticRegression
-        except ImportError:
-            raise ValueError("the sentiment judge needs scikit-learn: pip install scikit-learn") from None
-        self.vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True)
-        features = self.vectorizer.fit_transform([r.text for r in reviews])
-        self.classifier = LogisticRegression(max_iter=1000, C=4.0)
-        self.classifier.fit(features, [r.sentiment for r in reviews])
-
-    def predict(self, texts):
-        return list(self.classifier.predict(self.vectorizer.transform(list(texts)))) if texts else []
-
-    def accuracy(self, reviews) -> float:
-        predictions = self.predict([r.text for r in reviews])
-        return sum(p == r.sentiment for p, r in zip(predictions, reviews)) / len(reviews)
-
-    def agreement(self, texts, sentiment: str) -> float:
-        return sum(p == sentiment for p in self.predict(texts)) / len(texts) if texts else 0.0
-
-
-@torch.no_grad()
-def validation_loss(model, data: TokenData, batch_size: int = 64) -> float:
-    """Mean loss over every predicted token of the val split (full rows, or non-overlapping windows)."""
-    block = model.config.block_size
-    val = data.splits["val"]
-    starts = data.layout.covering_positions(val, block)
-    device = model.transformer.wte.weight.device
-    total, count = 0.0, 0
-    for chunk in starts.split(batch_size):
-        x, y = data.load_batch("val", chunk, block)
-        _, loss = model(x.to(device), y.to(device))
-        n = int((y != -1).sum())
-        total, count = total + loss.item() * n, count + n
-    return total / count
 
 
 def load_judge_sets(train_path, test_path, generator_sources):
@@ -141,77 +59,13 @@ def load_judge_sets(train_path, test_path, generator_sources):
     return train[cut:], train[:cut], name, f"10% held out of {name}"
 
 
-class Reference:
-    """What samples are measured against: the judge, the training reviews of every stage (for copies),
-    and the real held-out reviews."""
-
-    def __init__(self, data: TokenData, judge, earlier_data=()):
-        self.judge = judge
-        self.copies = CopyDetector([t for d in (data, *earlier_data) for _, t in d.review_texts("train")])
-        self.held_out = data.review_texts("val")
-        # the judge's rate on every held-out review of each sentiment: the bar a prompt's samples must reach
-        self.real_rates = {sentiment: judge.agreement([t for s, t in self.held_out if s == sentiment], sentiment)
-                           for sentiment in ("pos", "neg")}
-
-
-def measure_prompts(model, tokenizer, layout, prompts, reference: Reference, num_samples=50, max_new_tokens=100,
-                    seed=0, sampler="auto", **sampling):
-    """Per (start, sentiment): the samples' statistics beside those of as many real held-out reviews of
-    that sentiment (the judged sentiment: of all of them). sampling: write_samples' keyword arguments."""
-    rng = random.Random(seed)
-    rows = []
-    for start, sentiment in prompts:
-        samples = write_samples(model, tokenizer, layout, start, sentiment, num_samples, max_new_tokens, seed=seed,
-                                sampler=sampler, **sampling)
-        texts = [text for _, text in samples]
-        real = [t for s, t in reference.held_out if s == sentiment]
-        real = statistics(rng.sample(real, min(len(real), num_samples)), sentiment, reference)
-        real["sentiment_accuracy"] = reference.real_rates[sentiment]
-        generated = statistics(texts, sentiment, reference, prompt=start)
-        rows.append({"start": start, "sentiment": sentiment, "generated": generated,
-                     "real_held_out": real, "examples": texts[:5]})
-    return rows
-
-
-def evaluate(model, tokenizer, data: TokenData, layout, prompts, reference: Reference, **options):
+def evaluate(model, tokenizer, data: TokenData, layout, prompts, reference: Reference, settings, **options):
     """The report as a dict: val loss, then per prompt the generated vs real held-out statistics
     (options: measure_prompts')."""
     val_loss = validation_loss(model, data)
     return {"val_loss": val_loss, "perplexity": math.exp(val_loss),
             "val_nats_per_char": nats_per_char(model, tokenizer, layout, reference.held_out),
-            "prompts": measure_prompts(model, tokenizer, layout, prompts, reference, **options)}
-
-
-def sweep(model, tokenizer, layout, prompts, reference: Reference, guidances, temperatures,
-          controls=LogitControls(), **options):
-    """The trade-off over guidance x temperature: per pair, the worst prompt's judged-sentiment margin
-    over real reviews, the lowest novelty, and distinct-2 against real reviews'."""
-    rows = []
-    for guidance in guidances:
-        for temperature in temperatures:
-            measured = measure_prompts(model, tokenizer, layout, prompts, reference, temperature=temperature,
-                                       controls=dataclasses.replace(controls, guidance=guidance), **options)
-            gen = [m["generated"] for m in measured]
-            real = [m["real_held_out"] for m in measured]
-            rows.append({"guidance": guidance, "temperature": temperature,
-                         "min_sentiment_margin": min(g["sentiment_accuracy"] - r["sentiment_accuracy"]
-                                                     for g, r in zip(gen, real)),
-                         "mean_sentiment_accuracy": float(np.mean([g["sentiment_accuracy"] for g in gen])),
-                         "min_novelty": min(g["novelty"] for g in gen),
-                         "distinct_2_ratio": float(np.mean([g["distinct_2"] / r["distinct_2"]
-                                                            for g, r in zip(gen, real) if r["distinct_2"]])),
-                         "mean_length": float(np.mean([g["mean_length"] for g in gen]))})
-    return rows
-
-
-def statistics(texts, sentiment, reference: Reference, prompt: str = "") -> dict:
-    """The measures of texts; distinct-n counts what follows `prompt` in each."""
-    written = [t[len(prompt):] if t.startswith(prompt) else t for t in texts]
-    return {"count": len(texts), "sentiment_accuracy": reference.judge.agreement(texts, sentiment),
-            "novelty": reference.copies.novelty(texts),
-            "exact_copies": sum(t in reference.copies.exact for t in texts) / len(texts) if texts else 0.0,
-            "distinct_1": distinct_n(written, 1), "distinct_2": distinct_n(written, 2),
-            "mean_length": float(np.mean([len(t) for t in texts])) if texts else 0.0}
+            "prompts": measure_prompts(model, tokenizer, layout, prompts, reference, settings, **options)}
 
 
 def print_report(report, file=sys.stdout):
@@ -276,7 +130,7 @@ def build_parser():
                         "and six prompts that carry no sentiment, each for both)")
     p.add_argument("--num_samples", type=int, default=50, help="samples per prompt and sentiment")
     p.add_argument("--max_new_tokens", type=int, default=100)
-    add_sampling_flags(p)  # the sample CLI's defaults: what a user who types only --start gets
+    add_flags(p)  # the sample CLI's defaults: what a user who types only --start gets
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep_guidance", metavar="G1,G2,...",
                    help="with --sweep_temperature: print the trade-off over guidance x temperature instead")
@@ -300,31 +154,31 @@ def run(args):
     if args.sweep_guidance:
         grid = (parse_floats(args.sweep_guidance, "--sweep_guidance"),
                 parse_floats(args.sweep_temperature, "--sweep_temperature"))
-    ckpt = load_checkpoint(args.ckpt)
-    model, tokenizer = model_from_checkpoint(ckpt, args.ckpt)
+    loaded = load(args.ckpt)
+    model, tokenizer, layout = loaded.model, loaded.tokenizer, loaded.layout
     data = TokenData(args.data_dir)
     if data.tokenizer.to_dict() != tokenizer.to_dict():
         raise DataError(f"{args.data_dir} was prepared with another tokenizer than {args.ckpt}")
     prompts = parse_prompts(args.prompts, tokenizer)
     earlier = [TokenData(d) for d in args.pretrained_on]
-    sources = ([ckpt["data"].get("source"), (ckpt["data"].get("extra_train") or {}).get("source")]
+    sources = ([loaded.data.get("source"), (loaded.data.get("extra_train") or {}).get("source")]
                + [d.meta.get("source") for d in earlier])
     judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test, sources)
     reference = Reference(data, SentimentJudge(judge_train), earlier)
-    layout = get_layout(ckpt["data"]["layout"])
-    options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                   **sampling_options(args))
+    options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
     judge = {"train": train_name, "test": test_name, "test_accuracy": reference.judge.accuracy(judge_test)}
     if grid is not None:
-        del options["temperature"]
-        return {"judge": judge, "sweep": sweep(model.eval(), tokenizer, layout, prompts, reference, *grid, **options)}
-    report = evaluate(model.eval(), tokenizer, data, layout, prompts, reference, **options)
+        return {"judge": judge, "sweep": sweep(model, tokenizer, layout, prompts, reference, *grid,
+                                               from_args(args), **options)}
+    report = evaluate(model, tokenizer, data, layout, prompts, reference, from_args(args), **options)
     report["judge"] = judge
     return report
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from_args(args, parser)
     try:
         report = run(args)
     except (CheckpointError, DataError, ValueError, RuntimeError) as e:

@@ -1,17 +1,17 @@
 """Export a checkpoint for Hugging Face transformers: `python -m mingpt.export --ckpt out --out hf_model`.
 
 The directory loads offline with GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR),
-and back into mingpt with mingpt.load_pretrained(DIR) or `python -m mingpt.sample --ckpt DIR`.
+and back into mingpt with mingpt.load(DIR) or `python -m mingpt.sample --ckpt DIR`.
 --verify then compares mingpt with transformers on the exported weights and exits 3 on a mismatch.
 Needs the `hf` extra: pip install -e .[hf]
 """
 import argparse
 import sys
 
-from .checkpoint import CheckpointError, load_model
-from .hf import HFFormatError, MissingDependency, compare_with_transformers, export_checkpoint
+from .checkpoint import CheckpointError, load
+from .hf import HFFormatError, MissingDependency, compare_with_transformers, require, save_pretrained
 from .ops import BACKENDS
-from .sampling import SAMPLERS, resolve_sampler
+from .sample.engine import SAMPLERS, resolve_sampler
 
 LOGIT_TOLERANCE = 1e-5  # fp32, the bar the export is held to
 
@@ -31,10 +31,14 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        export_checkpoint(args.ckpt, args.out)
+        require("transformers", "tokenizers", "safetensors")
+        loaded = load(args.ckpt, backend=args.backend)
+        if loaded.checkpoint is None:
+            raise HFFormatError(f"{args.ckpt} is a Hugging Face folder already; export takes a mingpt checkpoint")
+        save_pretrained(loaded.checkpoint, loaded.model, loaded.tokenizer, args.out)
         print(f"wrote {args.out}")
         if args.verify:
-            model, tokenizer = load_model(args.ckpt, backend=args.backend)
+            model, tokenizer = loaded.model, loaded.tokenizer
             r = compare_with_transformers(model, tokenizer, args.out, sampler=args.sampler)
             print(f"max |logit difference| {r['max_logit_diff']:.3g} over {r['logit_prompts']} random prompts "
                   f"of {r['prompt_tokens']} tokens (fp32, backend {model.ops.name}; tolerance {LOGIT_TOLERANCE:g})")

@@ -24,11 +24,11 @@ import os
 
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import GPTConfig
-from .layouts import get_layout
+from .data.layouts import get_layout
 from .model import GPT
-from .sampling import generate
+from .sample.engine import generate
+from .sample.settings import SamplingSettings
 from .tokenizer import BOS, EOS, NEG, PAD, POS, CharTokenizer, tokenizer_from_dict
 
 INSTALL_HINT = "pip install -e .[hf]"
@@ -207,17 +207,16 @@ model, tok = GPT2LMHeadModel.from_pretrained("{name}"), AutoTokenizer.from_pretr
 print(tok.decode(model.generate(**tok("<bos><pos>", return_tensors="pt"), max_new_tokens=40, do_sample=True)[0], skip_special_tokens=True))
 ```
 
-Back in mingpt: `mingpt.load_pretrained("{name}")` or `python -m mingpt.sample --ckpt {name}`.
+Back in mingpt: `mingpt.load("{name}")` or `python -m mingpt.sample --ckpt {name}`.
 """
 
 
-def export_checkpoint(ckpt_path: str, out_dir: str) -> str:
-    """Write a mingpt checkpoint as a Hugging Face GPT-2 directory; returns out_dir."""
+def save_pretrained(ckpt: dict, model: GPT, tokenizer, out_dir: str) -> str:
+    """Write a mingpt checkpoint (its dict, and the model and tokenizer it holds) as a Hugging Face GPT-2
+    directory; returns out_dir."""
     require("transformers", "tokenizers", "safetensors")
     if os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
         raise HFFormatError(f"{out_dir} holds a training checkpoint (ckpt.pt); export into another directory")
-    ckpt = load_checkpoint(ckpt_path)
-    model, tokenizer = model_from_checkpoint(ckpt, ckpt_path)
     data = ckpt["data"]
     hf_tokenizer = to_hf_tokenizer(tokenizer, model.config.block_size)  # refuses before anything is written
     hf_model = to_hf_model(model, tokenizer, data["eos_token"])
@@ -305,17 +304,6 @@ def load_pretrained(path: str, device="cpu", backend="auto", require_tokenizer=F
     return model.to(device).eval(), tokenizer, data
 
 
-def load_for_sampling(path: str, device="cpu"):
-    """(model in eval mode, tokenizer, data {layout, eos_token, source, ...}, checkpoint dict or None)
-    from a mingpt checkpoint (file or directory) or a Hugging Face GPT-2 directory with its tokenizer."""
-    if is_pretrained_dir(path):
-        model, tokenizer, data = load_pretrained(path, device=device, require_tokenizer=True)
-        return model, tokenizer, data, None
-    ckpt = load_checkpoint(path)
-    model, tokenizer = model_from_checkpoint(ckpt, path, device=device)
-    return model.eval(), tokenizer, ckpt["data"], ckpt
-
-
 # --- verification against transformers ---------------------------------------------------------
 
 @torch.no_grad()
@@ -346,7 +334,7 @@ def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, n
     body = torch.randint(n_special, tokenizer.vocab_size, (n_prompts, prompt_len - 2), generator=generator)
     starts = torch.tensor([[tokenizer.token_id(BOS), tokenizer.token_id(s)] for s in sentiments])
     prompts = torch.cat([starts, body], dim=1)
-    ours = generate(model, prompts, new_tokens, temperature=0, sampler=sampler)
+    ours = generate(model, prompts, new_tokens, SamplingSettings.plain(temperature=0), sampler=sampler)
     hf_model.generation_config.eos_token_id = None
     theirs = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                do_sample=False)

@@ -9,10 +9,10 @@ import sys
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .tokenizer import TOKENIZERS, load_tokenizer, tokenizer_from_dict
-from .corpus import (EMBEDDED_CORPUS, FORMATS, NEG_LABELS, POS_LABELS, DataError, load_embedded_corpus,
+from .data.corpus import (EMBEDDED_CORPUS, FORMATS, NEG_LABELS, POS_LABELS, DataError, load_embedded_corpus,
                      load_table)
-from .data import prepare, summary_line
-from .layouts import LAYOUTS, LONG_REVIEW_POLICIES
+from .data.tokens import write_data_dir, summary_line
+from .data.layouts import LAYOUTS, LONG_REVIEW_POLICIES
 
 
 def build_parser():
@@ -70,7 +70,7 @@ def main(argv=None):
         else:
             reviews, drops = load_embedded_corpus()
             source, read_as = EMBEDDED_CORPUS, None
-        meta = prepare(reviews, drops, args.data_dir, layout=args.layout, block_size=args.block_size,
+        meta = write_data_dir(reviews, drops, args.data_dir, layout=args.layout, block_size=args.block_size,
                        long_reviews=args.long_reviews, val_fraction=args.val_fraction, seed=args.seed,
                        source=source, read_as=read_as, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
                        base_tokenizer=base_tokenizer(args.vocab_from) if args.vocab_from else None)

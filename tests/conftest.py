@@ -1,15 +1,19 @@
 import os
 import random
+import sys
 
 import pytest
 import torch
+
+# The benchmark helpers the tests use (loadtest, gpu_check) live in benchmarks/, outside the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 # Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mingpt.corpus import Review
-from mingpt.data import prepare
+from mingpt.data.corpus import Review
+from mingpt.data.tokens import write_data_dir
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -50,14 +54,14 @@ def shared_csv(name: str) -> str:
 def review_data_dir(tmp_path_factory):
     """A prepared `review` layout data dir of 400 synthetic reviews, block size 32."""
     path = str(tmp_path_factory.mktemp("review_data"))
-    prepare(synthetic_reviews(400), {}, path, layout="review", block_size=32, source="synthetic")
+    write_data_dir(synthetic_reviews(400), {}, path, layout="review", block_size=32, source="synthetic")
     return path
 
 
 @pytest.fixture(scope="session")
 def book_data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("book_data"))
-    prepare(synthetic_reviews(400), {}, path, layout="book", block_size=32, source="synthetic")
+    write_data_dir(synthetic_reviews(400), {}, path, layout="book", block_size=32, source="synthetic")
     return path
 
 
@@ -105,7 +109,7 @@ class LiveServer:
     def __init__(self, ckpt, *flags, start_engine=True):
         import threading
         import uvicorn
-        from mingpt.serve import build_parser, build_server
+        from mingpt.serve.__main__ import build_parser, build_server
         self.port = free_port()
         args = build_parser().parse_args(["--ckpt", ckpt, "--port", str(self.port), *flags])
         self.app, self.engine = build_server(args, start_engine=start_engine)

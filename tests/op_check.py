@@ -56,7 +56,7 @@ ERROR_LOG = os.environ.get("MINGPT_OP_ERROR_LOG")
 
 def _load_cpp_ops() -> dict:
     try:
-        from mingpt.cpp_ops import OPS
+        from mingpt.ops.cpp import OPS
     except ImportError as e:
         pytest.skip(f"the C++ kernels are not available: {e}", allow_module_level=True)
     return OPS

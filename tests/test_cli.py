@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import NEGATIVE, POSITIVE
-from mingpt import sampling
+from mingpt.sample import compiled
 from mingpt.config import GPTConfig, TrainConfig
 
 
@@ -238,7 +238,7 @@ def test_bench_writes_json_rows(tmp_path):
              and r["tokens_per_s"]}
     assert share["train_step:packed"] > 90 > share["train_step:padded"]  # the embedded corpus' review lengths
     assert "train_step:packed" in result.stdout
-    if sampling.cached_sampler_unavailable_reason() is None:  # a row per weight format beside its bound
+    if compiled.cached_sampler_unavailable_reason() is None:  # a row per weight format beside its bound
         formats = {(r["backend"], r["dtype"], r["batch"]) for r in rows if r["task"] == "sample" and r["tokens_per_s"]}
         assert {(b, d, n) for b in ("cached", "stream-bound") for d in ("float32", "bf16", "int8")
                 for n in (1, 10)} <= formats

@@ -2,8 +2,8 @@
 import pytest
 
 from conftest import shared_csv, synthetic_reviews
-from mingpt.corpus import DataError, Review, load_csv, load_embedded_corpus, split_reviews
-from mingpt.data import prepare
+from mingpt.data.corpus import DataError, Review, load_csv, load_embedded_corpus, split_reviews
+from mingpt.data.tokens import write_data_dir
 
 
 def write(path, text, encoding="utf-8"):
@@ -43,7 +43,7 @@ def test_csv_errors_name_the_problem(tmp_path, content, message):
     path = write(tmp_path / "bad.csv", content)
     with pytest.raises(DataError, match=message):
         reviews, drops = load_csv(path)
-        prepare(reviews, drops, str(tmp_path / "out"), source=path)
+        write_data_dir(reviews, drops, str(tmp_path / "out"), source=path)
 
 
 def test_csv_not_utf8_and_missing_file(tmp_path):

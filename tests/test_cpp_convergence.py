@@ -34,8 +34,8 @@ import torch
 
 from mingpt import GPT, GPTConfig, ops
 from mingpt.config import preset_config
-from mingpt.data import TokenData
-from mingpt.training import learning_rate
+from mingpt.data.tokens import TokenData
+from mingpt.train.schedule import learning_rate
 from op_check import BACKENDS
 from train_check import assert_cli_runs_agree, assert_tracks_reference, run_train_cli, train_steps
 

@@ -86,7 +86,7 @@ def test_dropout(T):
 def test_compiled_packed_attention_matches_eager():
     """The op table's check of the starts values is data-dependent: compiled, it is left to the kernel,
     and the graph has no break."""
-    from mingpt.cpp_ops import OPS
+    from mingpt.ops.cpp import OPS
     torch._dynamo.reset()
     qkv, starts = torch.randn(2, 17, 3 * 24), packed_starts(2, 17)
     compiled = torch.compile(OPS["causal_attention"], fullgraph=True)

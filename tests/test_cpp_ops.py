@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (mingpt.cpp_ops, from mingpt._C): the checks only they face.
+"""The C++ CPU kernels (mingpt.ops.cpp, from mingpt._C): the checks only they face.
 
 The checks every fused backend faces, in fp32 and bf16, are in tests/test_fused_ops.py;
 tests/op_check.py says how results are compared and why the tolerances are what they are. Here: the
@@ -19,7 +19,8 @@ import types
 import pytest
 import torch
 
-from mingpt import extension, ops, reference
+from mingpt import ops
+from mingpt.ops import extension, reference
 from op_check import BACKENDS
 
 CPP = BACKENDS["cpp"].load()
@@ -39,9 +40,9 @@ def test_fused_and_auto_on_cpu_serve_every_op_from_cpp():
 
 
 def test_missing_extension_makes_the_backend_unavailable(monkeypatch):
-    """Without mingpt._C, cpp_ops fails to import with the extension's reason; the op table reports
+    """Without mingpt._C, mingpt.ops.cpp fails to import with the extension's reason; the op table reports
     the backend unavailable with it, and `auto` falls back to the reference."""
-    monkeypatch.delitem(sys.modules, "mingpt.cpp_ops")
+    monkeypatch.delitem(sys.modules, "mingpt.ops.cpp")
     monkeypatch.setattr(extension, "_C", None)
     monkeypatch.setattr(extension, "UNAVAILABLE_REASON", "mingpt._C could not be loaded (gone)")
     with pytest.raises(ops.BackendUnavailable, match=r"could not be loaded \(gone\)"):
@@ -51,10 +52,10 @@ def test_missing_extension_makes_the_backend_unavailable(monkeypatch):
 
 def test_stale_extension_says_to_rebuild(monkeypatch):
     """A mingpt._C built before these kernels existed registers none of them."""
-    monkeypatch.delitem(sys.modules, "mingpt.cpp_ops")
+    monkeypatch.delitem(sys.modules, "mingpt.ops.cpp")
     monkeypatch.setattr(torch.ops, "mingpt", types.SimpleNamespace())
     with pytest.raises(ImportError, match="out of date.*layer_norm_forward.*rebuild"):
-        importlib.import_module("mingpt.cpp_ops")
+        importlib.import_module("mingpt.ops.cpp")
 
 
 def test_autocast_dtypes_match_reference():
@@ -276,14 +277,14 @@ def test_stale_extension_without_starts_says_to_rebuild(monkeypatch):
     def kernel(schema):
         return types.SimpleNamespace(default=types.SimpleNamespace(_schema=schema))
 
-    old = {name: kernel(f"mingpt::{name}(Tensor x) -> Tensor") for name in sys.modules["mingpt.cpp_ops"].KERNELS}
+    old = {name: kernel(f"mingpt::{name}(Tensor x) -> Tensor") for name in sys.modules["mingpt.ops.cpp"].KERNELS}
     old["dropout"] = kernel("mingpt::dropout(Tensor x, float p, Tensor seed) -> Tensor")
     old["causal_attention_forward"] = kernel("mingpt::causal_attention_forward(Tensor qkv, int n_head) -> (Tensor, Tensor)")
-    monkeypatch.delitem(sys.modules, "mingpt.cpp_ops")
+    monkeypatch.delitem(sys.modules, "mingpt.ops.cpp")
     monkeypatch.setattr(torch.ops, "mingpt", types.SimpleNamespace(**old))
     with pytest.raises(ImportError, match=r"out of date.*causal_attention_forward\(Tensor qkv, int n_head, "
                                           r"Tensor\? starts\).*rebuild"):
-        importlib.import_module("mingpt.cpp_ops")
+        importlib.import_module("mingpt.ops.cpp")
 
 
 # ---------------------------------------------------------------------------- cross entropy

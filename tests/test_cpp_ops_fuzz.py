@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-pytest.importorskip("mingpt.cpp_ops", reason="mingpt._C is not built with the C++ training ops")
+pytest.importorskip("mingpt.ops.cpp", reason="mingpt._C is not built with the C++ training ops")
 kernels = torch.ops.mingpt
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.int64])

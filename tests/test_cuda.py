@@ -12,19 +12,23 @@ rounding.
 import pytest
 import torch
 
-from mingpt import reference, sampling
-from mingpt.sampling import generate, reference_generate
+from mingpt.ops import reference
+from mingpt.sample import engine
+from mingpt.sample.engine import generate, reference_generate
+from mingpt.sample.settings import SamplingSettings
 from test_sampler import spread_model
+
+GREEDY = SamplingSettings.plain(temperature=0)
 
 pytestmark = pytest.mark.cuda
 DEVICE = "cuda"
 
 
 def cuda_ops():
-    from mingpt import extension
+    from mingpt.ops import extension
     if extension._C is None or not extension._C.build_info()["cuda"]:
         pytest.fail(f"the GPU check needs mingpt._C built with CUDA: {extension.UNAVAILABLE_REASON or 'a CPU build'}")
-    from mingpt import cuda_ops as module
+    from mingpt.ops import cuda as module
     return module
 
 
@@ -86,11 +90,11 @@ def test_every_sampler_decodes_greedily_like_the_reference_on_cuda(controls):
     model = spread_model("odd").to(DEVICE)
     torch.manual_seed(3)
     idx = torch.randint(model.config.vocab_size, (4, 3), device=DEVICE)
-    options = dict(temperature=0, **SCHEDULES[controls])
+    options = dict(settings=SamplingSettings.plain(temperature=0, **SCHEDULES[controls]))
     if controls != "plain":
         options["guidance_idx"] = (idx + 1) % model.config.vocab_size
     new_tokens = model.config.block_size + 4
-    free = reference_generate(model, idx, new_tokens, temperature=0)
+    free = reference_generate(model, idx, new_tokens, GREEDY)
     eos = int(free[0, 8])
     expected = generate(model, idx, new_tokens, eos_id=eos, sampler="reference", **options)
     for name in ("kvcache", "cached"):
@@ -102,19 +106,20 @@ def test_seeded_sampling_on_cuda_repeats_and_the_callback_retires_rows(name):
     cuda_ops()
     model = spread_model("odd").to(DEVICE)
     idx = torch.zeros((3, 2), dtype=torch.long, device=DEVICE)
-    first = generate(model, idx, 10, temperature=1.0, top_p=0.9, seed=7, sampler=name)
+    nucleus = SamplingSettings.plain(temperature=1.0, top_p=0.9)
+    first = generate(model, idx, 10, nucleus, seed=7, sampler=name)
     assert first.device.type == "cuda" and first.shape == (3, 12)
-    assert torch.equal(generate(model, idx, 10, temperature=1.0, top_p=0.9, seed=7, sampler=name), first)
+    assert torch.equal(generate(model, idx, 10, nucleus, seed=7, sampler=name), first)
     columns = []
 
     def retire_row_one(column):
         columns.append(column)
         return [1]
 
-    out = generate(model, idx, 10, temperature=1.0, seed=7, eos_id=0, sampler=name, callback=retire_row_one)
+    out = generate(model, idx, 10, SamplingSettings.plain(), seed=7, eos_id=0, sampler=name, callback=retire_row_one)
     assert (out[1, 3:] == 0).all() and len(columns) >= 1
 
 
 def test_auto_sampler_on_cuda_is_cached():
     cuda_ops()
-    assert sampling.resolve_sampler("auto", spread_model("odd").to(DEVICE)) == "cached"
+    assert engine.resolve_sampler("auto", spread_model("odd").to(DEVICE)) == "cached"

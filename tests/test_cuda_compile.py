@@ -64,7 +64,7 @@ def test_torch_glue_compiles(source, tmp_path):
 
 @pytest.mark.skipif(os.environ.get("MINGPT_EXPECT_CUDA_BUILD") != "1", reason="only under make test-cuda-build")
 def test_the_loaded_extension_is_the_cuda_build():
-    from mingpt.extension import UNAVAILABLE_REASON, _C
+    from mingpt.ops.extension import UNAVAILABLE_REASON, _C
     assert _C is not None, UNAVAILABLE_REASON
     info = _C.build_info()
     assert info["cuda"], info

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import synthetic_reviews
-from mingpt.corpus import DataError
-from mingpt.data import TokenData, prepare
-from mingpt.corpus import Review
+from mingpt.data.corpus import DataError
+from mingpt.data.tokens import TokenData, write_data_dir
+from mingpt.data.corpus import Review
 from mingpt.tokenizer import BOS, EXTRA_BOS, PAD, SPECIAL_TOKENS
 
 
@@ -18,7 +18,7 @@ def small_dirs(tmp_path_factory):
     dirs = {}
     for name in ("review", "book"):
         dirs[name] = str(tmp_path_factory.mktemp(name))
-        prepare(synthetic_reviews(40), {}, dirs[name], layout=name, block_size=8)
+        write_data_dir(synthetic_reviews(40), {}, dirs[name], layout=name, block_size=8)
     return dirs
 
 
@@ -82,7 +82,7 @@ def test_extra_training_reviews_begin_with_their_own_token(tmp_path, kind):
     own = synthetic_reviews(40)
     extra = [Review("这家酒店房间很干净服务也好", "pos"), Review("电脑用了三天就坏了", "neg"),
              Review(own[0].text, "pos"), Review(f"混进来的{EXTRA_BOS}", "neg")]
-    prepare(own, {}, str(tmp_path), block_size=32, tokenizer=kind, bpe_vocab_size=300, extra_train=extra,
+    write_data_dir(own, {}, str(tmp_path), block_size=32, tokenizer=kind, bpe_vocab_size=300, extra_train=extra,
             extra_source="hotels")
     data = TokenData(str(tmp_path))
     tokenizer = data.tokenizer

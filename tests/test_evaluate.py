@@ -3,11 +3,10 @@ import torch
 
 from conftest import shared_csv
 from mingpt import GPT, GPTConfig
-from mingpt.corpus import Review
-from mingpt.evaluate import (DEFAULT_PROMPTS, CopyDetector, SentimentJudge, distinct_n, load_judge_sets, parse_prompts,
-                             statistics)
-from mingpt.scoring import nats_per_char, review_windows
-from mingpt.layouts import get_layout
+from mingpt.data.corpus import Review
+from mingpt.evaluate import DEFAULT_PROMPTS, load_judge_sets, parse_prompts
+from mingpt.metrics import CopyDetector, SentimentJudge, distinct_n, nats_per_char, review_windows, statistics
+from mingpt.data.layouts import get_layout
 from mingpt.tokenizer import BOS, EOS, SENTIMENT_TOKENS, CharTokenizer
 
 

@@ -13,7 +13,7 @@ from conftest import tiny_cfg
 
 from mingpt.checkpoint import load_checkpoint
 from mingpt.model import GPT
-from mingpt.training import train
+from mingpt.train.loop import train
 
 
 def train_command(data_dir, out_dir, *extra):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mingpt import prepare
-from mingpt.corpus import DataError, Review, load_table
+from mingpt.data.corpus import DataError, Review, load_table
 
 GB18030_BOM = "\ufeff".encode("gb18030")  # b"\x84\x31\x95\x33"
 ROWS = [("好看，演员很棒", "1"), ("难看，浪费时间", "0"), ("值得一看", "1"), ("剧情拖沓", "-1")]

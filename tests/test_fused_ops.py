@@ -15,7 +15,8 @@ import math
 import pytest
 import torch
 
-from mingpt import ops, reference
+from mingpt import ops
+from mingpt.ops import reference
 from op_check import BACKENDS, DTYPE_IDS, err
 
 

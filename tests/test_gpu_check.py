@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
+import gpu_check
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
 
 RECORDED = ROOT / "tests" / "gpu_check_recorded.json"
 

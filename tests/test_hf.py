@@ -12,11 +12,15 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: these tests never reach the hub
 
 from conftest import synthetic_reviews
-from mingpt import GPT, GPTConfig, export, generate, sample
-from mingpt.checkpoint import atomic_torch_save, load_model, make_checkpoint
+from mingpt import GPT, GPTConfig, export, generate
+from mingpt.sample import __main__ as sample
+from mingpt.checkpoint import atomic_torch_save, load, make_checkpoint
 from mingpt.config import preset_config
 from mingpt.hf import HFFormatError, load_pretrained, to_hf_model, to_hf_tokenizer, tokenizer_from_json
 from mingpt.tokenizer import BOS, EOS, EXTRA_BOS, NEG, POS, SPECIAL_TOKENS, BPETokenizer, CharTokenizer
+from mingpt.sample.settings import SamplingSettings
+
+GREEDY = SamplingSettings.plain(temperature=0)
 
 LOGIT_ATOL = 1e-5  # fp32
 EXTRA_TEXTS = ["好看 , 很精彩! 值得一看。", "难看?? 剧情拖沓…… 不推荐!!!", "  演技很好\n喜欢  "]
@@ -82,7 +86,8 @@ def test_export_loads_offline_in_transformers_with_the_same_logits(exported, tra
     ckpt, out = exported
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "mingpt.json",
                                        "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    model, tokenizer = load_model(ckpt, backend="reference")
+    loaded = load(ckpt, backend="reference")
+    model, tokenizer = loaded.model, loaded.tokenizer
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     assert hf_model.config.n_positions == 64 and hf_model.config.activation_function == "gelu_new"
     assert hf_model.config.eos_token_id == tokenizer.token_id(EOS)
@@ -96,13 +101,14 @@ def test_export_loads_offline_in_transformers_with_the_same_logits(exported, tra
 @pytest.mark.parametrize("sampler", ["auto", "reference"])
 def test_greedy_generation_is_token_identical_for_40_tokens(exported, transformers, sampler):
     ckpt, out = exported
-    model, tokenizer = load_model(ckpt, backend="reference")
+    loaded = load(ckpt, backend="reference")
+    model, tokenizer = loaded.model, loaded.tokenizer
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     hf_model.generation_config.eos_token_id = None  # run all 40 tokens, as mingpt does without eos_id
     starts = ["", "好看", "剧情拖沓，演技很差"]
     prompts = torch.tensor([[tokenizer.token_id(BOS), tokenizer.token_id(s)] + tokenizer.encode(t.ljust(10, "。"))
                             for t, s in zip(starts, (POS, NEG, POS))])
-    ours = generate(model, prompts, 40, temperature=0, sampler=sampler)
+    ours = generate(model, prompts, 40, GREEDY, sampler=sampler)
     theirs = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=40, do_sample=False)
     assert ours.shape == theirs.shape == (3, 12 + 40)
     assert torch.equal(ours, theirs)
@@ -131,7 +137,8 @@ def test_round_trip_mingpt_hf_mingpt_is_bit_identical(transformers, tmp_path, bi
     ckpt = write_checkpoint(tmp_path / "ckpt.pt", bias=bias, seed=3, layer_norm_eps=layer_norm_eps,
                             tokenizer=review_tokenizer(special_tokens))
     assert export.main(["--ckpt", ckpt, "--out", str(tmp_path / "hf")]) == 0
-    original, tokenizer = load_model(ckpt)
+    loaded = load(ckpt)
+    original, tokenizer = loaded.model, loaded.tokenizer
     loaded, loaded_tokenizer = load_pretrained(str(tmp_path / "hf"))[:2]
     assert dataclasses.asdict(loaded.config) == dataclasses.asdict(original.config)
     assert loaded_tokenizer.itos == tokenizer.itos and loaded_tokenizer.special_tokens == special_tokens
@@ -147,7 +154,8 @@ def test_bias_free_model_exports_as_exact_zero_biases(transformers, tmp_path):
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
     biases = [p for name, p in hf_model.named_parameters() if name.endswith(".bias")]
     assert len(biases) == 2 * 6 + 1 and all(not p.any() for p in biases)
-    model, tokenizer = load_model(ckpt, backend="reference")
+    loaded = load(ckpt, backend="reference")
+    model, tokenizer = loaded.model, loaded.tokenizer
     idx = torch.randint(tokenizer.vocab_size, (2, 64))
     torch.testing.assert_close(model(idx)[0], hf_logits(hf_model, idx), rtol=0, atol=LOGIT_ATOL)
 
@@ -249,7 +257,7 @@ def test_bpe_tokenizer_exports_and_loads_back(transformers, tmp_path, special_to
     assert isinstance(loaded, BPETokenizer) and loaded.hf.get_vocab() == tokenizer.hf.get_vocab()
     assert loaded.special_tokens == tokenizer.special_tokens == special_tokens
     assert loaded.encode(EXTRA_TEXTS[0]) == tokenizer.encode(EXTRA_TEXTS[0])
-    original, _ = load_model(ckpt)
+    original = load(ckpt).model
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.state_dict().items())
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_reviews
-from mingpt.corpus import DataError, Review
-from mingpt.data import TokenData, prepare
-from mingpt.layouts import BookLayout, ReviewLayout, get_layout
+from mingpt.data.corpus import DataError, Review
+from mingpt.data.tokens import TokenData, write_data_dir
+from mingpt.data.layouts import BookLayout, ReviewLayout, get_layout
 from mingpt.tokenizer import BOS, EOS, NEG, PAD, POS, CharTokenizer
 
 
@@ -27,7 +27,7 @@ def test_context_and_end_tokens():
 
 def test_unknown_layout_is_refused_by_prepare_and_token_data(tmp_path, book_data_dir):
     with pytest.raises(ValueError, match="got 'novel'"):
-        prepare(synthetic_reviews(40), {}, str(tmp_path / "novel"), layout="novel")
+        write_data_dir(synthetic_reviews(40), {}, str(tmp_path / "novel"), layout="novel")
     broken = tmp_path / "broken"
     shutil.copytree(book_data_dir, broken)
     meta = broken / "meta.json"

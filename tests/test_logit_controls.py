@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from mingpt import GPT, GPTConfig
-from mingpt import sampling
-from mingpt.logit_controls import LogitControls, apply_controls, banned_ngram_tokens, guide
-from mingpt.sampling import generate, packed_sampler
+from mingpt.sample import compiled
+from mingpt.sample.controls import apply_controls, banned_ngram_tokens, guide
+from mingpt.sample.engine import generate
+from mingpt.sample.compiled import packed_sampler
+from mingpt.sample.settings import SamplingSettings
 
-requires_cached = pytest.mark.skipif(sampling.cached_sampler_unavailable_reason() is not None,
-                                     reason=f"{sampling.cached_sampler_unavailable_reason()}")
+GREEDY = SamplingSettings.plain(temperature=0)
+
+requires_cached = pytest.mark.skipif(compiled.cached_sampler_unavailable_reason() is not None,
+                                     reason=f"{compiled.cached_sampler_unavailable_reason()}")
 NEG_INF = float("-inf")
 
 
@@ -27,11 +31,12 @@ def test_guidance_pushes_log_probabilities_away_from_the_second_conditioning():
 
 
 def test_guidance_scales_the_first_guidance_tokens_then_guidance_after():
-    controls = LogitControls(guidance=8.0, guidance_tokens=3, guidance_after=1.5)
+    controls = SamplingSettings.plain(guidance=8.0, guidance_tokens=3, guidance_after=1.5)
     assert [controls.guidance_at(step) for step in range(5)] == [8.0, 8.0, 8.0, 1.5, 1.5]
-    assert [LogitControls(guidance=8.0, guidance_after=1.5).guidance_at(step) for step in (0, 50)] == [8.0, 8.0]
-    assert LogitControls(guidance_tokens=3, guidance_after=2.0).guided  # off at first, on from the 4th token
-    assert not LogitControls(guidance_tokens=3).guided and not LogitControls(guidance_after=2.0).guided
+    plain = SamplingSettings.plain
+    assert [plain(guidance=8.0, guidance_after=1.5).guidance_at(step) for step in (0, 50)] == [8.0, 8.0]
+    assert plain(guidance_tokens=3, guidance_after=2.0).guided  # off at first, on from the 4th token
+    assert not plain(guidance_tokens=3).guided and not plain(guidance_after=2.0).guided
     logits = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
     history = torch.zeros((2, 5), dtype=torch.long)
     torch.testing.assert_close(apply_controls(logits, history, controls, step=2), guide(logits, 8.0))
@@ -41,7 +46,7 @@ def test_guidance_scales_the_first_guidance_tokens_then_guidance_after():
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
     logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
     history = torch.tensor([[0, 1, 0]])  # token 0 twice: penalised once
-    out = apply_controls(logits, history, LogitControls(repetition_penalty=2.0))
+    out = apply_controls(logits, history, SamplingSettings.plain(repetition_penalty=2.0))
     assert out.tolist() == [[1.0, -2.0, 3.0, 0.5]]
 
 
@@ -65,7 +70,7 @@ def test_controls_match_hugging_face_logits_processors():
     penalty = transformers.RepetitionPenaltyLogitsProcessor(1.7)
     ngrams = transformers.NoRepeatNGramLogitsProcessor(2)
     expected = ngrams(history, penalty(history, logits.clone()))
-    got = apply_controls(logits, history, LogitControls(repetition_penalty=1.7, no_repeat_ngram_size=2))
+    got = apply_controls(logits, history, SamplingSettings.plain(repetition_penalty=1.7, no_repeat_ngram_size=2))
     assert torch.equal(got.isinf(), expected.isinf()) and expected.isinf().any()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -79,7 +84,7 @@ def test_controls_match_hugging_face_logits_processors():
     (dict(guidance_after=float("nan")), "guidance_after")])
 def test_bad_controls_are_value_errors_naming_the_value(bad, message):
     with pytest.raises(ValueError, match=message):
-        LogitControls(**bad)
+        SamplingSettings.plain(**bad)
 
 
 def spread_model(seed=0):
@@ -112,10 +117,10 @@ def test_greedy_decoding_under_controls_is_token_identical_across_samplers(contr
     idx = torch.randint(50, (3, 4), generator=generator)
     guidance_idx = idx.clone()
     guidance_idx[:, 1] = torch.tensor([50, 51, 52])  # the second conditioning: another token at position 1
-    options = dict(temperature=0, guidance_idx=guidance_idx, **CONTROLS[controls])
+    options = dict(settings=SamplingSettings.plain(temperature=0, **CONTROLS[controls]), guidance_idx=guidance_idx)
     new_tokens = 24  # past the block of 20: the window slides
     expected = generate(model, idx, new_tokens, sampler="reference", **options)
-    assert not torch.equal(expected, generate(model, idx, new_tokens, sampler="reference", temperature=0)), \
+    assert not torch.equal(expected, generate(model, idx, new_tokens, GREEDY, sampler="reference")), \
         "the controls should change the greedy tokens here"
     for name in ("kvcache", "cached"):
         assert torch.equal(generate(model, idx, new_tokens, sampler=name, **options), expected), name
@@ -130,13 +135,12 @@ def test_each_sampler_switches_the_guidance_scale_after_guidance_tokens(name):
     idx = torch.randint(50, (3, 4), generator=torch.Generator().manual_seed(3))
     guidance_idx = idx.clone()
     guidance_idx[:, 1] = torch.tensor([50, 51, 52])
-    options = dict(temperature=0, guidance_idx=guidance_idx)
-    switched = generate(model, idx, 8, sampler=name, guidance=0.0, guidance_tokens=3, guidance_after=2.5, **options)
-    second_alone = generate(model, idx, 8, sampler=name, guidance=0.0, **options)
+    schedule = GREEDY.replace(guidance=0.0, guidance_tokens=3, guidance_after=2.5)
+    switched = generate(model, idx, 8, schedule, sampler=name, guidance_idx=guidance_idx)
+    second_alone = generate(model, idx, 8, GREEDY.replace(guidance=0.0), sampler=name, guidance_idx=guidance_idx)
     assert torch.equal(switched[:, :7], second_alone[:, :7])
     assert not torch.equal(switched[:, 7], second_alone[:, 7]), "guidance 2.5 should change the 4th token here"
-    assert torch.equal(switched, generate(model, idx, 8, sampler="reference", guidance=0.0, guidance_tokens=3,
-                                          guidance_after=2.5, **options))
+    assert torch.equal(switched, generate(model, idx, 8, schedule, sampler="reference", guidance_idx=guidance_idx))
 
 
 @requires_cached
@@ -174,15 +178,17 @@ def test_the_compiled_sampler_guided_draws_follow_the_reference_distribution():
 def test_guidance_needs_the_second_prompts(name):
     model = spread_model()
     idx = torch.zeros((2, 3), dtype=torch.long)
+    guided = SamplingSettings.plain(guidance=2.0)
     with pytest.raises(ValueError, match="guidance_idx"):
-        generate(model, idx, 3, sampler=name, guidance=2.0)
+        generate(model, idx, 3, guided, sampler=name)
     with pytest.raises(ValueError, match="guidance_idx"):
-        generate(model, idx, 3, sampler=name, guidance=2.0, guidance_idx=torch.zeros((2, 4), dtype=torch.long))
+        generate(model, idx, 3, guided, sampler=name, guidance_idx=torch.zeros((2, 4), dtype=torch.long))
     with pytest.raises(ValueError, match="guidance_idx"):  # guided from the 3rd token on
-        generate(model, idx, 3, sampler=name, guidance_tokens=2, guidance_after=2.0)
+        generate(model, idx, 3, SamplingSettings.plain(guidance_tokens=2, guidance_after=2.0), sampler=name)
+    # Out-of-range settings are refused when they are made, before any sampler runs.
     with pytest.raises(ValueError, match="guidance"):
-        generate(model, idx, 3, sampler=name, guidance=-1.0, guidance_idx=idx)
+        SamplingSettings.plain(guidance=-1.0)
     with pytest.raises(ValueError, match="guidance_after"):
-        generate(model, idx, 3, sampler=name, guidance_tokens=2, guidance_after=-1.0, guidance_idx=idx)
+        SamplingSettings.plain(guidance_tokens=2, guidance_after=-1.0)
     with pytest.raises(ValueError, match="repetition_penalty"):
-        generate(model, idx, 3, sampler=name, repetition_penalty=0.0)
+        SamplingSettings.plain(repetition_penalty=0.0)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from mingpt import GPT, GPTConfig
 from mingpt.config import preset_config
 from mingpt.ops import BackendUnavailable, get_ops, sdpa_causal_attention
-from mingpt.reference import reference_causal_attention
+from mingpt.ops.reference import reference_causal_attention
 
 
 def tiny_config(**overrides):

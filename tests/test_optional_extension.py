@@ -1,5 +1,5 @@
 """mingpt._C is optional at install: a build that fails leaves the package without it, one warning and
-a note saying why, which mingpt.extension quotes; MINGPT_REQUIRE_EXTENSION=1 makes the failure an error.
+a note saying why, which mingpt.ops.extension quotes; MINGPT_REQUIRE_EXTENSION=1 makes the failure an error.
 
 The failing build is real: setup.py run on a copy of the sources with a C++ compiler that fails
 (`false`), which fails at once, before any compiling."""
@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 
-from mingpt import extension
+from mingpt.ops import extension
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,11 @@ import torch
 
 from conftest import tiny_cfg
 from mingpt import GPT, GPTConfig
-from mingpt.data import TokenData
-from mingpt.packing import ReviewPacker, load_packed
-from mingpt import training
-from mingpt.training import learning_rate, train
+from mingpt.data.tokens import TokenData
+from mingpt.data.packing import ReviewPacker, load_packed
+from mingpt.train import loop as training
+from mingpt.train.loop import train
+from mingpt.train.schedule import learning_rate
 
 PAD = 0
 

@@ -43,12 +43,12 @@ def wait_for(condition, timeout=20.0):
 
 def test_the_page_streams_a_negative_review(browser, live_server, monkeypatch):
     from selenium.webdriver.common.by import By
-    from mingpt.serving import Choice
+    from mingpt.serve.engine import Choice
     step = Choice.step
 
-    def slow_step(self, token, eos_id):  # the tiny model writes 60 tokens in milliseconds: a human-speed one
+    def slow_step(self, token):  # the tiny model writes 60 tokens in milliseconds: a human-speed one
         time.sleep(0.01)
-        return step(self, token, eos_id)
+        return step(self, token)
 
     monkeypatch.setattr(Choice, "step", slow_step)
     browser.get(live_server.url + "/")

@@ -9,10 +9,10 @@ import torch
 
 from conftest import tiny_cfg
 
-from mingpt import training
+from mingpt.train import state
 from mingpt.checkpoint import load_checkpoint
-from mingpt.runs import RunExists
-from mingpt.training import train
+from mingpt.train.records import RunExists
+from mingpt.train.loop import train
 
 
 def snapshot(folder):
@@ -103,7 +103,7 @@ def test_run_json_records_how_the_run_was_made(review_data_dir, tmp_path):
 def test_each_evaluation_prints_a_sample_per_sentiment(layout, sampler, review_data_dir, book_data_dir, tmp_path,
                                                        capsys, monkeypatch):
     if sampler == "reference":  # as where mingpt._C is not built
-        monkeypatch.setattr(training, "cached_sampler_unavailable_reason", lambda model: "not built")
+        monkeypatch.setattr(state, "cached_sampler_unavailable_reason", lambda model: "not built")
     data_dir = review_data_dir if layout == "review" else book_data_dir
     train(tiny_cfg(data_dir, tmp_path, max_iters=0, eval_iters=1))  # a model that has never seen a token
     lines = capsys.readouterr().out.splitlines()
@@ -139,6 +139,6 @@ def test_tensorboard_gets_the_samples_as_text(book_data_dir, tmp_path, monkeypat
         def __getattr__(self, name):
             return lambda *args, **kwargs: None
 
-    monkeypatch.setattr(training, "open_tensorboard", lambda cfg: Writer())
+    monkeypatch.setattr(state, "open_tensorboard", lambda cfg: Writer())
     train(tiny_cfg(book_data_dir, tmp_path, max_iters=4, eval_interval=2, eval_iters=1, tensorboard=True))
     assert written == [("samples/pos", 2), ("samples/neg", 2), ("samples/pos", 4), ("samples/neg", 4)]

@@ -5,11 +5,15 @@ import pytest
 import torch
 
 from mingpt import GPT, GPTConfig
-from mingpt import sampling
-from mingpt.sampling import generate, next_token_probs, packed_sampler, reference_generate
+from mingpt.sample import compiled, engine
+from mingpt.sample.engine import generate, next_token_probs, reference_generate
+from mingpt.sample.compiled import packed_sampler
+from mingpt.sample.settings import SamplingSettings
 
-requires_cached = pytest.mark.skipif(sampling.cached_sampler_unavailable_reason() is not None,
-                                     reason=f"{sampling.cached_sampler_unavailable_reason()}")
+GREEDY = SamplingSettings.plain(temperature=0)
+
+requires_cached = pytest.mark.skipif(compiled.cached_sampler_unavailable_reason() is not None,
+                                     reason=f"{compiled.cached_sampler_unavailable_reason()}")
 
 # Configs that reach every branch of the packing: n_embd not a multiple of the 16 lanes, a head
 # wider than 16 (attention in two chunks), a block that is not a multiple of 16, no biases.
@@ -47,33 +51,33 @@ def test_greedy_matches_reference_tokens_and_logits(name, batch, prompt_length):
     torch.manual_seed(1)
     idx = torch.randint(model.config.vocab_size, (batch, prompt_length))
     new_tokens = block + 6 - prompt_length  # past the block: the window slides for the last steps
-    expected = reference_generate(model, idx, new_tokens, temperature=0)
+    expected = reference_generate(model, idx, new_tokens, GREEDY)
     out, logits = packed_sampler(model).generate(idx, new_tokens, temperature=0, num_threads=2, record_logits=True)
     assert torch.equal(out, expected)
     # fp32 with another summation order: the logits (of size ~10 here) differ by ~1e-6.
     torch.testing.assert_close(logits, reference_step_logits(model, expected, prompt_length), rtol=0, atol=1e-4)
-    assert torch.equal(generate(model, idx, new_tokens, temperature=0, sampler="kvcache"), expected)
+    assert torch.equal(generate(model, idx, new_tokens, GREEDY, sampler="kvcache"), expected)
 
 
 @requires_cached
 def test_eos_stops_rows_and_pads_like_the_reference():
     model = spread_model("odd")
     idx = torch.randint(model.config.vocab_size, (4, 3), generator=torch.Generator().manual_seed(2))
-    free = reference_generate(model, idx, 12, temperature=0)
+    free = reference_generate(model, idx, 12, GREEDY)
     eos = int(free[0, 6])  # row 0 stops at step 4; the others stop when (if) they emit it
-    expected = reference_generate(model, idx, 12, temperature=0, eos_id=eos)
+    expected = reference_generate(model, idx, 12, GREEDY, eos_id=eos)
     for name in ("cached", "kvcache"):
-        assert torch.equal(generate(model, idx, 12, temperature=0, eos_id=eos, sampler=name), expected)
-    alone = generate(model, idx[:1], 12, temperature=0, eos_id=eos, sampler="cached")
+        assert torch.equal(generate(model, idx, 12, GREEDY, eos_id=eos, sampler=name), expected)
+    alone = generate(model, idx[:1], 12, GREEDY, eos_id=eos, sampler="cached")
     assert alone.shape[1] < 3 + 12 and alone[0, -1] == eos  # the run ends when its only row does
-    assert torch.equal(alone, reference_generate(model, idx[:1], 12, temperature=0, eos_id=eos))
+    assert torch.equal(alone, reference_generate(model, idx[:1], 12, GREEDY, eos_id=eos))
 
 
 @requires_cached
 def test_seeded_sampling_is_reproducible():
     model = spread_model("odd")
     idx = torch.zeros((3, 2), dtype=torch.long)
-    options = dict(temperature=0.9, top_k=10, top_p=0.9, sampler="cached")
+    options = dict(settings=SamplingSettings.plain(temperature=0.9, top_k=10, top_p=0.9), sampler="cached")
     a = generate(model, idx, 30, seed=7, **options)
     assert torch.equal(a, generate(model, idx, 30, seed=7, **options))
     assert not torch.equal(a, generate(model, idx, 30, seed=8, **options))
@@ -107,8 +111,8 @@ def test_draws_follow_the_reference_probabilities(temperature, top_k, top_p):
     """
     model = spread_model("odd")
     idx = torch.tensor([[1, 2, 3]]).repeat(2_000, 1)
-    draws = torch.cat([generate(model, idx, 1, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                sampler="cached")[:, -1] for seed in range(10)])
+    settings = SamplingSettings.plain(temperature=temperature, top_k=top_k, top_p=top_p)
+    draws = torch.cat([generate(model, idx, 1, settings, seed=seed, sampler="cached")[:, -1] for seed in range(10)])
     n = len(draws)
     with torch.no_grad():
         logits = model(idx[:1])[0][0, -1]
@@ -135,7 +139,7 @@ def test_callback_streams_every_column_and_its_errors_stop_the_run():
     idx = torch.randint(model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(4))
     for name in ("cached", "kvcache", "reference"):
         columns = []
-        out = generate(model, idx, 25, temperature=0, sampler=name, callback=columns.append)
+        out = generate(model, idx, 25, GREEDY, sampler=name, callback=columns.append)
         assert torch.tensor(columns).T.tolist() == out[:, 3:].tolist()
 
     seen = []
@@ -146,7 +150,7 @@ def test_callback_streams_every_column_and_its_errors_stop_the_run():
             raise KeyError("enough")
 
     with pytest.raises(KeyError, match="enough"):
-        generate(model, idx, 25, temperature=1.0, sampler="cached", callback=stop_after_three)
+        generate(model, idx, 25, SamplingSettings.plain(temperature=1.0), sampler="cached", callback=stop_after_three)
     assert len(seen) == 3
 
 
@@ -156,7 +160,7 @@ def test_rows_a_callback_retires_are_padded_and_no_longer_computed(name):
     model = spread_model("odd")
     eos = model.config.vocab_size - 1
     idx = torch.randint(eos, (3, 4), generator=torch.Generator().manual_seed(5))
-    expected = generate(model, idx, 12, temperature=0, sampler=name)
+    expected = generate(model, idx, 12, GREEDY, sampler=name)
     assert (expected[:, 4:] != eos).all(), "the case needs rows that run to max_new_tokens"
     batch_sizes = []
     model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
@@ -166,7 +170,7 @@ def test_rows_a_callback_retires_are_padded_and_no_longer_computed(name):
         columns.append(column)
         return [1] if len(columns) == 3 else None
 
-    out = generate(model, idx, 12, temperature=0, eos_id=eos, sampler=name, callback=retire_row_1_after_three)
+    out = generate(model, idx, 12, GREEDY, eos_id=eos, sampler=name, callback=retire_row_1_after_three)
     assert torch.equal(out[[0, 2]], expected[[0, 2]])
     assert torch.equal(out[1, :7], expected[1, :7]) and (out[1, 7:] == eos).all()
     assert [column[1] for column in columns[3:]] == [eos] * 9
@@ -188,8 +192,8 @@ def test_rows_a_callback_retires_are_padded_and_no_longer_computed(name):
 def test_a_callback_answer_that_names_no_row_is_a_value_error(name, answer, eos_id, message):
     model = spread_model("odd")
     with pytest.raises(ValueError, match=message):
-        generate(model, torch.zeros((3, 2), dtype=torch.long), 5, sampler=name, eos_id=eos_id,
-                 callback=lambda column: answer)
+        generate(model, torch.zeros((3, 2), dtype=torch.long), 5, SamplingSettings.plain(), sampler=name,
+                 eos_id=eos_id, callback=lambda column: answer)
 
 
 @requires_cached
@@ -198,49 +202,49 @@ def test_packed_weights_are_reused_until_a_parameter_changes():
     idx = torch.zeros((1, 1), dtype=torch.long)
     sampler = packed_sampler(model)
     assert packed_sampler(model) is sampler
-    before = generate(model, idx, 8, temperature=0, sampler="cached")
+    before = generate(model, idx, 8, GREEDY, sampler="cached")
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(-1.0)
     assert packed_sampler(model) is not sampler
-    after = generate(model, idx, 8, temperature=0, sampler="cached")
-    assert torch.equal(after, reference_generate(model, idx, 8, temperature=0)) and not torch.equal(before, after)
+    after = generate(model, idx, 8, GREEDY, sampler="cached")
+    assert torch.equal(after, reference_generate(model, idx, 8, GREEDY)) and not torch.equal(before, after)
 
 
 @requires_cached
 def test_auto_uses_the_cached_sampler_for_float32_cpu_models_only():
     model = spread_model("odd")
-    assert sampling.resolve_sampler("auto", model) == "cached"
-    assert sampling.resolve_sampler("auto", model.to(torch.bfloat16)) == "reference"
+    assert engine.resolve_sampler("auto", model) == "cached"
+    assert engine.resolve_sampler("auto", model.to(torch.bfloat16)) == "reference"
     with pytest.raises(RuntimeError, match="float32"):
-        generate(model, torch.zeros((1, 1), dtype=torch.long), 2, sampler="cached")
+        generate(model, torch.zeros((1, 1), dtype=torch.long), 2, SamplingSettings.plain(), sampler="cached")
 
 
 def test_a_missing_or_stale_build_falls_back_with_the_rebuild_command(monkeypatch):
-    from mingpt import extension
+    from mingpt.ops import extension
 
     class StaleBuild:
-        SAMPLER_VERSION = sampling.SAMPLER_VERSION - 1
+        SAMPLER_VERSION = compiled.SAMPLER_VERSION - 1
 
     monkeypatch.setattr(extension, "_C", StaleBuild)
-    reason = sampling.cached_sampler_unavailable_reason()
+    reason = compiled.cached_sampler_unavailable_reason()
     assert "stale" in reason and "pip install" in reason
     with pytest.warns(RuntimeWarning, match="stale"):
-        assert sampling.resolve_sampler("auto") == "reference"
+        assert engine.resolve_sampler("auto") == "reference"
     model = spread_model("odd")
     with pytest.warns(RuntimeWarning):
-        out = generate(model, torch.zeros((1, 1), dtype=torch.long), 4, temperature=0)
-    assert torch.equal(out, reference_generate(model, torch.zeros((1, 1), dtype=torch.long), 4, temperature=0))
+        out = generate(model, torch.zeros((1, 1), dtype=torch.long), 4, GREEDY)
+    assert torch.equal(out, reference_generate(model, torch.zeros((1, 1), dtype=torch.long), 4, GREEDY))
     with pytest.raises(RuntimeError, match="stale"):
-        generate(model, torch.zeros((1, 1), dtype=torch.long), 4, sampler="cached")
+        generate(model, torch.zeros((1, 1), dtype=torch.long), 4, SamplingSettings.plain(), sampler="cached")
     monkeypatch.setattr(extension, "_C", None)
     monkeypatch.setattr(extension, "UNAVAILABLE_REASON", "mingpt._C could not be loaded (gone)")
-    assert "could not be loaded" in sampling.cached_sampler_unavailable_reason()
+    assert "could not be loaded" in compiled.cached_sampler_unavailable_reason()
 
 
 @requires_cached
 def test_sample_cli_uses_the_cached_sampler_by_default(review_data_dir, tmp_path, capsys):
     from mingpt.checkpoint import atomic_torch_save, make_checkpoint
-    from mingpt.sample import main
+    from mingpt.sample.__main__ import main
     from mingpt.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(f"{review_data_dir}/tokenizer.json")
@@ -261,13 +265,13 @@ def test_sample_cli_uses_the_cached_sampler_by_default(review_data_dir, tmp_path
 @pytest.mark.cuda
 def test_cuda_cached_sampler_matches_reference():
     model = spread_model("odd").cuda()
-    reason = sampling.cached_sampler_unavailable_reason(model)
+    reason = compiled.cached_sampler_unavailable_reason(model)
     if reason is not None:
         pytest.skip(reason)
     idx = torch.randint(model.config.vocab_size, (3, 4), device="cuda")
     new_tokens = model.config.block_size + 4 - 4
-    expected = reference_generate(model, idx, new_tokens, temperature=0)
-    assert torch.equal(generate(model, idx, new_tokens, temperature=0, sampler="cached"), expected)
+    expected = reference_generate(model, idx, new_tokens, GREEDY)
+    assert torch.equal(generate(model, idx, new_tokens, GREEDY, sampler="cached"), expected)
 
 
 @requires_cached
@@ -279,7 +283,7 @@ def test_layer_norm_eps_of_the_config_is_the_samplers():
     idx = torch.randint(model.config.vocab_size, (3, 4), generator=torch.Generator().manual_seed(5))
     new_tokens = model.config.block_size + 3 - 4
     out, logits = packed_sampler(model).generate(idx, new_tokens, temperature=0, num_threads=2, record_logits=True)
-    assert torch.equal(out, reference_generate(model, idx, new_tokens, temperature=0))
+    assert torch.equal(out, reference_generate(model, idx, new_tokens, GREEDY))
     torch.testing.assert_close(logits, reference_step_logits(model, out, 4), rtol=0, atol=1e-4)
     default_eps = packed_sampler(spread_model("odd")).generate(idx, 1, temperature=0, record_logits=True)[1]
     assert (default_eps[:, 0] - logits[:, 0]).abs().max() > 1e-2, "eps should move the logits"

@@ -7,14 +7,18 @@ import pytest
 import torch
 
 from mingpt import GPT, GPTConfig
-from mingpt import sampling
-from mingpt.data import TokenData
-from mingpt.extension import require_extension
-from mingpt.sampling import generate, packed_sampler
+from mingpt.sample import compiled, engine
+from mingpt.data.tokens import TokenData
+from mingpt.ops.extension import require_extension
+from mingpt.sample.engine import generate
+from mingpt.sample.compiled import packed_sampler
 from mingpt.tokenizer import PAD
+from mingpt.sample.settings import SamplingSettings, WEIGHT_FORMATS
 
-pytestmark = pytest.mark.skipif(sampling.cached_sampler_unavailable_reason() is not None,
-                                reason=f"{sampling.cached_sampler_unavailable_reason()}")
+GREEDY = SamplingSettings.plain(temperature=0)
+
+pytestmark = pytest.mark.skipif(compiled.cached_sampler_unavailable_reason() is not None,
+                                reason=f"{compiled.cached_sampler_unavailable_reason()}")
 
 # (format, portable): every kernel a build can have; where the CPU lacks the bf16 or VNNI dot
 # products, the non-portable variant is the portable kernel again.
@@ -83,11 +87,11 @@ def test_each_kernel_computes_the_fp32_model_of_its_rounded_weights(config, weig
 
 def test_formats_hold_fewer_bytes_and_fp32_stays_exact():
     model = spread_model(ROW_CONFIGS[0])
-    streamed = {w: packed_sampler(model, w).streamed_bytes for w in sampling.WEIGHT_FORMATS}
+    streamed = {w: packed_sampler(model, w).streamed_bytes for w in WEIGHT_FORMATS}
     assert streamed["bf16"] < 0.51 * streamed["fp32"] and streamed["int8"] < 0.27 * streamed["fp32"]
     idx = torch.randint(model.config.vocab_size, (2, 4))
     assert torch.equal(packed_sampler(model, "fp32").generate(idx, 6, temperature=0, num_threads=2),
-                       sampling.reference_generate(model, idx, 6, temperature=0))
+                       engine.reference_generate(model, idx, 6, GREEDY))
     assert packed_sampler(model, "int8") is packed_sampler(model, "int8")
     assert packed_sampler(model, "int8") is not packed_sampler(model, "bf16")
 
@@ -96,9 +100,9 @@ def test_weight_format_is_checked_and_runs_in_the_compiled_sampler_only():
     model = spread_model(ROW_CONFIGS[1])
     idx = torch.zeros((1, 2), dtype=torch.long)
     with pytest.raises(ValueError, match="weight format"):
-        generate(model, idx, 3, weights="int4")
+        generate(model, idx, 3, SamplingSettings.plain(weights="int4"))
     with pytest.raises(ValueError, match="compiled CPU sampler only"):
-        generate(model, idx, 3, sampler="reference", weights="bf16")
+        generate(model, idx, 3, SamplingSettings.plain(weights="bf16"), sampler="reference")
     with pytest.raises(ValueError, match="weight_format"):
         kernel_sampler(model, "fp16", False)
 
@@ -175,10 +179,10 @@ def test_formats_track_the_fp32_forward_of_a_trained_model(trained, weights, por
 
 
 def test_sample_cli_writes_with_each_weight_format(serve_ckpt, capsys):
-    from mingpt.sample import main
+    from mingpt.sample.__main__ import main
     args = ["--ckpt", serve_ckpt, "--start", "好看", "--sentiment", "pos", "--num_samples", "3", "--max_new_tokens",
             "12", "--seed", "1", "--verbose"]
-    for weights in sampling.WEIGHT_FORMATS:
+    for weights in WEIGHT_FORMATS:
         assert main(args + ["--weights", weights]) == 0
         captured = capsys.readouterr()
         assert f"sampler: cached, {weights} weights" in captured.err

@@ -8,11 +8,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mingpt import GPT, GPTConfig
-from mingpt import sampling
-from mingpt.sampling import packed_sampler
+from mingpt.sample import compiled, engine
+from mingpt.sample.compiled import packed_sampler
+from mingpt.sample.settings import WEIGHT_FORMATS
+from mingpt.sample.settings import SamplingSettings
 
-pytestmark = pytest.mark.skipif(sampling.cached_sampler_unavailable_reason() is not None,
-                                reason=f"{sampling.cached_sampler_unavailable_reason()}")
+GREEDY = SamplingSettings.plain(temperature=0)
+
+pytestmark = pytest.mark.skipif(compiled.cached_sampler_unavailable_reason() is not None,
+                                reason=f"{compiled.cached_sampler_unavailable_reason()}")
 CONFIG = GPTConfig(n_layer=1, n_head=2, n_embd=20, block_size=10, vocab_size=17)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -26,13 +30,13 @@ MODEL = make_model()
 
 
 def kv_sampler(weights, config=CONFIG, weight_format="fp32", portable=False):
-    from mingpt.extension import require_extension
+    from mingpt.ops.extension import require_extension
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     return require_extension().KVSampler(weights, config, weight_format=weight_format, portable=portable)
 
 
 # Every weight format with every kernel that reads it (the portable one, and the build's best).
-VARIANTS = [(w, False) for w in sampling.WEIGHT_FORMATS] + [("bf16", True), ("int8", True)]
+VARIANTS = [(w, False) for w in WEIGHT_FORMATS] + [("bf16", True), ("int8", True)]
 each_variant = pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}{'-portable' if v[1] else ''}")
 
 
@@ -61,8 +65,9 @@ def test_good_inputs_give_well_formed_samples(variant, idx, max_new, temperature
         out = variant_sampler(variant).generate(idx, max_new, temperature, top_k or 0, 1.0 if top_p is None else top_p,
                                                 -1 if eos is None else eos, seed % 2 ** 64, num_threads=2)
     else:
-        out = sampling.generate(MODEL, idx, max_new, temperature, top_k, top_p, eos, seed, sampler="cached",
-                                weights=weights)
+        settings = SamplingSettings.plain(temperature=temperature, top_k=top_k or 0,
+                                          top_p=1.0 if top_p is None else top_p, weights=weights)
+        out = engine.generate(MODEL, idx, max_new, settings, eos_id=eos, seed=seed, sampler="cached")
     batch, length = idx.shape
     assert out.dtype == torch.long and out.shape[0] == batch and length <= out.shape[1] <= length + max_new
     assert torch.equal(out[:, :length], idx)
@@ -82,7 +87,7 @@ def test_good_inputs_give_well_formed_samples(variant, idx, max_new, temperature
                                                    num_threads=1)
         assert torch.equal(out, greedy)
         if variant == ("fp32", False):
-            assert torch.equal(out, sampling.reference_generate(MODEL, idx, max_new, temperature=0, eos_id=eos))
+            assert torch.equal(out, engine.reference_generate(MODEL, idx, max_new, GREEDY, eos_id=eos))
 
 
 @SETTINGS
@@ -162,7 +167,7 @@ def test_a_callback_that_cannot_be_called_is_a_type_error(variant):
 
 
 # Every change that shows in the weights. n_head does not (the same tensors split into other
-# heads), so a state dict cannot reveal it; mingpt.sampling always passes the model's own config.
+# heads), so a state dict cannot reveal it; mingpt.sample.compiled always passes the model's own config.
 OTHER_CONFIGS = st.sampled_from([dict(n_layer=2), dict(n_embd=24), dict(block_size=12), dict(vocab_size=19),
                                  dict(bias=False)])
 

@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from mingpt import GPT, GPTConfig
-from mingpt.sampling import generate, next_token_probs
+from mingpt.sample.engine import generate, next_token_probs
+from mingpt.sample.settings import SamplingSettings
+
+GREEDY = SamplingSettings.plain(temperature=0)
 
 
 def tiny_model():
@@ -12,25 +15,25 @@ def tiny_model():
 
 def test_seeded_sampling_is_reproducible():
     model, idx = tiny_model(), torch.zeros((3, 2), dtype=torch.long)
-    a = generate(model, idx, 12, temperature=1.0, top_k=5, seed=7, sampler="reference")
-    b = generate(model, idx, 12, temperature=1.0, top_k=5, seed=7, sampler="reference")
-    c = generate(model, idx, 12, temperature=1.0, top_k=5, seed=8, sampler="reference")
+    a = generate(model, idx, 12, SamplingSettings.plain(temperature=1.0, top_k=5), seed=7, sampler="reference")
+    b = generate(model, idx, 12, SamplingSettings.plain(temperature=1.0, top_k=5), seed=7, sampler="reference")
+    c = generate(model, idx, 12, SamplingSettings.plain(temperature=1.0, top_k=5), seed=8, sampler="reference")
     assert a.shape == (3, 14) and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a[:, :2], idx)
 
 
 def test_greedy_past_the_block_uses_the_last_window():
     model = tiny_model()
-    out = generate(model, torch.tensor([[1, 2, 3]]), 10, temperature=0, sampler="reference")
+    out = generate(model, torch.tensor([[1, 2, 3]]), 10, GREEDY, sampler="reference")
     logits, _ = model(out[:, -1 - 8:-1])
     assert out[0, -1] == logits[0, -1].argmax()
 
 
 def test_eos_stops_and_pads():
     model = tiny_model()
-    greedy = generate(model, torch.tensor([[1]]), 1, temperature=0, sampler="reference")
+    greedy = generate(model, torch.tensor([[1]]), 1, GREEDY, sampler="reference")
     eos = int(greedy[0, 1])
-    out = generate(model, torch.tensor([[1], [1]]), 6, temperature=0, eos_id=eos, sampler="reference")
+    out = generate(model, torch.tensor([[1], [1]]), 6, GREEDY, eos_id=eos, sampler="reference")
     assert out.shape == (2, 2) and (out[:, 1] == eos).all()
 
 
@@ -43,20 +46,25 @@ def test_top_k_and_top_p_filtering():
     assert torch.allclose(next_token_probs(logits, 1.0, top_p=1.0), torch.exp(logits))
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize("settings, message", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
-    (dict(temperature=-1.0), "temperature"), (dict(sampler="beam"), "unknown sampler"),
+    (dict(temperature=-1.0), "temperature"),
 ])
-def test_bad_options_raise(kwargs, message):
+def test_bad_settings_raise(settings, message):
     with pytest.raises(ValueError, match=message):
-        generate(tiny_model(), torch.zeros((1, 1), dtype=torch.long), 3, **kwargs)
+        SamplingSettings.plain(**settings)
+
+
+def test_unknown_sampler_raises():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        generate(tiny_model(), torch.zeros((1, 1), dtype=torch.long), 3, SamplingSettings.plain(), sampler="beam")
 
 
 def test_bad_prompts_raise():
     model = tiny_model()
     with pytest.raises(ValueError, match="at least one"):
-        generate(model, torch.zeros((0, 1), dtype=torch.long), 3)
+        generate(model, torch.zeros((0, 1), dtype=torch.long), 3, SamplingSettings.plain())
     with pytest.raises(ValueError, match="outside"):
-        generate(model, torch.full((1, 1), 20), 3)
+        generate(model, torch.full((1, 1), 20), 3, SamplingSettings.plain())
     with pytest.raises(ValueError, match="LongTensor"):
-        generate(model, torch.zeros((1, 1)), 3)
+        generate(model, torch.zeros((1, 1)), 3, SamplingSettings.plain())

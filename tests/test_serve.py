@@ -1,7 +1,6 @@
 """Streaming and serving against the real thing: the sample CLI's --stream and --interactive, the
 batching engine, and a live `mingpt.serve` on a loopback port driven by the official `openai` client,
 raw HTTP with bad input, and a bounded load of concurrent streaming clients."""
-import dataclasses
 import http.client
 import io
 import json
@@ -12,11 +11,13 @@ import pytest
 import torch
 
 from conftest import LiveServer
-from mingpt.checkpoint import load_model
-from mingpt.layouts import get_layout
-from mingpt.loadtest import run_clients, stream_completion, summarize
-from mingpt.sampling import IncrementalDecoder, generate, generate_stream
+from mingpt.checkpoint import load
+from mingpt.data.layouts import get_layout
+from loadtest import run_clients, stream_completion, summarize
+from mingpt.sample.engine import generate, generate_stream
+from mingpt.sample.streaming import IncrementalDecoder, TextStream
 from mingpt.tokenizer import BPETokenizer, CharTokenizer
+from mingpt.sample.settings import DEFAULTS, SamplingSettings
 
 
 def post(server, body, raw=None, headers=None):
@@ -57,18 +58,18 @@ def test_incremental_decoder_never_splits_a_character():
 
 
 def test_generate_stream_yields_the_columns_of_generate_and_stops_when_closed(serve_ckpt):
-    model, _ = load_model(serve_ckpt)
+    model = load(serve_ckpt).model
     idx = torch.tensor([[1, 3, 7], [1, 4, 8]])
-    expected = generate(model, idx, 12, temperature=0.8, seed=5)
-    columns = list(generate_stream(model, idx, 12, temperature=0.8, seed=5))
+    expected = generate(model, idx, 12, SamplingSettings.plain(temperature=0.8), seed=5)
+    columns = list(generate_stream(model, idx, 12, SamplingSettings.plain(temperature=0.8), seed=5))
     assert torch.equal(torch.tensor(columns).T, expected[:, 3:])
-    stream = generate_stream(model, idx, 200, temperature=0.8, seed=5)
+    stream = generate_stream(model, idx, 200, SamplingSettings.plain(temperature=0.8), seed=5)
     assert len(next(stream)) == 2
     stream.close()  # the generation thread stops at its next step and is joined
 
 
 def test_sample_stream_prints_what_the_unstreamed_cli_prints(serve_ckpt, capsys):
-    from mingpt.sample import main
+    from mingpt.sample.__main__ import main
     flags = ["--ckpt", serve_ckpt, "--start", "好看", "--num_samples", "3", "--max_new_tokens", "15",
              "--seed", "3", "--verbose"]
     assert main(flags) == 0
@@ -79,10 +80,11 @@ def test_sample_stream_prints_what_the_unstreamed_cli_prints(serve_ckpt, capsys)
 
 
 def test_interactive_reads_prompts_and_commands(serve_ckpt):
-    from mingpt.sample import build_parser, interactive
+    from mingpt.sample.__main__ import build_parser, interactive
     parser = build_parser()
     args = parser.parse_args(["--ckpt", serve_ckpt, "--num_samples", "1", "--max_new_tokens", "8", "--seed", "1"])
-    model, tokenizer = load_model(serve_ckpt)
+    loaded = load(serve_ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
     out = io.StringIO()
     lines = io.StringIO("好看\n:neg\n:temperature 0\n:num_samples 2\n难看\n:top_k x\n:nope\n:quit\n不会读到\n")
     interactive(model, tokenizer, get_layout("review"), args, parser, lines, out)
@@ -97,12 +99,13 @@ def test_interactive_reads_prompts_and_commands(serve_ckpt):
 # --- the engine ---------------------------------------------------------------------------------
 
 def test_the_engine_batches_and_a_cancelled_request_stops(serve_ckpt):
-    from mingpt.serving import Engine, QueueFull, Request, Settings
-    model, tokenizer = load_model(serve_ckpt)
+    from mingpt.serve.engine import Engine, QueueFull, Request
+    loaded = load(serve_ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, get_layout("review"), max_queue=4, start=False)
     events = {name: [] for name in "abc"}
     requests = {name: Request([engine.encode("好看")], events[name].append, n=2, max_tokens=200,
-                              settings=Settings(temperature=1.0), sentiment="neg") for name in "ab"}
+                              settings=DEFAULTS.replace(temperature=1.0), sentiment="neg") for name in "ab"}
     requests["a"].sink = lambda e: (events["a"].append(e), requests["a"].cancel())  # gone after its first piece
     for request in requests.values():
         engine.submit(request)
@@ -121,15 +124,16 @@ def test_the_engine_batches_and_a_cancelled_request_stops(serve_ckpt):
 
 
 def test_a_sample_that_ends_leaves_the_batch_at_once(serve_ckpt):
-    from mingpt.serving import Engine, Request, Settings
-    model, tokenizer = load_model(serve_ckpt)
+    from mingpt.serve.engine import Engine, Request
+    loaded = load(serve_ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, get_layout("review"), sampler="kvcache", start=False)
     batch_sizes = []
     model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
     events = {"gone": [], "short": [], "long": []}
-    unbanned = dataclasses.replace(Settings().controls, no_repeat_ngram_size=0)  # greedy runs long without the ban
+    unbanned = DEFAULTS.replace(temperature=0.0, no_repeat_ngram_size=0)  # greedy runs long without the ban
     requests = {name: Request([engine.encode("难看")], events[name].append, max_tokens=max_tokens,
-                              settings=Settings(temperature=0.0, controls=unbanned), sentiment="neg")
+                              settings=unbanned, sentiment="neg")
                 for name, max_tokens in [("gone", 50), ("short", 3), ("long", 50)]}
     requests["gone"].sink = lambda e: (events["gone"].append(e), requests["gone"].cancel())
     for request in requests.values():
@@ -146,19 +150,22 @@ def test_a_sample_that_ends_leaves_the_batch_at_once(serve_ckpt):
     assert long_tokens > 10, "the case needs a sample that runs on after the others end"
     # three samples until the client goes (its second token) and the short one ends (its third), then
     # one; guided (the server's default), each sample runs as two rows
-    assert Settings().controls.guided
+    assert DEFAULTS.guided
     assert batch_sizes[0] == 2 * 3 and set(batch_sizes[3:]) == {2 * 1}
 
 
 def test_stop_strings_are_cut_and_held_back():
-    from mingpt.serving import StopMatcher
-    matcher = StopMatcher(["难看", "。"])
-    assert matcher.feed("好看") == ("好看", False)
-    assert matcher.feed("难") == ("", False)  # may grow into 难看
-    assert matcher.feed("过") == ("难过", False)
-    assert matcher.feed("，难") == ("，", False)
-    assert matcher.feed("看吗") == ("", True)
-    assert matcher.text[:matcher.sent] == "好看难过，"
+    """The server's rule (OpenAI's): the text ends before the stop string, and text that may still grow into
+    one is held back; the CLI's (Hugging Face's): the text keeps it, and nothing is held back."""
+    tokenizer = CharTokenizer.train(["好看难过，。吗"])
+    ids = tokenizer.encode("好看难过，难看吗")
+    stream = TextStream(tokenizer, stops=("难看", "。"), keep_stop=False)
+    sent = [stream.feed(token) for token in ids[:7]]
+    assert sent == ["好", "看", "", "难过", "，", "", ""] and stream.ended  # 难 may grow into 难看
+    assert stream.feed(ids[7]) == "" and stream.text[:stream.sent] == "好看难过，"
+    kept = TextStream(tokenizer, stops=("难看", "。"), keep_stop=True, prefix="难")  # the prompt counts for nothing
+    assert [kept.feed(token) for token in ids] == ["好", "看", "难", "过", "，", "难", "看", ""] and kept.ended
+    assert kept.text[:kept.sent] == "难好看难过，难看"
 
 
 # --- the live server ----------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import torch
 from conftest import synthetic_reviews
 from mingpt.checkpoint import load_checkpoint
 from mingpt.config import preset_config
-from mingpt.data import TokenData
-from mingpt.train import main
+from mingpt.data.tokens import TokenData
+from mingpt.train.__main__ import main
 
 
 @pytest.fixture

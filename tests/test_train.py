@@ -7,12 +7,14 @@ import torch
 
 from conftest import tiny_cfg
 
-from mingpt import training
-from mingpt.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model
+from mingpt.train import loop as training
+from mingpt.train import state
+from mingpt.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load
 from mingpt.config import preset_config
 from mingpt.runtime import Distributed
-from mingpt.train import config_from_args
-from mingpt.training import learning_rate, train
+from mingpt.train.__main__ import config_from_args
+from mingpt.train.loop import train
+from mingpt.train.schedule import learning_rate
 
 
 def test_loss_decreases_and_outputs_are_written(review_data_dir, tmp_path):
@@ -22,7 +24,8 @@ def test_loss_decreases_and_outputs_are_written(review_data_dir, tmp_path):
     assert [int(r["iter"]) for r in rows] == [30, 60]
     assert result["val_loss"] < 0.6 * torch.log(torch.tensor(float(result_vocab(review_data_dir)))).item()
     assert os.path.getsize(tmp_path / "loss.png") > 1000
-    model, tokenizer = load_model(str(tmp_path))
+    loaded = load(str(tmp_path))
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert tokenizer.vocab_size == model.config.vocab_size
 
 
@@ -113,8 +116,8 @@ def cpu_grad_scaler(**kwargs):
 
 
 def test_grad_scaler_skips_steps_with_inf_gradients(book_data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "make_grad_scaler", cpu_grad_scaler(init_scale=2.0 ** 16))
-    run = training.set_up(tiny_cfg(book_data_dir, tmp_path, max_iters=40), Distributed(), torch.device("cpu"))
+    monkeypatch.setattr(state, "make_grad_scaler", cpu_grad_scaler(init_scale=2.0 ** 16))
+    run = state.set_up(tiny_cfg(book_data_dir, tmp_path, max_iters=40), Distributed(), torch.device("cpu"))
     before = {name: p.detach().clone() for name, p in run.model.named_parameters()}
     overflow = run.model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
     loss, _ = training.optimizer_step(run)
@@ -129,7 +132,7 @@ def test_grad_scaler_skips_steps_with_inf_gradients(book_data_dir, tmp_path, mon
 
 
 def test_resume_restores_the_grad_scaler(book_data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "make_grad_scaler", cpu_grad_scaler(init_scale=2.0 ** 10, growth_interval=3))
+    monkeypatch.setattr(state, "make_grad_scaler", cpu_grad_scaler(init_scale=2.0 ** 10, growth_interval=3))
     schedule = dict(eval_interval=10, lr_decay_iters=20)
     train(tiny_cfg(book_data_dir, tmp_path / "a", max_iters=20, **schedule))
     train(tiny_cfg(book_data_dir, tmp_path / "b", max_iters=10, **schedule))
@@ -151,7 +154,7 @@ def test_averaged_weights_are_measured_and_kept_in_best(review_data_dir, tmp_pat
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv", encoding="utf-8")))
     assert all(float(r["unaveraged_val_nats_per_char"]) != float(r["val_nats_per_char"]) for r in rows)
     latest, best = load_checkpoint(str(tmp_path / "ckpt.pt")), load_checkpoint(str(tmp_path / "best.pt"))
-    averaged = dict(zip([n for n, _ in load_model(str(tmp_path / "ckpt.pt"))[0].named_parameters()], latest["ema"]))
+    averaged = dict(zip([n for n, _ in load(str(tmp_path / "ckpt.pt")).model.named_parameters()], latest["ema"]))
     assert not torch.equal(averaged["transformer.wte.weight"], latest["model"]["transformer.wte.weight"])
     assert best["iter_num"] == latest["iter_num"] == 20  # the last evaluation was the best: best.pt is the average
     for name, weights in averaged.items():

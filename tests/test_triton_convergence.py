@@ -22,7 +22,7 @@ Tolerances, and why:
 import pytest
 
 from mingpt import GPTConfig
-from mingpt.data import TokenData
+from mingpt.data.tokens import TokenData
 from op_check import BACKENDS
 from train_check import assert_cli_runs_agree, assert_tracks_reference, run_train_cli, train_steps
 

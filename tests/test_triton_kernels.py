@@ -12,7 +12,7 @@ target, and fp64 gradchecks.
 Shapes beyond the shared grid: attention in forced 16-row blocks (T = 17, 64), and T = 130 in the
 default blocks of 64 (three blocks with a ragged last one).
 
-Packed rows (attention with `starts`): against mingpt.reference.reference_causal_attention(qkv, n_head,
+Packed rows (attention with `starts`): against mingpt.ops.reference.reference_causal_attention(qkv, n_head,
 starts) in fp32 and fp16 at op_check's tolerances (fp32 1e-5; fp16 4e-3 and no worse than 2x torch's
 own fp16 op + half an ulp), outputs and the qkv gradient, at the seed preset's odd head dim (n_embd 252,
 12 heads of 21), T = 1, 17 and 64, in forced 16-row blocks and the default ones. The rows hold one
@@ -26,7 +26,7 @@ import random
 import pytest
 import torch
 
-from mingpt import reference
+from mingpt.ops import reference
 from op_check import BACKENDS, DTYPE_IDS, err
 
 pytestmark = pytest.mark.triton

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from mingpt import GPT, GPTConfig, ops
-from mingpt import train as train_cli
+from mingpt.train import __main__ as train_cli
 from mingpt.checkpoint import load_checkpoint
-from mingpt.data import TokenData
+from mingpt.data.tokens import TokenData
 
 LOSS_TOL = 5e-5
 FIRST_GRAD_TOL = 1e-5

@@ -26,7 +26,7 @@ import torch
 ARCHS = (80, 90)
 # Largest shared memory one block may use (the opt-in maximum), CUDA C Programming Guide, table 21.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-PRESET_VOCAB = {"tiny": 64, "demo": 4620, "seed": 2212}  # the vocabularies the README quotes; tiny: the tests'
+PRESET_VOCAB = {"tiny": 64, "demo": 4620, "seed": 2212}  # the vocabularies docs/usage.md quotes; tiny: the tests'
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BATCH = 2
 
