@@ -15,7 +15,11 @@ CLI's default settings) and measures them beside real held-out reviews of the sa
   distinct-1/2        unique character uni/bigrams over all uni/bigrams of what the model wrote: the
                       samples after their prompt (every sample repeats the prompt, which no set of real
                       reviews does), the real reviews whole
-With --sweep_guidance and --sweep_temperature it prints the trade-off over that grid instead.
+  naturalness         negative log-likelihood per character under an independent character n-gram model
+                      of real reviews (mingpt.naturalness), fitted on the judge's training set: how likely
+                      the text reads as a real review; the samples' (after their prompt) beside the real
+                      held-out reviews' of that sentiment
+With --sweep NAME=V1,V2 (repeatable, any sampling setting) it prints the summary over that grid instead.
 """
 import argparse
 import json
@@ -28,7 +32,8 @@ from .checkpoint import CheckpointError, load
 from .data.corpus import EMBEDDED_CORPUS, DataError, load_csv, load_embedded_corpus
 from .data.tokens import TokenData
 from .metrics import Reference, SentimentJudge, measure_prompts, nats_per_char, sweep, validation_loss
-from .sample.settings import add_flags, from_args
+from .naturalness import CharNgramModel
+from .sample.settings import DEFAULTS, FIELDS, add_flags, from_args
 
 # 好看 and 难看, then prompts that carry no sentiment of their own: subjects and opening phrases.
 NEUTRAL_PROMPTS = ("这部电影", "剧情", "演员", "导演", "我觉得", "看完之后")
@@ -70,29 +75,41 @@ def evaluate(model, tokenizer, data: TokenData, layout, prompts, reference: Refe
 
 def print_report(report, file=sys.stdout):
     print(f"judge: trained on {report['judge']['train']}, accuracy {report['judge']['test_accuracy']:.1%} "
-          f"on {report['judge']['test']}", file=file)
+          f"on {report['judge']['test']}; naturalness: nats per character under a {report['judge']['naturalness']}",
+          file=file)
     print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.1f}; "
           f"{report['val_nats_per_char']:.4f} nats per character given the sentiment", file=file)
     print(f"{'prompt':<16}{'metric':<20}{'generated':>10}{'real':>10}{'difference':>12}", file=file)
     for p in report["prompts"]:
         label = f"{p['start']} ({p['sentiment']})"
-        for metric in ("sentiment_accuracy", "novelty", "exact_copies", "distinct_1", "distinct_2", "mean_length"):
+        for metric in ("sentiment_accuracy", "naturalness", "novelty", "exact_copies", "distinct_1", "distinct_2",
+                       "mean_length"):
             g, r = p["generated"][metric], p["real_held_out"][metric]
-            if metric == "mean_length":
-                cells = f"{g:>10.1f}{r:>10.1f}{g - r:>+12.1f}"
+            if g is None or r is None:
+                continue
+            if metric in ("mean_length", "naturalness"):
+                cells = f"{g:>10.2f}{r:>10.2f}{g - r:>+12.2f}"
             else:
                 cells = f"{g:>10.1%}{r:>10.1%}{100 * (g - r):>+10.1f}pp"
             print(f"{label:<16}{metric:<20}{cells}", file=file)
             label = ""
 
 
-def print_sweep(rows, file=sys.stdout):
-    print(f"{'guidance':>8}{'temperature':>12}{'min sentiment margin':>22}{'mean sentiment':>16}"
-          f"{'min novelty':>13}{'distinct-2 / real':>19}{'mean length':>13}", file=file)
+SWEEP_COLUMNS = (("min sentiment margin", "min_sentiment_margin", "{:+.1%}"),
+                 ("mean sentiment", "mean_sentiment_accuracy", "{:.1%}"), ("min novelty", "min_novelty", "{:.1%}"),
+                 ("distinct-2 / real", "distinct_2_ratio", "{:.2f}"), ("lowest", "min_distinct_2_ratio", "{:.2f}"),
+                 ("naturalness gap", "naturalness_gap", "{:+.2f}"), ("worst", "worst_naturalness_gap", "{:+.2f}"),
+                 ("mean length", "mean_length", "{:.1f}"))
+
+
+def print_sweep(rows, swept, file=sys.stdout):
+    """One line per point of the grid: the swept settings, then the summary (mingpt.metrics.summary)."""
+    print("".join(f"{name:>14}" for name in swept) + "".join(f"{title:>22}" for title, _, _ in SWEEP_COLUMNS),
+          file=file)
     for r in rows:
-        print(f"{r['guidance']:>8g}{r['temperature']:>12g}{100 * r['min_sentiment_margin']:>+20.1f}pp"
-              f"{r['mean_sentiment_accuracy']:>16.1%}{r['min_novelty']:>13.1%}{r['distinct_2_ratio']:>19.2f}"
-              f"{r['mean_length']:>13.1f}", file=file)
+        print("".join(f"{r[name]!s:>14}" for name in swept)
+              + "".join(f"{'-' if r[key] is None else form.format(r[key]):>22}" for _, key, form in SWEEP_COLUMNS),
+              file=file)
 
 
 def parse_prompts(text: str, tokenizer=None):
@@ -112,11 +129,20 @@ def parse_prompts(text: str, tokenizer=None):
     return prompts
 
 
-def parse_floats(text: str, flag: str) -> list:
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}: write comma-separated numbers, got {text!r}") from None
+def parse_sweep(items) -> dict:
+    """--sweep NAME=V1,V2 items as {setting name: [values]}, each value of the setting's type."""
+    grid = {}
+    for item in items:
+        name, equals, values = item.partition("=")
+        if not equals or name not in FIELDS or name == "stop":
+            raise ValueError(f"--sweep {item!r}: write NAME=V1,V2,... with NAME a sampling setting other than stop "
+                             f"({', '.join(n for n in FIELDS if n != 'stop')})")
+        kind = type(getattr(DEFAULTS, name))
+        try:
+            grid[name] = [kind(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--sweep {item!r}: {name} takes {kind.__name__} values") from None
+    return grid
 
 
 def build_parser():
@@ -132,9 +158,9 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=100)
     add_flags(p)  # the sample CLI's defaults: what a user who types only --start gets
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sweep_guidance", metavar="G1,G2,...",
-                   help="with --sweep_temperature: print the trade-off over guidance x temperature instead")
-    p.add_argument("--sweep_temperature", metavar="T1,T2,...", help="see --sweep_guidance")
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                   help="measure every combination of these values of sampling settings (repeatable; the other "
+                        "settings as given) and print one summary line for each instead of the report")
     p.add_argument("--judge_train", default=DEFAULT_JUDGE_TRAIN,
                    help="labelled CSV the judge trains on (default: the 20k Douban comments when present, "
                         "else the embedded corpus)")
@@ -147,13 +173,8 @@ def build_parser():
 
 
 def run(args):
-    """The report (or, with the sweep flags, the sweep's rows) for parsed arguments."""
-    if bool(args.sweep_guidance) != bool(args.sweep_temperature):
-        raise ValueError("a sweep needs both --sweep_guidance and --sweep_temperature")
-    grid = None
-    if args.sweep_guidance:
-        grid = (parse_floats(args.sweep_guidance, "--sweep_guidance"),
-                parse_floats(args.sweep_temperature, "--sweep_temperature"))
+    """The report (or, with --sweep, the sweep's rows) for parsed arguments."""
+    grid = parse_sweep(args.sweep)
     loaded = load(args.ckpt)
     model, tokenizer, layout = loaded.model, loaded.tokenizer, loaded.layout
     data = TokenData(args.data_dir)
@@ -164,12 +185,14 @@ def run(args):
     sources = ([loaded.data.get("source"), (loaded.data.get("extra_train") or {}).get("source")]
                + [d.meta.get("source") for d in earlier])
     judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test, sources)
-    reference = Reference(data, SentimentJudge(judge_train), earlier)
+    naturalness = CharNgramModel(r.text for r in judge_train)
+    reference = Reference(data, SentimentJudge(judge_train), naturalness, earlier)
     options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    judge = {"train": train_name, "test": test_name, "test_accuracy": reference.judge.accuracy(judge_test)}
-    if grid is not None:
-        return {"judge": judge, "sweep": sweep(model, tokenizer, layout, prompts, reference, *grid,
-                                               from_args(args), **options)}
+    judge = {"train": train_name, "test": test_name, "test_accuracy": reference.judge.accuracy(judge_test),
+             "naturalness": f"character {naturalness.order}-gram model (Kneser-Ney) of {train_name}"}
+    if grid:
+        return {"judge": judge, "sweep": sweep(model, tokenizer, layout, prompts, reference, grid, from_args(args),
+                                               **options)}
     report = evaluate(model, tokenizer, data, layout, prompts, reference, from_args(args), **options)
     report["judge"] = judge
     return report
@@ -185,7 +208,7 @@ def main(argv=None):
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if "sweep" in report:
-        print_sweep(report["sweep"])
+        print_sweep(report["sweep"], list(parse_sweep(args.sweep)))
     else:
         print_report(report)
     if args.json:

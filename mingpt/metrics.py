@@ -6,6 +6,7 @@
   samples         per prompt and sentiment, the samples' judged sentiment (SentimentJudge), novelty
                   (CopyDetector), distinct-n and length beside the same figures of real held-out reviews
 """
+import itertools
 import random
 
 import numpy as np
@@ -131,22 +132,27 @@ def validation_loss(model, data: TokenData, batch_size: int = 64) -> float:
 
 
 class Reference:
-    """What samples are measured against: the judge, the training reviews of every stage (for copies),
-    and the real held-out reviews."""
+    """What samples are measured against: the judge, the naturalness model (mingpt.naturalness), the training
+    reviews of every stage (for copies), and the real held-out reviews."""
 
-    def __init__(self, data: TokenData, judge, earlier_data=()):
-        self.judge = judge
+    def __init__(self, data: TokenData, judge, naturalness=None, earlier_data=()):
+        self.judge, self.naturalness = judge, naturalness
         self.copies = CopyDetector([t for d in (data, *earlier_data) for _, t in d.review_texts("train")])
         self.held_out = data.review_texts("val")
-        # the judge's rate on every held-out review of each sentiment: the bar a prompt's samples must reach
-        self.real_rates = {sentiment: judge.agreement([t for s, t in self.held_out if s == sentiment], sentiment)
-                           for sentiment in ("pos", "neg")}
+        by_sentiment = {s: [t for label, t in self.held_out if label == s] for s in ("pos", "neg")}
+        # the judge's rate and the naturalness of every held-out review of each sentiment: the bars a prompt's
+        # samples must reach
+        self.real_rates = {s: judge.agreement(texts, s) for s, texts in by_sentiment.items()}
+        self.real_naturalness = {s: naturalness.nll_per_char(texts) if naturalness else None
+                                 for s, texts in by_sentiment.items()}
 
 
 def statistics(texts, sentiment, reference: Reference, prompt: str = "") -> dict:
     """The measures of texts; distinct-n counts what follows `prompt` in each."""
     written = [t[len(prompt):] if t.startswith(prompt) else t for t in texts]
+    natural = reference.naturalness.nll_per_char(texts, prompt) if reference.naturalness and texts else None
     return {"count": len(texts), "sentiment_accuracy": reference.judge.agreement(texts, sentiment),
+            "naturalness": natural,
             "novelty": reference.copies.novelty(texts),
             "exact_copies": sum(t in reference.copies.exact for t in texts) / len(texts) if texts else 0.0,
             "distinct_1": distinct_n(written, 1), "distinct_2": distinct_n(written, 2),
@@ -166,30 +172,40 @@ def measure_prompts(model, tokenizer, layout, prompts, reference: Reference, set
         real = [t for s, t in reference.held_out if s == sentiment]
         real = statistics(rng.sample(real, min(len(real), num_samples)), sentiment, reference)
         real["sentiment_accuracy"] = reference.real_rates[sentiment]
+        real["naturalness"] = reference.real_naturalness[sentiment]
         generated = statistics(texts, sentiment, reference, prompt=start)
         rows.append({"start": start, "sentiment": sentiment, "generated": generated,
                      "real_held_out": real, "examples": texts[:5]})
     return rows
 
 
-def sweep(model, tokenizer, layout, prompts, reference: Reference, guidances, temperatures,
+def summary(measured) -> dict:
+    """Every prompt and sentiment of measure_prompts at once: the worst judged-sentiment margin over real
+    reviews, the lowest novelty, distinct-2 against real reviews' (mean and lowest), the naturalness gap to
+    real reviews (mean, and the one furthest from 0) and the mean length."""
+    gen = [m["generated"] for m in measured]
+    real = [m["real_held_out"] for m in measured]
+    ratios = [g["distinct_2"] / r["distinct_2"] for g, r in zip(gen, real) if r["distinct_2"]]
+    gaps = [g["naturalness"] - r["naturalness"] for g, r in zip(gen, real)
+            if g["naturalness"] is not None and r["naturalness"] is not None]
+    return {"min_sentiment_margin": min(g["sentiment_accuracy"] - r["sentiment_accuracy"] for g, r in zip(gen, real)),
+            "mean_sentiment_accuracy": float(np.mean([g["sentiment_accuracy"] for g in gen])),
+            "min_novelty": min(g["novelty"] for g in gen),
+            "distinct_2_ratio": float(np.mean(ratios)) if ratios else None,
+            "min_distinct_2_ratio": min(ratios, default=None),
+            "naturalness_gap": float(np.mean(gaps)) if gaps else None,
+            "worst_naturalness_gap": max(gaps, key=abs, default=None),
+            "mean_length": float(np.mean([g["mean_length"] for g in gen]))}
+
+
+def sweep(model, tokenizer, layout, prompts, reference: Reference, grid: dict,
           settings: SamplingSettings = DEFAULTS, **options):
-    """The trade-off over guidance x temperature (the rest of `settings` held): per pair, the worst prompt's
-    judged-sentiment margin over real reviews, the lowest novelty, and distinct-2 against real reviews'.
+    """The summary at every point of grid ({setting name: values}, the rest of `settings` held).
     options: measure_prompts'."""
     rows = []
-    for guidance in guidances:
-        for temperature in temperatures:
-            measured = measure_prompts(model, tokenizer, layout, prompts, reference,
-                                       settings.replace(guidance=guidance, temperature=temperature), **options)
-            gen = [m["generated"] for m in measured]
-            real = [m["real_held_out"] for m in measured]
-            rows.append({"guidance": guidance, "temperature": temperature,
-                         "min_sentiment_margin": min(g["sentiment_accuracy"] - r["sentiment_accuracy"]
-                                                     for g, r in zip(gen, real)),
-                         "mean_sentiment_accuracy": float(np.mean([g["sentiment_accuracy"] for g in gen])),
-                         "min_novelty": min(g["novelty"] for g in gen),
-                         "distinct_2_ratio": float(np.mean([g["distinct_2"] / r["distinct_2"]
-                                                            for g, r in zip(gen, real) if r["distinct_2"]])),
-                         "mean_length": float(np.mean([g["mean_length"] for g in gen]))})
+    for values in itertools.product(*grid.values()):
+        changes = dict(zip(grid, values))
+        measured = measure_prompts(model, tokenizer, layout, prompts, reference, settings.replace(**changes),
+                                   **options)
+        rows.append({**changes, **summary(measured)})
     return rows

@@ -110,8 +110,10 @@ def test_evaluate_reports_every_metric(trained, tmp_path):
             stats = prompt[side]
             assert all(0.0 <= stats[m] <= 1.0
                        for m in ("sentiment_accuracy", "novelty", "exact_copies", "distinct_1", "distinct_2"))
+            assert 0 < stats["naturalness"] < 20  # nats per character under the judge set's n-gram model
     assert report["judge"]["train"] == str(judge_csv) and 0.5 <= report["judge"]["test_accuracy"] <= 1.0
-    assert "validation loss" in result.stdout and "distinct_2" in result.stdout
+    assert str(judge_csv) in report["judge"]["naturalness"]
+    assert "validation loss" in result.stdout and "distinct_2" in result.stdout and "naturalness" in result.stdout
     assert "nats per character given the sentiment" in result.stdout and 0 < report["val_nats_per_char"] < 10
     generator_csv = os.path.join(os.path.dirname(data_dir), "reviews.csv")
     refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, "--judge_train", generator_csv,
@@ -127,8 +129,8 @@ def test_evaluate_sweeps_guidance_by_temperature_and_names_a_prompt_outside_the_
     judge = ["--judge_train", str(judge_csv), "--judge_test", str(judge_csv)]
     report_path = tmp_path / "sweep.json"
     result = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, "--num_samples", "4",
-                 "--max_new_tokens", "8", *judge, "--prompts", "好看", "--sweep_guidance", "1,2.5",
-                 "--sweep_temperature", "0.7,1", "--json", str(report_path))
+                 "--max_new_tokens", "8", *judge, "--prompts", "好看", "--sweep", "guidance=1,2.5",
+                 "--sweep", "temperature=0.7,1", "--json", str(report_path))
     rows = json.loads(report_path.read_text(encoding="utf-8"))["sweep"]
     assert [(r["guidance"], r["temperature"]) for r in rows] == [(1, 0.7), (1, 1), (2.5, 0.7), (2.5, 1)]
     assert all(-1 <= r["min_sentiment_margin"] <= 1 and 0 <= r["min_novelty"] <= 1 for r in rows)
@@ -136,9 +138,9 @@ def test_evaluate_sweeps_guidance_by_temperature_and_names_a_prompt_outside_the_
     # the default prompt set holds characters this small vocabulary lacks
     refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, *judge, check=False)
     assert refused.returncode == 2 and "prompt '这部电影'" in refused.stderr and "--prompts" in refused.stderr
-    refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, *judge, "--sweep_guidance", "1,x",
-                  "--sweep_temperature", "1", check=False)
-    assert refused.returncode == 2 and "--sweep_guidance" in refused.stderr
+    refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, *judge, "--sweep", "guidance=1,x",
+                  "--sweep", "temperature=1", check=False)
+    assert refused.returncode == 2 and "--sweep 'guidance=1,x'" in refused.stderr
 
 
 def test_sample_prompts_file_stop_strings_and_controls(trained, tmp_path):

@@ -3,7 +3,7 @@ import pytest
 
 from conftest import shared_csv, synthetic_reviews
 from mingpt.data.corpus import DataError, Review, load_csv, load_embedded_corpus, split_reviews
-from mingpt.data.tokens import write_data_dir
+from mingpt.data.tokens import summary_line, write_data_dir
 
 
 def write(path, text, encoding="utf-8"):
@@ -16,6 +16,16 @@ def test_csv_handles_bom_crlf_quotes_empty_and_unknown_labels(tmp_path):
     reviews, drops = load_csv(path)
     assert reviews == [Review("好看,真的", "pos"), Review("难看 太差", "neg"), Review("好看", "pos")]
     assert drops == {"empty review": 1, "unknown label '5'": 1, "duplicate": 1}
+
+
+def test_html_entities_are_unescaped_and_counted(tmp_path):
+    """Scraped reviews carry &gt; and the like (26 rows of the 5k movie reviews do); a model would learn them."""
+    path = write(tmp_path / "h.csv", "review,sentiment\n好看&gt;_&lt;,1\n&quot;烂&quot; &amp; 差,0\n好看>_<,1\n还行,1\n")
+    reviews, drops = load_csv(path)
+    assert reviews == [Review("好看>_<", "pos"), Review('"烂" & 差', "neg"), Review("还行", "pos")]
+    meta = write_data_dir(reviews, drops, str(tmp_path / "out"), block_size=16, source=path)
+    assert meta["unescaped"] == 2 and meta["dropped"] == {"duplicate": 1}  # the third row repeats the first
+    assert "2 rows' HTML entities unescaped" in summary_line(meta)
 
 
 def test_csv_douban_columns_and_custom_labels(tmp_path):

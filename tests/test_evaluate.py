@@ -20,7 +20,7 @@ def test_distinct_n_on_known_cases():
 def test_distinct_n_counts_what_follows_the_prompt():
     judge = SentimentJudge([Review(t, "pos") for t in ("好看", "喜欢", "精彩")] + [Review(t, "neg") for t in
                                                                               ("难看", "无聊", "失望")])
-    reference = type("Reference", (), {"judge": judge, "copies": CopyDetector(["剧情好看"])})()
+    reference = type("Reference", (), {"judge": judge, "copies": CopyDetector(["剧情好看"]), "naturalness": None})()
     texts = ["剧情好看", "剧情无聊", "剧情"]
     measured = statistics(texts, "pos", reference, prompt="剧情")
     assert measured["distinct_2"] == 2 / 2 and measured["distinct_1"] == 4 / 4  # 好看, 无聊; the prompt's 剧情 not

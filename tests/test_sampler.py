@@ -99,27 +99,31 @@ def chi2_quantile(df, z):
 
 
 @requires_cached
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 8, None), (1.5, None, 0.8),
-                                                       (2.0, 12, 0.85)])
-def test_draws_follow_the_reference_probabilities(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [(1.0, None, None, 0.0), (0.7, 8, None, 0.0),
+                                                              (1.5, None, 0.8, 0.0), (2.0, 12, 0.85, 0.0),
+                                                              (1.5, None, None, 0.06), (2.0, None, 0.9, 0.1)])
+def test_draws_follow_the_reference_probabilities(temperature, top_k, top_p, min_p):
     """20,000 one-token draws (10 seeds x 2,000 rows) from one prompt against next_token_probs, by a chi-square test.
 
     The threshold is the chi-square quantile with upper tail 1e-6 (z = 4.75): a correct sampler
     fails with probability about 1e-6 per case over seeds. The seed is fixed, so the test is
     deterministic. Tokens the reference gives probability 0 must never be drawn; no token sits
-    within 1e-3 of the top-p cut, where float rounding could decide it either way.
+    within 1e-3 of the top-p or min-p cut, where float rounding could decide it either way.
     """
     model = spread_model("odd")
     idx = torch.tensor([[1, 2, 3]]).repeat(2_000, 1)
-    settings = SamplingSettings.plain(temperature=temperature, top_k=top_k, top_p=top_p)
+    settings = SamplingSettings.plain(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     draws = torch.cat([generate(model, idx, 1, settings, seed=seed, sampler="cached")[:, -1] for seed in range(10)])
     n = len(draws)
     with torch.no_grad():
         logits = model(idx[:1])[0][0, -1]
-    probs = next_token_probs(logits, temperature, top_k, top_p).double()
+    probs = next_token_probs(logits, temperature, top_k, top_p, min_p).double()
     if top_p is not None:
         kept = next_token_probs(logits, temperature, top_k).sort(descending=True).values
         assert ((kept.cumsum(0) - kept - top_p).abs() > 1e-3).all()
+    if min_p:
+        relative = next_token_probs(logits, temperature, top_k, top_p) / probs.max()
+        assert ((relative - min_p).abs() > 1e-3).all()
     counts = torch.bincount(draws, minlength=model.config.vocab_size).double()
     assert counts[probs == 0].sum() == 0
     expected = probs * n

@@ -44,10 +44,15 @@ def test_top_k_and_top_p_filtering():
     assert torch.allclose(next_token_probs(logits, 1.0, top_p=0.8), torch.tensor([[0.625, 0.375, 0, 0]]))
     assert torch.allclose(next_token_probs(logits, 1.0, top_p=0.81), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95)
     assert torch.allclose(next_token_probs(logits, 1.0, top_p=1.0), torch.exp(logits))
+    # min-p: keep tokens at least min_p times the likeliest one's probability (0.5 here)
+    assert torch.allclose(next_token_probs(logits, 1.0, min_p=0.5), torch.tensor([[0.625, 0.375, 0, 0]]))
+    assert torch.allclose(next_token_probs(logits, 1.0, min_p=0.2), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95)
+    assert torch.allclose(next_token_probs(logits, 1.0, top_p=0.8, min_p=0.7), torch.tensor([[1.0, 0, 0, 0]]))
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(min_p=1.5), "min_p"),
+    (dict(min_p=-0.1), "min_p"),
     (dict(temperature=-1.0), "temperature"),
 ])
 def test_bad_settings_raise(settings, message):

@@ -27,7 +27,8 @@ namespace {
 
 // The checks of generate's arguments, whose errors name the argument.
 void check_generate_args(const ModelConfig& c, const torch::Tensor& idx, int64_t max_new_tokens, double temperature,
-                         int64_t top_k, double top_p, int64_t eos_id, int64_t num_threads, const py::object& callback) {
+                         int64_t top_k, double top_p, double min_p, int64_t eos_id, int64_t num_threads,
+                         const py::object& callback) {
   TORCH_CHECK_TYPE(idx.scalar_type() == torch::kLong, "generate: idx must be int64 token ids, got ",
                    idx.scalar_type());
   TORCH_CHECK_VALUE(idx.device().is_cpu(), "generate: idx must be on the CPU, got ", idx.device());
@@ -46,6 +47,7 @@ void check_generate_args(const ModelConfig& c, const torch::Tensor& idx, int64_t
                     "number >= 0, got ", temperature);
   TORCH_CHECK_VALUE(top_k >= 0, "generate: top_k must be >= 0 (0: no limit), got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "generate: top_p must be in (0, 1], got ", top_p);
+  TORCH_CHECK_VALUE(min_p >= 0 && min_p <= 1, "generate: min_p must be in [0, 1] (0: no limit), got ", min_p);
   TORCH_CHECK_VALUE(eos_id >= -1 && eos_id < c.vocab_size, "generate: eos_id must be -1 (none) or a token id "
                     "below ", c.vocab_size, ", got ", eos_id);
   TORCH_CHECK_VALUE(num_threads >= 0 && num_threads <= 1024, "generate: num_threads must be in [0, 1024] (0: "
@@ -94,9 +96,9 @@ class KVSampler {
                       double top_p, int64_t eos_id, uint64_t seed, int64_t num_threads, const py::object& callback,
                       bool record_logits, double guidance, const std::optional<torch::Tensor>& guidance_idx,
                       int64_t guidance_tokens, double guidance_after, double repetition_penalty,
-                      int64_t no_repeat_ngram_size) const {
+                      int64_t no_repeat_ngram_size, double min_p) const {
     const ModelConfig& c = g_.cfg;
-    check_generate_args(c, idx, max_new_tokens, temperature, top_k, top_p, eos_id, num_threads, callback);
+    check_generate_args(c, idx, max_new_tokens, temperature, top_k, top_p, min_p, eos_id, num_threads, callback);
     const torch::Tensor second = check_controls(c, idx, guidance, guidance_idx, guidance_tokens, guidance_after,
                                                 repetition_penalty, no_repeat_ngram_size);
     const int threads = num_threads > 0 ? int(num_threads) : omp_get_max_threads();
@@ -104,8 +106,8 @@ class KVSampler {
     torch::Tensor record;
     if (record_logits)
       record = torch::full({idx.size(0), max_new, c.vocab_size}, std::numeric_limits<float>::quiet_NaN());
-    const SamplingOptions opt{float(temperature), int(std::min<int64_t>(top_k, c.vocab_size)), top_p, eos_id,
-                              float(guidance), float(repetition_penalty), int(no_repeat_ngram_size),
+    const SamplingOptions opt{float(temperature), int(std::min<int64_t>(top_k, c.vocab_size)), top_p, float(min_p),
+                              eos_id, float(guidance), float(repetition_penalty), int(no_repeat_ngram_size),
                               int(guidance_tokens), float(guidance_after)};
     Generation run(g_, idx.contiguous(), second, max_new, opt, seed, threads,
                    record_logits ? record.data_ptr<float>() : nullptr);
@@ -134,7 +136,7 @@ class KVSampler {
 
 void init_sampler(py::module& m) {
   using mingpt::sampler::KVSampler;
-  m.attr("SAMPLER_VERSION") = 6;  // bump with any change to KVSampler's interface (see mingpt/sample/compiled.py)
+  m.attr("SAMPLER_VERSION") = 7;  // bump with any change to KVSampler's interface (see mingpt/sample/compiled.py)
   py::class_<KVSampler>(m, "KVSampler",
                         "A GPT's weights packed for the KV-cached sampler; build once, generate many times.")
       .def(py::init<const std::map<std::string, torch::Tensor>&, const py::dict&, const std::string&, bool>(),
@@ -150,10 +152,10 @@ void init_sampler(py::module& m) {
            py::arg("num_threads") = 0, py::arg("callback") = py::none(), py::arg("record_logits") = false,
            py::kw_only(), py::arg("guidance") = 1.0, py::arg("guidance_idx") = py::none(),
            py::arg("guidance_tokens") = 0, py::arg("guidance_after") = 1.0, py::arg("repetition_penalty") = 1.0,
-           py::arg("no_repeat_ngram_size") = 0,
+           py::arg("no_repeat_ngram_size") = 0, py::arg("min_p") = 0.0,
            "Continue each row of idx (int64, (batch, prompt_length <= block_size)) by up to max_new_tokens; a "
            "row that emits eos_id is padded with it, and the call stops when every row has. temperature 0 is "
-           "greedy; top_k 0 and top_p 1 disable those filters. callback(tokens) gets each new column as a "
+           "greedy; top_k 0, top_p 1 and min_p 0 disable those filters. callback(tokens) gets each new column as a "
            "list and may return row indices to stop after it (padded with eos_id from then on). guidance (with "
            "guidance_idx), guidance_tokens, guidance_after, repetition_penalty and no_repeat_ngram_size: see "
            "mingpt/sample/controls.py. With record_logits, returns (tokens, logits of shape (batch, steps, "

@@ -72,9 +72,8 @@ void TokenPicker::keep_top_k(float* z, int top_k) {
     if (z[v] < kth) z[v] = kNegInf;
 }
 
-// Zeroes the weights outside the smallest set of likeliest tokens whose mass reaches top_p of the
-// total; returns the mass kept.
-double TokenPicker::keep_top_p(const float* z, float* w, double top_p) {
+// Zeroes the weights outside the smallest set of likeliest tokens whose mass reaches top_p of the total.
+void TokenPicker::keep_top_p(const float* z, float* w, double top_p) {
   double total = 0.0;
   for (int v = 0; v < vocab_size_; ++v) total += w[v];
   int n = 0;
@@ -87,9 +86,6 @@ double TokenPicker::keep_top_p(const float* z, float* w, double top_p) {
     if (before >= top_p * total) w[order_[i]] = 0.0f;
     before += p;
   }
-  total = 0.0;
-  for (int v = 0; v < vocab_size_; ++v) total += w[v];
-  return total;
 }
 
 int64_t TokenPicker::pick(const float* raw_logits, const float* second, const int64_t* history, int history_length,
@@ -105,12 +101,13 @@ int64_t TokenPicker::pick(const float* raw_logits, const float* second, const in
   const float zmax = z[argmax];
   float* w = weights_.data();
   for (int v = 0; v < padded_vocab_; v += kLanes) store(w + v, exp_approx(load<vec16>(z + v) - zmax));
-  double total = 0.0;
-  if (opt.top_p < 1.0) {
-    total = keep_top_p(z, w, opt.top_p);
-  } else {
-    for (int v = 0; v < V; ++v) total += w[v];
+  if (opt.top_p < 1.0) keep_top_p(z, w, opt.top_p);
+  if (opt.min_p > 0.0f) {  // w is relative to the likeliest token's weight, 1
+    for (int v = 0; v < V; ++v)
+      if (w[v] < opt.min_p) w[v] = 0.0f;
   }
+  double total = 0.0;
+  for (int v = 0; v < V; ++v) total += w[v];
   const double u = double(rng() >> 11) * 0x1.0p-53 * total;
   double cumulative = 0.0;
   for (int v = 0; v < V; ++v) {

@@ -12,6 +12,7 @@ struct SamplingOptions {
   float temperature;         // 0: greedy
   int top_k;                 // 0: no limit
   double top_p;              // 1: no limit
+  float min_p;               // 0: no limit; else tokens below min_p times the likeliest one's probability are cut
   int64_t eos_id;            // -1: none
   float guidance;            // 1: off (see mingpt/sample/controls.py for these five)
   float repetition_penalty;  // 1: off
@@ -29,7 +30,8 @@ struct SamplingOptions {
 std::mt19937_64 sample_stream(uint64_t seed, int sample);
 
 // Picks tokens from rows of logits (vocab_size values, then room up to padded_vocab, a multiple of
-// 16), as mingpt.sample.controls.apply_controls, then mingpt.sample.engine.next_token_probs and a draw.
+// 16), as mingpt.sample.controls.apply_controls, then mingpt.sample.engine.next_token_probs (temperature,
+// top-k, top-p, min-p) and a draw.
 // One per thread: it holds scratch.
 class TokenPicker {
  public:
@@ -45,7 +47,7 @@ class TokenPicker {
   void log_softmax(const float* logits, float* out);
   void penalize_repetition(const int64_t* history, int history_length, float penalty, float* z);
   void keep_top_k(float* z, int top_k);
-  double keep_top_p(const float* z, float* weights, double top_p);
+  void keep_top_p(const float* z, float* weights, double top_p);
 
   int vocab_size_, padded_vocab_;
   std::vector<float> shaped_, second_, scaled_, weights_, kth_;

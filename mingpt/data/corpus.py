@@ -5,6 +5,7 @@ Every loader returns (reviews, drop counts): the `Review`s kept and, by reason, 
 """
 import codecs
 import collections
+import html
 import importlib.util
 import io
 import json
@@ -32,8 +33,17 @@ class Review:
     sentiment: str  # "pos" or "neg"
 
 
-def normalize_text(text: str) -> str:
-    return " ".join(text.split())
+# Not a drop: the count, kept beside the drop counts, of reviews whose HTML entities (&gt;, &amp;, &#39;...)
+# ingest unescaped; scraped reviews carry them, and a model would learn them as text.
+UNESCAPED = "HTML entities unescaped"
+
+
+def normalize_text(text: str, drops: collections.Counter = None) -> str:
+    """Whitespace runs as one space, HTML entities unescaped (counted in drops[UNESCAPED])."""
+    unescaped = html.unescape(text)
+    if drops is not None and unescaped != text:
+        drops[UNESCAPED] += 1
+    return " ".join(unescaped.split())
 
 
 def dedupe(pairs, drops: collections.Counter):
@@ -78,7 +88,7 @@ def load_embedded_corpus():
     for sentiment, path in embedded_corpus_files().items():
         with open(path, encoding="utf-8") as f:
             for line in f:
-                text = normalize_text(line)
+                text = normalize_text(line, drops)
                 if text:
                     pairs.append((text, sentiment))
                 else:
@@ -228,7 +238,7 @@ def labelled_pairs(texts, labels, label_to_sentiment: dict, drops: collections.C
     """(normalised text, sentiment) of each usable row; blank rows are skipped, others dropped and counted."""
     pairs = []
     for raw_text, raw_label in zip(texts, labels):
-        text, label = normalize_text(_cell(raw_text)), _cell(raw_label).strip()
+        text, label = normalize_text(_cell(raw_text), drops), _cell(raw_label).strip()
         if not text and not label:
             continue
         if not text:

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from .corpus import DataError, split_reviews
+from .corpus import UNESCAPED, DataError, split_reviews
 from .layouts import get_layout
 from .packing import ReviewPacker, load_packed
 from ..tokenizer import (BOS, EXTRA_BOS, PAD, RESERVED_STRINGS, extend_tokenizer, load_tokenizer,
@@ -38,6 +38,8 @@ def write_data_dir(reviews, drops, data_dir, layout="review", block_size=64, lon
     tokenizer holds EXTRA_BOS, which begins the extra reviews in place of <bos>.
     """
     layout = get_layout(layout)
+    drops = collections.Counter(drops)
+    unescaped = drops.pop(UNESCAPED, 0)
     kept = [r for r in reviews if not any(t in r.text for t in RESERVED_STRINGS)]
     if len(kept) < len(reviews):
         drops["holds a special-token string such as <eos>"] += len(reviews) - len(kept)
@@ -77,7 +79,7 @@ def write_data_dir(reviews, drops, data_dir, layout="review", block_size=64, lon
         "eos_token": layout.end_token,
         "reviews": len(reviews), "positive": n_pos, "negative": len(reviews) - n_pos,
         "base_vocab_size": base_tokenizer.vocab_size if base_tokenizer is not None else None,
-        "dropped": dict(drops), "layout_counts": dict(layout_counts), "splits": splits,
+        "dropped": dict(drops), "unescaped": unescaped, "layout_counts": dict(layout_counts), "splits": splits,
         "extra_train": {"source": extra_source, "reviews": len(extra)} if extra else None,
     }
     with open(os.path.join(data_dir, "meta.json"), "w", encoding="utf-8") as f:
@@ -106,7 +108,8 @@ def summary_line(meta) -> str:
     read_as = f" (read as {meta['read_as']})" if meta.get("read_as") else ""
     extra = meta.get("extra_train")
     extra = f"; train adds {extra['reviews']:,} reviews of {extra['source']}" if extra else ""
-    return (f"{meta['source']}{read_as}: kept {meta['reviews']:,} reviews, dropped {dropped:,} ({why}); "
+    unescaped = f"; {meta['unescaped']:,} rows' HTML entities unescaped" if meta.get("unescaped") else ""
+    return (f"{meta['source']}{read_as}: kept {meta['reviews']:,} reviews, dropped {dropped:,} ({why}){unescaped}; "
             f"labels {meta['positive']:,} positive / {meta['negative']:,} negative "
             f"({100 * meta['positive'] / meta['reviews']:.0f}% positive); vocab {meta['vocab_size']:,}; "
             f"layout {meta['layout']}{' (' + long_ + ')' if long_ else ''}; "

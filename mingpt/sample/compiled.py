@@ -9,10 +9,10 @@ from ..ops import extension
 from .settings import WEIGHT_FORMATS, SamplingSettings
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 6
+SAMPLER_VERSION = 7
 # The settings KVSampler.generate applies itself, by name (guide_against shaped guidance_idx; stop and
 # weights are applied around it).
-COMPILED_SETTINGS = ("temperature", "top_k", "top_p", "guidance", "guidance_tokens", "guidance_after",
+COMPILED_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "guidance", "guidance_tokens", "guidance_after",
                      "repetition_penalty", "no_repeat_ngram_size")
 # Below this many bytes of weights a step's phases take microseconds, less than the barriers
 # between threads cost: one thread is faster.

@@ -48,8 +48,9 @@ def check_sampling_args(model, idx, max_new_tokens, settings: SamplingSettings, 
         check_guidance_idx(idx, guidance_idx, vocab_size, settings)
 
 
-def next_token_probs(logits, temperature, top_k=None, top_p=None):
-    """Probabilities over the vocabulary after temperature, top-k and top-p (nucleus) filtering."""
+def next_token_probs(logits, temperature, top_k=None, top_p=None, min_p=0.0):
+    """Probabilities over the vocabulary after temperature, top-k, top-p (nucleus) and min-p filtering (min-p:
+    a token below min_p times the likeliest token's probability is cut, as Hugging Face's MinPLogitsWarper)."""
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -61,13 +62,17 @@ def next_token_probs(logits, temperature, top_k=None, top_p=None):
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    if min_p:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
-def pick_next(logits, temperature, top_k, top_p, generator):
-    if temperature == 0:
+def pick_next(logits, settings: SamplingSettings, generator):
+    if settings.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = next_token_probs(logits, temperature, top_k, top_p)
+    probs = next_token_probs(logits, settings.temperature, settings.top_k, settings.top_p, settings.min_p)
     return torch.multinomial(probs, 1, generator=generator)
 
 
@@ -80,14 +85,14 @@ def _decode_loop(next_logits, idx, max_new_tokens, settings: SamplingSettings, e
     batch = idx.shape[0]
     seq = idx if not settings.guided else torch.cat([idx, guidance_idx])
     running = torch.arange(batch, device=idx.device)
-    kept = None
+    kept, previously_running = None, batch  # which rows of the last step still run, of how many
     for step in range(max_new_tokens):
         rows, model_kept = running, kept
         if settings.guided:  # the guidance rows follow the running rows, in the same order
             rows = torch.cat([running, running + batch])
             model_kept = None if kept is None else torch.cat([kept, kept + previously_running])
         logits = apply_controls(next_logits(seq[rows], model_kept), seq[running], settings, step)
-        picked = pick_next(logits, settings.temperature, settings.top_k, settings.top_p, generator).squeeze(1)
+        picked = pick_next(logits, settings, generator).squeeze(1)
         column = torch.full_like(idx[:, 0], -1 if eos_id is None else eos_id).index_copy(0, running, picked)
         seq = torch.cat([seq, column.repeat(2 if settings.guided else 1).unsqueeze(1)], dim=1)
         ended = picked == eos_id if eos_id is not None else torch.zeros_like(running, dtype=torch.bool)

@@ -41,6 +41,8 @@ class SamplingSettings:
     temperature: float = _field(1.25, "divide the logits by this before sampling (0: greedy)")
     top_k: int = _field(0, "sample among the k likeliest tokens (0: all)")
     top_p: float = _field(0.98, "sample within the smallest set of tokens holding this probability mass (1: all)")
+    min_p: float = _field(0.0, "sample among tokens at least this share of the likeliest token's probability "
+                               "(0: all)")
     guidance: float = _field(8.0, "classifier-free guidance toward the asked sentiment: >1 pushes away from "
                                   "guide_against (1: off)")
     guidance_tokens: int = _field(8, "guidance scales a sample's first N new tokens, where its sentiment is set, "
@@ -64,6 +66,7 @@ class SamplingSettings:
         for name in ("temperature", "guidance", "guidance_after"):
             check_number(name, getattr(self, name), ">= 0", lambda v: v >= 0)
         check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        check_number("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
         check_number("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0)
         for name in ("top_k", "guidance_tokens", "no_repeat_ngram_size"):
             value = getattr(self, name)
