@@ -256,8 +256,8 @@ def key_bench_rows(rows) -> list:
     """Training and decoding rows of the bench, the speed-up against the reference beside each."""
     keep = [r for r in rows if r["task"].startswith(("train_step", "sample")) and r.get("tokens_per_s")]
     return [f"| {r['task']} | {r['backend']} | {r['dtype']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
-            f"{'' if not r.get('speedup_vs_reference') else format(r['speedup_vs_reference'], '.2f')} |"
-            for r in keep]
+            f"{'' if not r.get('speedup_vs_reference') else format(r['speedup_vs_reference'], '.2f')} | "
+            f"{r.get('note', '')} |" for r in keep]
 
 
 def summary(record: dict) -> str:
@@ -275,7 +275,7 @@ def summary(record: dict) -> str:
     lines += [f"FAILED {failure}" for failure in tests.get("failures", [])]
     rows = key_bench_rows(by_name.get("bench", {}).get("rows", []))
     if rows:
-        lines += ["", "| task | backend | dtype | batch | tokens/s | x reference |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| task | backend | dtype | batch | tokens/s | x reference | note |", "|" + " --- |" * 7]
         lines += rows
     return "\n".join(lines)
 

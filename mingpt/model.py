@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 from .ops import BackendUnavailable, get_ops
+from .optim import Muon
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -202,10 +203,12 @@ class GPT(nn.Module):
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, kind: str = "adamw") -> list:
+    def configure_optimizers(self, weight_decay, learning_rate, betas, kind: str = "adamw",
+                             muon_dtype=torch.bfloat16) -> list:
         """adamw: AdamW for every parameter (weight decay on matrices and embeddings only). muon: Muon for the
         blocks' weight matrices, its update scaled to AdamW's size so that one learning rate serves both,
-        and AdamW for the embeddings and every vector."""
+        and AdamW for the embeddings and every vector; muon_dtype: the dtype of its orthogonalisation
+        (mingpt.optim)."""
         if kind not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -217,8 +220,8 @@ class GPT(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0}]
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas)]
         if hidden:
-            optimizers.append(torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
-                                               adjust_lr_fn="match_rms_adamw"))
+            optimizers.append(Muon(hidden, ns_dtype=muon_dtype, lr=learning_rate, weight_decay=weight_decay,
+                                   adjust_lr_fn="match_rms_adamw"))
         return optimizers
 
     def flops_per_token(self) -> int:

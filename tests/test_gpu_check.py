@@ -76,7 +76,8 @@ def test_summary_of_a_recorded_run(capsys):
     assert printed.startswith(f"GPU check, {record['date']}: gpu {record['environment']['gpu']}")
     for step in record["steps"]:
         assert re.search(rf"^\| {step['step']} \| {'pass' if step['ok'] else 'FAIL'} \|", printed, re.MULTILINE)
-    assert "| task | backend | dtype | batch | tokens/s | x reference |" in printed
+    assert "| task | backend | dtype | batch | tokens/s | x reference | note |" in printed
+    assert "| sample | cached | float32 | 64 | 5,003 | 0.63 | 60 new tokens, guidance 2 |" in printed
 
 
 def test_synthetic_reviews_are_distinct_and_of_both_sentiments():

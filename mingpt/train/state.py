@@ -195,8 +195,9 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[flo
         # latest + best + their temporary copies, each weights and two AdamW moments
         check_out_dir(cfg.out_dir, needed_bytes=4 * 3 * 4 * model.num_params())
     run = Run(cfg, ddp, device, data, model, step_model=model,
-              optimizers=model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                    cfg.optimizer),
+              optimizers=model.configure_optimizers(
+                  cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.optimizer,
+                  muon_dtype=torch.float32 if cfg.dtype == "float32" else torch.bfloat16),
               batch_generator=torch.Generator().manual_seed(cfg.seed),
               log=print if ddp.is_main else (lambda *a, **k: None), scaler=make_grad_scaler(cfg.dtype, device),
               val_reviews=data.review_texts("val")[:NATS_PER_CHAR_REVIEWS], clock_start=clock_start)

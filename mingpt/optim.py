@@ -1,0 +1,59 @@
+"""Muon whose Newton-Schulz orthogonalisation runs in a dtype of the run's choosing.
+
+torch.optim.Muon runs its Newton-Schulz iterations in bfloat16, which GPUs and CPUs with bf16 dot-product
+instructions (AVX-512 BF16, AMX) run fast and other CPUs emulate some 50x slower than float32: there it
+took most of a training step. This Muon is torch's (the same state, parameter groups and update, bit for
+bit in bfloat16) with the iterations in `ns_dtype`; training picks bfloat16 where it trains in bfloat16
+and float32 otherwise.
+"""
+import math
+
+import torch
+
+
+def orthogonalize(update: torch.Tensor, coefficients, steps: int, eps: float, dtype) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of Muon (Keller Jordan's), in `dtype`: about U V^T of update = U S V^T."""
+    a, b, c = coefficients
+    x = update.to(dtype)
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn, shape) -> float:
+    """torch's scaling of Muon's step by the matrix shape (match_rms_adamw: the RMS of an AdamW step)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1, rows / cols))
+
+
+class Muon(torch.optim.Muon):
+    def __init__(self, params, ns_dtype=torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum, lr = group["momentum"], group["lr"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                buffer = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param.grad))
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
