@@ -58,18 +58,8 @@ def write_data_dir(reviews, drops, data_dir, layout="review", block_size=64, lon
     extra = [r for r in extra_train if r.text not in held_out and not any(t in r.text for t in RESERVED_STRINGS)]
     os.makedirs(data_dir, exist_ok=True)
     layout_counts = collections.Counter()
-    splits = {}
-    for name, part in (("train", train), ("val", val)):
-        tokens, labels = layout.encode(part, tokenizer, block_size, long_reviews, layout_counts)
-        if name == "train" and extra:
-            extra_rows = encode_extra(layout, extra, tokenizer, block_size, long_reviews)
-            tokens, labels = add_extra_rows(tokens, labels, extra_rows, data_dir)
-        if labels is not None:
-            labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
-        tokens.tofile(os.path.join(data_dir, f"{name}.bin"))
-        splits[name] = {"reviews": len(part), "tokens": int(tokens.size),
-                        "positive": sum(r.sentiment == "pos" for r in part)}
-    layout.check_val_size(splits["val"]["tokens"], block_size)
+    splits = write_splits(layout, {"train": train, "val": val}, extra, tokenizer, block_size, long_reviews, data_dir,
+                          layout_counts)
     tokenizer.save(os.path.join(data_dir, "tokenizer.json"))
     n_pos = sum(r.sentiment == "pos" for r in reviews)
     meta = {
@@ -85,6 +75,24 @@ def write_data_dir(reviews, drops, data_dir, layout="review", block_size=64, lon
     with open(os.path.join(data_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=2)
     return meta
+
+
+def write_splits(layout, parts: dict, extra, tokenizer, block_size: int, long_reviews: str, data_dir: str,
+                 layout_counts) -> dict:
+    """{split: its sizes} after writing each split's token files (train with the extra reviews after its own)."""
+    splits = {}
+    for name, part in parts.items():
+        tokens, labels = layout.encode(part, tokenizer, block_size, long_reviews, layout_counts)
+        if name == "train" and extra:
+            extra_rows = encode_extra(layout, extra, tokenizer, block_size, long_reviews)
+            tokens, labels = add_extra_rows(tokens, labels, extra_rows, data_dir)
+        if labels is not None:
+            labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
+        tokens.tofile(os.path.join(data_dir, f"{name}.bin"))
+        splits[name] = {"reviews": len(part), "tokens": int(tokens.size),
+                        "positive": sum(r.sentiment == "pos" for r in part)}
+    layout.check_val_size(splits["val"]["tokens"], block_size)
+    return splits
 
 
 def encode_extra(layout, extra, tokenizer, block_size: int, long_reviews: str):
