@@ -33,6 +33,7 @@ from .data.corpus import EMBEDDED_CORPUS, DataError, load_csv, load_embedded_cor
 from .data.tokens import TokenData
 from .metrics import Reference, SentimentJudge, measure_prompts, nats_per_char, sweep, validation_loss
 from .naturalness import CharNgramModel
+from .sample.engine import SAMPLERS
 from .sample.settings import DEFAULTS, FIELDS, add_flags, from_args
 
 # 好看 and 难看, then prompts that carry no sentiment of their own: subjects and opening phrases.
@@ -158,6 +159,7 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=100)
     add_flags(p)  # the sample CLI's defaults: what a user who types only --start gets
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=SAMPLERS, default="auto", help="decode loop (as sample's)")
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
                    help="measure every combination of these values of sampling settings (repeatable; the other "
                         "settings as given) and print one summary line for each instead of the report")
@@ -187,7 +189,8 @@ def run(args):
     judge_train, judge_test, train_name, test_name = load_judge_sets(args.judge_train, args.judge_test, sources)
     naturalness = CharNgramModel(r.text for r in judge_train)
     reference = Reference(data, SentimentJudge(judge_train), naturalness, earlier)
-    options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    options = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                   sampler=args.sampler)
     judge = {"train": train_name, "test": test_name, "test_accuracy": reference.judge.accuracy(judge_test),
              "naturalness": f"character {naturalness.order}-gram model (Kneser-Ney) of {train_name}"}
     if grid:
