@@ -105,10 +105,11 @@ SWEEP_COLUMNS = (("min sentiment margin", "min_sentiment_margin", "{:+.1%}"),
 
 def print_sweep(rows, swept, file=sys.stdout):
     """One line per point of the grid: the swept settings, then the summary (mingpt.metrics.summary)."""
-    print("".join(f"{name:>14}" for name in swept) + "".join(f"{title:>22}" for title, _, _ in SWEEP_COLUMNS),
-          file=file)
+    widths = [max(12, len(name)) + 2 for name in swept]
+    print("".join(f"{name:>{w}}" for name, w in zip(swept, widths))
+          + "".join(f"{title:>22}" for title, _, _ in SWEEP_COLUMNS), file=file)
     for r in rows:
-        print("".join(f"{r[name]!s:>14}" for name in swept)
+        print("".join(f"{r[name]!s:>{w}}" for name, w in zip(swept, widths))
               + "".join(f"{'-' if r[key] is None else form.format(r[key]):>22}" for _, key, form in SWEEP_COLUMNS),
               file=file)
 

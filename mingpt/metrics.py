@@ -200,12 +200,14 @@ def summary(measured) -> dict:
 
 def sweep(model, tokenizer, layout, prompts, reference: Reference, grid: dict,
           settings: SamplingSettings = DEFAULTS, **options):
-    """The summary at every point of grid ({setting name: values}, the rest of `settings` held).
-    options: measure_prompts'."""
+    """The summary at every point of grid ({setting name: values}, the rest of `settings` held), with each
+    prompt and sentiment's statistics under "pairs". options: measure_prompts'."""
     rows = []
     for values in itertools.product(*grid.values()):
         changes = dict(zip(grid, values))
         measured = measure_prompts(model, tokenizer, layout, prompts, reference, settings.replace(**changes),
                                    **options)
-        rows.append({**changes, **summary(measured)})
+        pairs = [{"start": m["start"], "sentiment": m["sentiment"], "generated": m["generated"],
+                  "real_held_out": m["real_held_out"]} for m in measured]
+        rows.append({**changes, **summary(measured), "pairs": pairs})
     return rows

@@ -134,7 +134,9 @@ def test_evaluate_sweeps_guidance_by_temperature_and_names_a_prompt_outside_the_
     rows = json.loads(report_path.read_text(encoding="utf-8"))["sweep"]
     assert [(r["guidance"], r["temperature"]) for r in rows] == [(1, 0.7), (1, 1), (2.5, 0.7), (2.5, 1)]
     assert all(-1 <= r["min_sentiment_margin"] <= 1 and 0 <= r["min_novelty"] <= 1 for r in rows)
+    assert [(p["start"], p["sentiment"]) for p in rows[0]["pairs"]] == [("好看", "pos"), ("好看", "neg")]
     assert "min sentiment margin" in result.stdout and len(result.stdout.splitlines()) == 5
+    assert result.stdout.split()[:2] == ["guidance", "temperature"]  # each swept name a column of its own
     # the default prompt set holds characters this small vocabulary lacks
     refused = run("mingpt.evaluate", "--ckpt", out_dir, "--data_dir", data_dir, *judge, check=False)
     assert refused.returncode == 2 and "prompt '这部电影'" in refused.stderr and "--prompts" in refused.stderr

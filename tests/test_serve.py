@@ -17,7 +17,12 @@ from loadtest import run_clients, stream_completion, summarize
 from mingpt.sample.engine import generate, generate_stream
 from mingpt.sample.streaming import IncrementalDecoder, TextStream
 from mingpt.tokenizer import BPETokenizer, CharTokenizer
-from mingpt.sample.settings import DEFAULTS, SamplingSettings
+from mingpt.sample.settings import SamplingSettings
+
+# The engine's batching tests guide each sample (it runs as two rows) and draw one candidate, whatever the
+# defaults are.
+GUIDED = SamplingSettings(temperature=1.25, top_p=0.98, guidance=8.0, guidance_tokens=8, guidance_after=1.5,
+                          no_repeat_ngram_size=2, candidates=1)
 
 
 def post(server, body, raw=None, headers=None):
@@ -105,7 +110,7 @@ def test_the_engine_batches_and_a_cancelled_request_stops(serve_ckpt):
     engine = Engine(model, tokenizer, get_layout("review"), max_queue=4, start=False)
     events = {name: [] for name in "abc"}
     requests = {name: Request([engine.encode("好看")], events[name].append, n=2, max_tokens=200,
-                              settings=DEFAULTS.replace(temperature=1.0), sentiment="neg") for name in "ab"}
+                              settings=GUIDED.replace(temperature=1.0), sentiment="neg") for name in "ab"}
     requests["a"].sink = lambda e: (events["a"].append(e), requests["a"].cancel())  # gone after its first piece
     for request in requests.values():
         engine.submit(request)
@@ -131,7 +136,7 @@ def test_a_sample_that_ends_leaves_the_batch_at_once(serve_ckpt):
     batch_sizes = []
     model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
     events = {"gone": [], "short": [], "long": []}
-    unbanned = DEFAULTS.replace(temperature=0.0, no_repeat_ngram_size=0)  # greedy runs long without the ban
+    unbanned = GUIDED.replace(temperature=0.0, no_repeat_ngram_size=0)  # greedy runs long without the ban
     requests = {name: Request([engine.encode("难看")], events[name].append, max_tokens=max_tokens,
                               settings=unbanned, sentiment="neg")
                 for name, max_tokens in [("gone", 50), ("short", 3), ("long", 50)]}
@@ -149,8 +154,8 @@ def test_a_sample_that_ends_leaves_the_batch_at_once(serve_ckpt):
     long_tokens = sum(e.tokens for e in events["long"] if e.finish_reason)
     assert long_tokens > 10, "the case needs a sample that runs on after the others end"
     # three samples until the client goes (its second token) and the short one ends (its third), then
-    # one; guided (the server's default), each sample runs as two rows
-    assert DEFAULTS.guided
+    # one; guided, each sample runs as two rows
+    assert unbanned.guided
     assert batch_sizes[0] == 2 * 3 and set(batch_sizes[3:]) == {2 * 1}
 
 

@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from .candidates import best_rows, conditioning_margin
 from .compiled import cached_generate, cached_sampler_unavailable_reason
 from .controls import apply_controls
 from .settings import DEFAULTS, SamplingSettings
@@ -44,7 +45,7 @@ def check_sampling_args(model, idx, max_new_tokens, settings: SamplingSettings, 
     if settings.no_repeat_ngram_size > model.config.block_size:
         raise ValueError(f"no_repeat_ngram_size {settings.no_repeat_ngram_size} is longer than the model's block "
                          f"of {model.config.block_size}")
-    if settings.guided:
+    if settings.needs_guidance_idx:
         check_guidance_idx(idx, guidance_idx, vocab_size, settings)
 
 
@@ -172,10 +173,15 @@ def generate(model, idx, max_new_tokens, settings: SamplingSettings = DEFAULTS, 
     ended show eos_id); it may return row indices to stop after that column (a client went away):
     they are padded with eos_id like rows that emitted it, and no longer computed.
     Guided settings (the defaults are) need guidance_idx: each row's prompt under the second
-    conditioning, idx's shape (mingpt.sample.reviews builds it for reviews). Stop strings are text:
+    conditioning, idx's shape (mingpt.sample.reviews builds it for reviews); so do settings.candidates > 1
+    (mingpt.sample.candidates), which hand the callback its columns once each row's draw is chosen. Stop
+    strings are text:
     write_samples applies them. bf16 and int8 weights run in the compiled CPU sampler only.
     """
     check_sampling_args(model, idx, max_new_tokens, settings, eos_id, guidance_idx)
+    if settings.candidates > 1:
+        return best_of_candidates(model, idx, max_new_tokens, settings, eos_id=eos_id, seed=seed, sampler=sampler,
+                                  callback=callback, guidance_idx=guidance_idx)
     name = resolve_sampler(sampler, model)
     if name == "cached":
         reason = cached_sampler_unavailable_reason(model)
@@ -196,6 +202,28 @@ def generate(model, idx, max_new_tokens, settings: SamplingSettings = DEFAULTS, 
         return loops[name](model, idx, max_new_tokens, settings, eos_id, generator, callback, guidance_idx)
     finally:
         model.train(was_training)
+
+
+def best_of_candidates(model, idx, max_new_tokens, settings: SamplingSettings, *, eos_id, callback, guidance_idx,
+                       **options):
+    """generate at settings.candidates draws of each row, keeping each row's draw with the largest
+    conditioning margin; a callback then receives the kept rows' columns one by one."""
+    n = settings.candidates
+    drawn = generate(model, idx.repeat_interleave(n, 0), max_new_tokens, settings.replace(candidates=1),
+                     eos_id=eos_id, guidance_idx=guidance_idx.repeat_interleave(n, 0), **options)
+    kept = drawn[best_rows(conditioning_margin(model, drawn, guidance_idx.repeat_interleave(n, 0), eos_id), n)]
+    if callback is None:
+        return kept
+    ended = torch.zeros(kept.shape[0], dtype=torch.bool, device=kept.device)
+    for step in range(idx.shape[1], kept.shape[1]):
+        retired = check_retired_rows(callback(kept[:, step].tolist()), kept.shape[0], eos_id)
+        kept[retired, step + 1:] = -1 if eos_id is None else eos_id
+        ended[retired] = True
+        if eos_id is not None:
+            ended |= kept[:, step] == eos_id
+        if bool(ended.all()):
+            return kept[:, :step + 1]
+    return kept
 
 
 def check_guidance_idx(idx, guidance_idx, vocab_size, settings: SamplingSettings):

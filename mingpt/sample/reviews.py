@@ -70,7 +70,7 @@ def write_samples(model, tokenizer, layout, start: str, sentiment: str, num_samp
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sentiments, prompts = review_prompts(model, tokenizer, layout, start, sentiment, num_samples, generator)
     guidance_idx = None
-    if settings.guided:
+    if settings.needs_guidance_idx:
         guidance_idx = torch.tensor(guidance_rows(tokenizer, layout, sentiments, prompts[0][2:], settings.guide_against),
                                     dtype=torch.long, device=model.device)
     eos_id = tokenizer.token_id(layout.end_token)

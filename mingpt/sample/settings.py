@@ -21,6 +21,8 @@ WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 GUIDE_AGAINST = ("opposite", "none")
 # The compiled sampler takes counts as 32-bit integers.
 MAX_COUNT = 2 ** 31 - 1
+# Each candidate is a row of the batch: a bound keeps one request from asking for an unbounded one.
+MAX_CANDIDATES = 64
 
 
 class SettingError(ValueError):
@@ -53,6 +55,8 @@ class SamplingSettings:
     repetition_penalty: float = _field(1.0, "divide (multiply, if negative) the logits of tokens already in the "
                                             "sample (1: off)")
     no_repeat_ngram_size: int = _field(2, "never repeat an n-gram of this size (0: off)")
+    candidates: int = _field(1, "draw this many candidates of each sample and keep the one the model itself finds "
+                                "likeliest under the asked conditioning against guide_against (1: off)")
     stop: Tuple[str, ...] = _field((), "end a sample where this text first appears (repeatable)")
     weights: str = _field("fp32", "the format the compiled CPU sampler holds the weight matrices in: fp32 "
                                   "(exact), bf16, int8 (per-row scales); activations stay fp32", WEIGHT_FORMATS,
@@ -72,6 +76,9 @@ class SamplingSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
                 raise SettingError(name, f"must be an integer >= 0 (at most {MAX_COUNT}), got {value!r}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
+                or not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise SettingError("candidates", f"must be an integer in [1, {MAX_CANDIDATES}], got {self.candidates!r}")
         if self.guide_against not in GUIDE_AGAINST:
             raise SettingError("guide_against", f"must be one of {', '.join(GUIDE_AGAINST)}, got {self.guide_against!r}")
         if self.weights not in WEIGHT_FORMATS:
@@ -85,6 +92,12 @@ class SamplingSettings:
         """Whether any new token is guided: the samplers then run the second conditioning beside."""
         return self.guidance != 1.0 or (self.guidance_tokens > 0 and self.guidance_after != 1.0)
 
+    @property
+    def needs_guidance_idx(self) -> bool:
+        """Whether generate needs each row's prompt under the second conditioning: to guide, or to choose
+        among candidates."""
+        return self.guided or self.candidates > 1
+
     def guidance_at(self, step: int) -> float:
         """The guidance scale of the step-th new token (0: the first)."""
         return self.guidance if self.guidance_tokens == 0 or step < self.guidance_tokens else self.guidance_after
@@ -96,7 +109,7 @@ class SamplingSettings:
     def plain(cls, **changes) -> "SamplingSettings":
         """The model's own distribution (temperature 1, no truncation, no guidance or penalties), with changes."""
         return cls(**{**dict(temperature=1.0, top_p=1.0, guidance=1.0, guidance_tokens=0, guidance_after=1.0,
-                             no_repeat_ngram_size=0), **changes})
+                             no_repeat_ngram_size=0, candidates=1), **changes})
 
 
 def check_number(name: str, value, rule: str, ok):
