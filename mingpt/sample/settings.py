@@ -40,22 +40,22 @@ def _field(default, help: str, choices=None, api: bool = True):
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    temperature: float = _field(1.25, "divide the logits by this before sampling (0: greedy)")
+    temperature: float = _field(0.9, "divide the logits by this before sampling (0: greedy)")
     top_k: int = _field(0, "sample among the k likeliest tokens (0: all)")
-    top_p: float = _field(0.98, "sample within the smallest set of tokens holding this probability mass (1: all)")
+    top_p: float = _field(0.95, "sample within the smallest set of tokens holding this probability mass (1: all)")
     min_p: float = _field(0.0, "sample among tokens at least this share of the likeliest token's probability "
                                "(0: all)")
-    guidance: float = _field(8.0, "classifier-free guidance toward the asked sentiment: >1 pushes away from "
+    guidance: float = _field(3.0, "classifier-free guidance toward the asked sentiment: >1 pushes away from "
                                   "guide_against (1: off)")
-    guidance_tokens: int = _field(8, "guidance scales a sample's first N new tokens, where its sentiment is set, "
+    guidance_tokens: int = _field(4, "guidance scales a sample's first N new tokens, where its sentiment is set, "
                                      "and guidance_after the rest (0: guidance scales every token)")
-    guidance_after: float = _field(1.5, "the guidance scale after the first guidance_tokens new tokens (1: off)")
+    guidance_after: float = _field(1.0, "the guidance scale after the first guidance_tokens new tokens (1: off)")
     guide_against: str = _field("opposite", "guidance's second conditioning: the opposite sentiment, or none "
                                             "(models trained with --sentiment_dropout)", GUIDE_AGAINST)
     repetition_penalty: float = _field(1.0, "divide (multiply, if negative) the logits of tokens already in the "
                                             "sample (1: off)")
     no_repeat_ngram_size: int = _field(2, "never repeat an n-gram of this size (0: off)")
-    candidates: int = _field(1, "draw this many candidates of each sample and keep the one the model itself finds "
+    candidates: int = _field(8, "draw this many candidates of each sample and keep the one the model itself finds "
                                 "likeliest under the asked conditioning against guide_against (1: off)")
     stop: Tuple[str, ...] = _field((), "end a sample where this text first appears (repeatable)")
     weights: str = _field("fp32", "the format the compiled CPU sampler holds the weight matrices in: fp32 "
