@@ -242,6 +242,8 @@ def test_sampling_controls_reach_the_sampler(live_server):
     ({"prompt": "好", "guidance_after": -1}, "guidance_after"),
     ({"prompt": "好", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "好", "no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+    ({"prompt": "好", "candidates": 0}, "candidates"),
+    ({"prompt": "好", "candidates": 17}, "candidates"),  # within the settings' range, past the server's cap
 ])
 def test_bad_input_is_a_400_naming_the_field(live_server, body, param):
     status, _, error = post(live_server, body)

@@ -29,6 +29,7 @@ def build_parser():
     p.add_argument("--max_tokens", type=int, default=256, help="cap on a request's max_tokens")
     p.add_argument("--default_max_tokens", type=int, default=100, help="max_tokens when a request gives none")
     p.add_argument("--max_n", type=int, default=8, help="cap on a request's n")
+    p.add_argument("--max_candidates", type=int, default=16, help="cap on a request's candidates (each is a row)")
     p.add_argument("--max_prompt_chars", type=int, default=256, help="cap on a prompt's length")
     p.add_argument("--max_body_bytes", type=int, default=65536, help="cap on a request body (413 beyond)")
     p.add_argument("--log_level", default="warning", help="uvicorn's log level")
@@ -48,7 +49,8 @@ def build_server(args, start_engine=True):
     folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
     name = os.path.basename(os.path.abspath(folder)) or "mingpt"
     limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
-                    max_n=args.max_n, max_prompt_chars=args.max_prompt_chars, max_body_bytes=args.max_body_bytes)
+                    max_n=args.max_n, max_candidates=args.max_candidates, max_prompt_chars=args.max_prompt_chars,
+                    max_body_bytes=args.max_body_bytes)
     card = model_card(name, args.ckpt, model, tokenizer, loaded.data, read_record(folder), engine.sampler)
     return create_app(engine, name, card, limits, settings), engine
 

@@ -30,6 +30,7 @@ class Limits:
     max_tokens: int = 256
     default_max_tokens: int = 100
     max_n: int = 8
+    max_candidates: int = 16
     max_prompts: int = 8
     max_prompt_chars: int = 256
     max_stop: int = 4
@@ -80,6 +81,8 @@ def check_limits(body: CompletionBody, limits: Limits):
          f"max_tokens must be at most {limits.max_tokens}"),
         (body.n <= limits.max_n, "n", f"n must be at most {limits.max_n}"),
         (len(prompts) * body.n <= limits.max_n * limits.max_prompts, "n", "too many samples in one request"),
+        (body.candidates is None or body.candidates <= limits.max_candidates, "candidates",
+         f"candidates must be at most {limits.max_candidates}"),
         (body.logprobs is None, "logprobs", "logprobs are not supported"),
     ]
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
