@@ -209,9 +209,10 @@ def best_of_candidates(model, idx, max_new_tokens, settings: SamplingSettings, *
     """generate at settings.candidates draws of each row, keeping each row's draw with the largest
     conditioning margin; a callback then receives the kept rows' columns one by one."""
     n = settings.candidates
+    second_prompts = guidance_idx.repeat_interleave(n, 0)
     drawn = generate(model, idx.repeat_interleave(n, 0), max_new_tokens, settings.replace(candidates=1),
-                     eos_id=eos_id, guidance_idx=guidance_idx.repeat_interleave(n, 0), **options)
-    kept = drawn[best_rows(conditioning_margin(model, drawn, guidance_idx.repeat_interleave(n, 0), eos_id), n)]
+                     eos_id=eos_id, guidance_idx=second_prompts, **options)
+    kept = drawn[best_rows(conditioning_margin(model, drawn, second_prompts, eos_id), n)]
     if callback is None:
         return kept
     ended = torch.zeros(kept.shape[0], dtype=torch.bool, device=kept.device)

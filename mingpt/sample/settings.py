@@ -72,13 +72,11 @@ class SamplingSettings:
         check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
         check_number("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
         check_number("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0)
-        for name in ("top_k", "guidance_tokens", "no_repeat_ngram_size"):
+        for name, low, high in (("top_k", 0, MAX_COUNT), ("guidance_tokens", 0, MAX_COUNT),
+                                ("no_repeat_ngram_size", 0, MAX_COUNT), ("candidates", 1, MAX_CANDIDATES)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
-                raise SettingError(name, f"must be an integer >= 0 (at most {MAX_COUNT}), got {value!r}")
-        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
-                or not 1 <= self.candidates <= MAX_CANDIDATES:
-            raise SettingError("candidates", f"must be an integer in [1, {MAX_CANDIDATES}], got {self.candidates!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise SettingError(name, f"must be an integer >= {low} (at most {high}), got {value!r}")
         if self.guide_against not in GUIDE_AGAINST:
             raise SettingError("guide_against", f"must be one of {', '.join(GUIDE_AGAINST)}, got {self.guide_against!r}")
         if self.weights not in WEIGHT_FORMATS:
