@@ -30,13 +30,13 @@ def read_events(response):
             yield line[len("data: "):]
 
 
-def stream_completion(host: str, port: int, body: dict, timeout: float = 60.0) -> StreamResult:
-    """One streamed completion, timed."""
+def stream_completion(host: str, port: int, body: dict, timeout: float = 60.0, headers=None) -> StreamResult:
+    """One streamed completion, timed; headers: extra request headers (an API key's Authorization)."""
     result, started = StreamResult(), time.perf_counter()
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         connection.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                           {"Content-Type": "application/json"})
+                           {"Content-Type": "application/json", **(headers or {})})
         response = connection.getresponse()
         result.status = response.status
         if response.status != 200:
@@ -63,24 +63,31 @@ def stream_completion(host: str, port: int, body: dict, timeout: float = 60.0) -
     return result
 
 
-def run_clients(host: str, port: int, clients: int, requests_per_client: int, body: dict, timeout: float = 60.0):
-    """`clients` threads at once, each streaming `requests_per_client` completions; returns (results, wall s)."""
+def run_clients(host: str, port: int, clients: int, requests_per_client: int, body, timeout: float = 60.0,
+                duration_s: Optional[float] = None, headers=None):
+    """`clients` threads at once, each streaming `requests_per_client` completions one after another (or, with
+    duration_s, as many as it can start in that many seconds); returns (results, wall s). body: a dict, or a
+    function of (client, request number) giving each request's body."""
     results, lock = [], threading.Lock()
     barrier = threading.Barrier(clients)
+    body_of = body if callable(body) else (lambda client, number: body)
 
-    def client():
+    def client(index):
         barrier.wait()
-        for _ in range(requests_per_client):
-            result = stream_completion(host, port, body, timeout)
+        started = time.perf_counter()
+        number = 0
+        while (number < requests_per_client if duration_s is None else time.perf_counter() - started < duration_s):
+            result = stream_completion(host, port, body_of(index, number), timeout, headers)
+            number += 1
             with lock:
                 results.append(result)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout * requests_per_client + 5)
+        thread.join((duration_s or 0) + timeout * (1 if duration_s else requests_per_client) + 5)
     return results, time.perf_counter() - started
 
 
@@ -95,6 +102,7 @@ def summarize(results, wall_s: float) -> dict:
     """p50/p99 time to first character (ms), characters per second over the wall time, errors."""
     firsts = [r.first_char_s * 1000 for r in results if r.first_char_s is not None]
     return {"requests": len(results), "errors": sum(r.error is not None for r in results),
+            "server_errors": sum(r.status >= 500 for r in results),
             "first_char_p50_ms": percentile(firsts, 50), "first_char_p99_ms": percentile(firsts, 99),
             "mean_request_s": statistics.fmean(r.seconds for r in results) if results else None,
             "chars": sum(r.chars for r in results), "chars_per_s": sum(r.chars for r in results) / wall_s,

@@ -24,9 +24,23 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32):
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self._hold(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def _hold(self, keys, values):
+        self.keys, self.values = keys, values
         self.layers = list(zip(self.keys, self.values))  # (keys, values) of each layer, views into the two
+
+    def rows(self, first: int, end: int) -> "KVCache":
+        """The sequences first..end-1 as a cache of their own that shares this one's memory."""
+        view = KVCache.__new__(KVCache)
+        view._hold(self.keys[:, first:end], self.values[:, first:end])
+        return view
+
+    def move_rows(self, sources: list, targets: list):
+        """Copy the sequences at `sources` onto those at `targets` (the server compacting its running batch)."""
+        src, dst = (torch.tensor(rows, dtype=torch.long, device=self.keys.device) for rows in (sources, targets))
+        self.keys[:, dst] = self.keys[:, src]
+        self.values[:, dst] = self.values[:, src]
 
     @property
     def batch_size(self) -> int:
@@ -34,8 +48,7 @@ class KVCache:
 
     def keep_rows(self, rows: torch.Tensor):
         """Drop every sequence but `rows` (indices into the batch, in their new order)."""
-        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
-        self.layers = list(zip(self.keys, self.values))
+        self._hold(self.keys[:, rows], self.values[:, rows])
 
 
 class LayerNorm(nn.Module):
@@ -65,7 +78,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, ops, cache=None, start: int = 0, starts=None):
+    def forward(self, x, ops, cache=None, start=0, starts=None):
         qkv = self.c_attn(x)
         if cache is None:
             y = ops.causal_attention(qkv, self.n_head, starts)
@@ -93,7 +106,7 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, ops, cache=None, start: int = 0, starts=None):
+    def forward(self, x, ops, cache=None, start=0, starts=None):
         x = x + self.attn(self.ln_1(x, ops), ops, cache, start, starts)
         return x + self.mlp(self.ln_2(x, ops), ops)
 
@@ -162,9 +175,12 @@ class GPT(nn.Module):
         """An empty KV cache for `batch_size` sequences, on the weights' device and in their dtype."""
         return KVCache(self.config, batch_size, self.device, self.transformer.wte.weight.dtype)
 
-    def check_inputs(self, idx, targets, cache, start: int, starts):
+    def check_inputs(self, idx, targets, cache, start, starts):
         if idx.dim() != 2:
             raise ValueError(f"GPT.forward expects idx of shape (B, T), got {tuple(idx.shape)}")
+        if isinstance(start, torch.Tensor):
+            self.check_row_positions(idx, cache, start)
+            return
         if start + idx.shape[1] > self.config.block_size:
             where = f"positions {start}..{start + idx.shape[1] - 1}" if start else f"sequence length {idx.shape[1]}"
             raise ValueError(f"{where} exceeds block_size {self.config.block_size}")
@@ -182,17 +198,30 @@ class GPT(nn.Module):
             if starts.dtype.is_floating_point or starts.dtype == torch.bool:
                 raise ValueError(f"starts must be integers (where each position's review begins), got {starts.dtype}")
 
-    def forward(self, idx, targets=None, cache: KVCache = None, start: int = 0, starts=None):
+    def check_row_positions(self, idx, cache, positions):
+        if cache is None or idx.shape[1] != 1 or positions.shape != idx.shape[:1] or positions.dtype != torch.long:
+            raise ValueError(f"GPT.forward: per-row positions are a LongTensor of shape (B,) for one token a row "
+                             f"with a KV cache, got {tuple(positions.shape)} {positions.dtype} for idx "
+                             f"{tuple(idx.shape)}{'' if cache is not None else ' without a cache'}")
+        if cache.batch_size != idx.shape[0]:
+            raise ValueError(f"the KV cache holds {cache.batch_size} sequences, idx {idx.shape[0]}")
+        if idx.shape[0] and not 0 <= int(positions.min()) <= int(positions.max()) < self.config.block_size:
+            raise ValueError(f"positions {positions.tolist()} are outside block_size {self.config.block_size}")
+
+    def forward(self, idx, targets=None, cache: KVCache = None, start=0, starts=None):
         """Logits (B, T, vocab) of tokens idx (B, T) at positions start.., and the loss if targets are given.
 
         Without a cache the tokens are a whole sequence (training, or the no-cache sampler). With one,
-        they continue the sequence the cache holds up to `start` (0: a prefill). `starts` (B, T) packs
+        they continue the sequence the cache holds up to `start` (0: a prefill), or, one token a row, each row
+        its own sequence up to its own position (start: a LongTensor (B,), the server's running batch). `starts` (B, T) packs
         several reviews into a row: where the review of each token begins; positions restart there and
         attention stays inside each review.
         """
         self.check_inputs(idx, targets, cache, start, starts)
         ops = self.ops
-        if starts is None:
+        if isinstance(start, torch.Tensor):
+            positions = self.transformer.wpe(start[:, None])
+        elif starts is None:
             positions = self.transformer.wpe.weight[start:start + idx.shape[1]]
         else:
             positions = self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device) - starts)

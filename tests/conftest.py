@@ -103,17 +103,26 @@ def serve_ckpt(review_data_dir, tmp_path_factory):
     return str(folder)
 
 
+def wait_until(condition, what: str, timeout: float = 30.0, every: float = 0.01):
+    """Poll condition() until it is true; a failure naming `what` after `timeout` seconds (never a hang)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(every)
+
+
 class LiveServer:
     """`python -m mingpt.serve`'s app and engine, served by uvicorn on a loopback port in a thread."""
 
     def __init__(self, ckpt, *flags, start_engine=True):
         import threading
         import uvicorn
-        from mingpt.serve.__main__ import build_parser, build_server
+        from mingpt.serve.__main__ import build_parser, build_server, uvicorn_config
         self.port = free_port()
         args = build_parser().parse_args(["--ckpt", ckpt, "--port", str(self.port), *flags])
         self.app, self.engine = build_server(args, start_engine=start_engine)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, args))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         import time

@@ -41,17 +41,31 @@ def wait_for(condition, timeout=20.0):
     return value
 
 
-def test_the_page_streams_a_negative_review(browser, live_server, monkeypatch):
+@pytest.fixture
+def keyed_server(serve_ckpt):
+    from conftest import LiveServer
+    server = LiveServer(serve_ckpt, "--api_key", "page-key")
+    yield server
+    server.stop()
+
+
+def test_the_page_streams_a_negative_review(browser, keyed_server, monkeypatch):
+    """With a server that needs a key: the page says so, takes the key in its field, then streams the
+    reviews, each token's log-probability on hover."""
     from selenium.webdriver.common.by import By
     from mingpt.serve.engine import Choice
     step = Choice.step
 
-    def slow_step(self, token):  # the tiny model writes 60 tokens in milliseconds: a human-speed one
+    def slow_step(self, token, logprob=None):  # the tiny model writes 60 tokens in milliseconds: a human-speed one
         time.sleep(0.01)
-        return step(self, token)
+        return step(self, token, logprob)
 
     monkeypatch.setattr(Choice, "step", slow_step)
-    browser.get(live_server.url + "/")
+    browser.get(keyed_server.url + "/")
+    wait_for(lambda: "API key" in browser.find_element(By.ID, "card").text)
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys("page-key")
+    browser.execute_script("document.getElementById('api-key').dispatchEvent(new Event('change'));")
     card = wait_for(lambda: "layers" in browser.find_element(By.ID, "card").text and browser.find_element(By.ID, "card").text)
     browser.find_element(By.ID, "sentiment-neg").click()
     prompt = browser.find_element(By.ID, "prompt")
@@ -81,3 +95,6 @@ def test_the_page_streams_a_negative_review(browser, live_server, monkeypatch):
     assert all(text.startswith("negative") and "难看" in text for text in texts)
     assert len(seen) >= 3 and all(a == b[:len(a)] for a, b in zip(seen, seen[1:]))  # it grew piece by piece
     assert browser.find_element(By.ID, "status").text == ""
+    tokens = browser.find_elements(By.CSS_SELECTOR, "#reviews .review .text .tok")
+    assert tokens and all("log-probability" in t.get_attribute("title") for t in tokens)
+    assert "".join(t.text for t in tokens[:3]) in texts[0]

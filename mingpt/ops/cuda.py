@@ -1,5 +1,6 @@
 """The CUDA decode op of the op table: cached attention with mingpt._C's cache-append and
-single-query attention kernels (csrc/cuda). Prefill steps (several queries) run the reference op."""
+single-query attention kernels (csrc/cuda). Prefill steps (several queries) and decode steps whose rows sit at
+different positions (the server's running batch) run the reference op."""
 import torch
 
 from .extension import UNAVAILABLE_REASON, _C
@@ -11,8 +12,8 @@ if not _C.build_info()["cuda"]:
     raise ImportError("mingpt._C was built without CUDA")
 
 
-def cached_attention(qkv, n_head: int, k_cache, v_cache, start: int):
-    if qkv.shape[1] > 1:
+def cached_attention(qkv, n_head: int, k_cache, v_cache, start):
+    if qkv.shape[1] > 1 or isinstance(start, torch.Tensor):
         return reference_cached_attention(qkv, n_head, k_cache, v_cache, start)
     check_cache(qkv, k_cache, v_cache, start)
     q, k, v = split_heads(qkv, n_head)

@@ -93,9 +93,39 @@ def check_cache(qkv, k_cache, v_cache, start: int):
                          f"{k_cache.shape[2]} positions")
 
 
-def reference_cached_attention(qkv, n_head: int, k_cache, v_cache, start: int):
+def check_row_positions(qkv, k_cache, v_cache, positions: torch.Tensor):
+    B, T = qkv.shape[:2]
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[0] != B:
+        raise ValueError(f"cached_attention: caches of shape {tuple(k_cache.shape)} and {tuple(v_cache.shape)} "
+                         f"do not serve a batch of {B} as (B, n_head, block_size, head_dim)")
+    if T != 1 or positions.shape != (B,) or positions.dtype != torch.long:
+        raise ValueError(f"cached_attention: per-row positions are a LongTensor of shape ({B},) for one query a "
+                         f"row, got {tuple(positions.shape)} {positions.dtype} for {T} queries")
+    if B and not (0 <= int(positions.min()) and int(positions.max()) < k_cache.shape[2]):
+        raise ValueError(f"cached_attention: positions {positions.tolist()} are outside the cache of "
+                         f"{k_cache.shape[2]} positions")
+
+
+def attend_at_row_positions(qkv, n_head: int, k_cache, v_cache, positions: torch.Tensor):
+    """One query a row, each at its own position (rows of a running batch that joined at different steps):
+    write each row's key and value at its position, then attend to that row's cached positions up to it."""
+    check_row_positions(qkv, k_cache, v_cache, positions)
+    q, k, v = split_heads(qkv, n_head)
+    rows = torch.arange(q.shape[0], device=qkv.device)
+    k_cache[rows, :, positions] = k[:, :, 0]
+    v_cache[rows, :, positions] = v[:, :, 0]
+    end = int(positions.max()) + 1
+    visible = torch.arange(end, device=qkv.device) <= positions[:, None]
+    return merge_heads(F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
+                                                      attn_mask=visible[:, None, None, :]))
+
+
+def reference_cached_attention(qkv, n_head: int, k_cache, v_cache, start):
     """Write this call's keys and values at positions start.. of the caches (B, n_head, block_size, head_dim),
-    then attend each query to every cached position up to its own."""
+    then attend each query to every cached position up to its own. start: an int, or a LongTensor of each
+    row's position for one query a row (attend_at_row_positions)."""
+    if isinstance(start, torch.Tensor):
+        return attend_at_row_positions(qkv, n_head, k_cache, v_cache, start)
     check_cache(qkv, k_cache, v_cache, start)
     q, k, v = split_heads(qkv, n_head)
     T = q.shape[2]

@@ -52,3 +52,23 @@ def apply_controls(logits: torch.Tensor, history: torch.Tensor, settings: Sampli
         for r, row in enumerate(history.tolist()):
             logits[r, banned_ngram_tokens(row, settings.no_repeat_ngram_size)] = float("-inf")
     return logits
+
+
+def apply_row_controls(first: torch.Tensor, second: torch.Tensor, histories: list, settings: SamplingSettings,
+                       steps: list) -> torch.Tensor:
+    """apply_controls for rows at different steps (the server's running batch): first and second (R, V) the
+    logits under the asked and the second conditioning (second None: no row is guided), histories each row's
+    tokens so far (lists of any lengths), steps each row's count of new tokens."""
+    logits = first
+    if second is not None:
+        scale = torch.tensor([settings.guidance_at(step) for step in steps], device=first.device)[:, None]
+        logits = guide(torch.cat([first, second]), scale)
+    if settings.repetition_penalty != 1.0:  # shorter rows repeat their own first token: a token seen twice
+        width = max(map(len, histories))
+        padded = torch.tensor([row + row[:1] * (width - len(row)) for row in histories], device=first.device)
+        logits = penalize_repetition(logits, padded, settings.repetition_penalty)
+    if settings.no_repeat_ngram_size:
+        logits = logits.clone()
+        for r, row in enumerate(histories):
+            logits[r, banned_ngram_tokens(row, settings.no_repeat_ngram_size)] = float("-inf")
+    return logits

@@ -20,34 +20,72 @@ class IncrementalDecoder:
         return text
 
 
+def prefix_function(pattern: str) -> list:
+    """Knuth-Morris-Pratt: for each prefix of pattern, the length of its longest proper border."""
+    border = [0] * len(pattern)
+    for i in range(1, len(pattern)):
+        k = border[i - 1]
+        while k and pattern[i] != pattern[k]:
+            k = border[k - 1]
+        border[i] = k + (pattern[i] == pattern[k])
+    return border
+
+
+class StopMatcher:
+    """Stop strings found in a growing text in time linear in the text, whatever their lengths: for each,
+    the length of its longest prefix that ends the text so far, advanced one character at a time (KMP)."""
+
+    def __init__(self, stops):
+        self.stops, self.borders, self.matched = list(stops), [prefix_function(s) for s in stops], [0] * len(stops)
+
+    def feed(self, text: str):
+        """Advance over text; the index in text just past the first stop string completed in it, or None."""
+        for position, char in enumerate(text):
+            for i, stop in enumerate(self.stops):
+                k = self.matched[i]
+                while k and (k == len(stop) or stop[k] != char):
+                    k = self.borders[i][k - 1]
+                self.matched[i] = k = k + (stop[k] == char)
+                if k == len(stop):
+                    return position + 1
+        return None
+
+    def longest_partial(self) -> int:
+        """How many characters at the end of the text begin some stop string."""
+        return max((k for k in self.matched), default=0)
+
+
 class TextStream:
     """feed(token) returns the text that may be sent now; `ended` turns true at the end token or the first
     stop string. keep_stop: the text keeps the stop string (as Hugging Face's stop_strings do) or ends
     before it (as OpenAI's stop does; text that may still grow into a stop string is then held back
     until it cannot). A stop string is found once it ends after `prefix` (the prompt the text begins
-    with, which counts as sent); each token's search covers the new text and the longest stop string
-    before it, so a sample's stream costs time linear in its length."""
+    with, which counts as sent): the first one completed, character by character (StopMatcher, linear
+    in the text whatever the stop strings' lengths)."""
 
     def __init__(self, tokenizer, eos_id=None, stops=(), keep_stop=True, prefix: str = ""):
         self.decoder, self.eos_id, self.stops, self.keep_stop = IncrementalDecoder(tokenizer), eos_id, stops, keep_stop
-        self.text, self.sent, self.searched, self.ended = prefix, len(prefix), len(prefix), False
+        self.text, self.sent, self.ended = prefix, len(prefix), False
+        self.matcher = StopMatcher(stops)
+        while (end := self.matcher.feed(prefix)) is not None:  # a stop string may begin in the prompt; it
+            prefix = prefix[end:]                              # counts once it ends after it
 
     def take(self, end: int) -> str:
         piece, self.sent = self.text[self.sent:end], max(self.sent, end)
         return piece
 
-    def first_stop(self):
-        """(start, end) of the earliest stop string that ends in the text not yet searched, or None."""
-        hits = [(i, i + len(s)) for s in self.stops for i in [self.text.find(s, max(0, self.searched - len(s) + 1))]
-                if i >= 0]
-        self.searched = len(self.text)
-        return min(hits, default=None)
+    def first_stop(self, new: str):
+        """(start, end) in the text of the first stop string completed in the new text, or None."""
+        end = self.matcher.feed(new)
+        if end is None:
+            return None
+        end += len(self.text) - len(new)
+        length = next(len(s) for s, k in zip(self.stops, self.matcher.matched) if k == len(s))
+        return end - length, end
 
     def held_back(self) -> int:
         """How many characters at the end of the text could still begin a stop string (never sent ones only)."""
-        unsent = len(self.text) - self.sent
-        return max((k for s in self.stops for k in range(min(len(s) - 1, unsent), 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
+        return min(self.matcher.longest_partial(), len(self.text) - self.sent)
 
     def feed(self, token: int) -> str:
         if self.ended:
@@ -55,8 +93,9 @@ class TextStream:
         if token == self.eos_id:
             self.ended = True
             return self.flush()
-        self.text += self.decoder.feed(token)
-        hit = self.first_stop() if self.stops else None
+        new = self.decoder.feed(token)
+        self.text += new
+        hit = self.first_stop(new) if self.stops else None
         if hit is not None:
             self.ended = True
             return self.take(hit[1] if self.keep_stop else hit[0])

@@ -1,133 +1,59 @@
 """The HTTP face of the serving engine (FastAPI): an OpenAI-compatible `POST /v1/completions` (with
-server-sent events), `GET /v1/models`, `GET /health`, `GET /v1/model_card` and the web playground at `/`.
+server-sent events and logprobs), `GET /v1/models`, `POST /tokenize`, `POST /detokenize`, `GET /health`,
+`GET /metrics` (Prometheus), `GET /v1/model_card` and the web playground at `/`.
 
-Every bad request is a 400 (413 for a body over the limit) with an OpenAI-style JSON error naming the
-field; a full queue is a 429 with Retry-After; nothing answers with a traceback.
+Every bad request is a 400 (401 without the API key, 408 for a body that does not arrive in time, 413
+for one over the limit, 415 for one that is not JSON) with an OpenAI-style JSON error naming the field;
+a full queue is a 429 with Retry-After; an engine that is down, a 503; nothing answers with a traceback.
+Access (mingpt.serve.access) checks the Host header and the key before any route runs.
 """
 import asyncio
 import dataclasses
 import json
-import os
 import time
 import uuid
-from importlib import resources
-from typing import List, Literal, Optional, Union
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..sample.settings import DEFAULTS, SamplingSettings, SettingError, request_fields
+from ..sample.settings import DEFAULTS, SamplingSettings
 from ..tokenizer import UnknownCharacterError
-from .engine import EngineStopped, QueueFull, Request
+from .access import Access, add_access
+from .body import BadRequest, CompletionBody, Limits, check_limits, error_body, read_body, read_json, request_settings
+from .card import playground_html
+from .engine import EngineStopped, Event, QueueFull, Request
 
 
-@dataclasses.dataclass
-class Limits:
-    """What one request may ask for; `python -m mingpt.serve` sets each from a flag."""
-    max_tokens: int = 256
-    default_max_tokens: int = 100
-    max_n: int = 8
-    max_candidates: int = 16
-    max_prompts: int = 8
-    max_prompt_chars: int = 256
-    max_stop: int = 4
-    max_body_bytes: int = 65536
+# Seconds a stream waits without an event before it sends a comment line.
+KEEP_ALIVE_S = 1.0
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400, headers=None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.headers = message, param, status, headers
+class EventBuffer:
+    """A request's events, on the server's loop, up to `max_events` not yet taken: past that (a client that
+    does not read its stream) the request is dropped (drop()) and its stream ends with an error, so that one
+    slow reader never holds an unbounded backlog. Event index -1 marks that end."""
 
+    def __init__(self, max_events: int, drop):
+        self.queue, self.max_events, self.drop, self.overflowed = asyncio.Queue(), max_events, drop, False
 
-class ProtocolFields(BaseModel):
-    """The fields of OpenAI's completions request that mingpt serves, and the review's sentiment."""
-    model_config = ConfigDict(strict=True, extra="ignore")
-    model: Optional[str] = None
-    prompt: Union[str, List[str]] = ""
-    max_tokens: Optional[int] = Field(None, ge=0)
-    n: int = Field(1, ge=1)
-    stop: Union[None, str, List[str]] = None
-    seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
-    stream: bool = False
-    stream_options: Optional[dict] = None
-    echo: bool = False
-    logprobs: Optional[int] = None
-    sentiment: Literal["pos", "neg", "auto"] = "auto"
+    def put(self, event):
+        if self.overflowed:
+            return
+        if self.queue.qsize() >= self.max_events:
+            self.overflowed = True
+            self.drop()
+            event = Event(-1, finish_reason="error", status=503,
+                          error=f"the client left over {self.max_events} events unread; the request was dropped")
+        self.queue.put_nowait(event)
 
-
-# Every SamplingSettings field a request may set, under its own name (stop is the protocol's); null or absent
-# leaves the server's setting. Their ranges are the settings' own (a SettingError names the field).
-CompletionBody = create_model("CompletionBody", __base__=ProtocolFields,
-                              **{name: (Optional[kind], Field(None, description=help))
-                                 for name, (kind, help) in request_fields().items() if name != "stop"})
-
-
-def error_body(message: str, param=None, kind="invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
-def check_limits(body: CompletionBody, limits: Limits):
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    checks = [
-        (len(prompts) >= 1, "prompt", "prompt must be a string or a non-empty list of strings"),
-        (len(prompts) <= limits.max_prompts, "prompt", f"at most {limits.max_prompts} prompts a request"),
-        (all(len(p) <= limits.max_prompt_chars for p in prompts), "prompt",
-         f"a prompt may hold at most {limits.max_prompt_chars} characters"),
-        (body.max_tokens is None or body.max_tokens <= limits.max_tokens, "max_tokens",
-         f"max_tokens must be at most {limits.max_tokens}"),
-        (body.n <= limits.max_n, "n", f"n must be at most {limits.max_n}"),
-        (len(prompts) * body.n <= limits.max_n * limits.max_prompts, "n", "too many samples in one request"),
-        (body.candidates is None or body.candidates <= limits.max_candidates, "candidates",
-         f"candidates must be at most {limits.max_candidates}"),
-        (body.logprobs is None, "logprobs", "logprobs are not supported"),
-    ]
-    stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    checks += [(len(stops) <= limits.max_stop, "stop", f"at most {limits.max_stop} stop strings"),
-               (all(stops), "stop", "a stop string must not be empty")]
-    for ok, param, message in checks:
-        if not ok:
-            raise BadRequest(message, param)
-    return prompts, stops
-
-
-async def read_body(http: HTTPRequest, limits: Limits) -> CompletionBody:
-    declared = http.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise BadRequest(f"the body is over {limits.max_body_bytes} bytes", None, 413)
-    raw = b""
-    async for chunk in http.stream():
-        raw += chunk
-        if len(raw) > limits.max_body_bytes:
-            raise BadRequest(f"the body is over {limits.max_body_bytes} bytes", None, 413)
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object")
-    try:
-        return CompletionBody.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = str(first["loc"][0]) if first["loc"] else None
-        raise BadRequest(f"{param}: {first['msg']}", param) from None
-
-
-def request_settings(body: CompletionBody, defaults: SamplingSettings, stops) -> SamplingSettings:
-    """The server's settings with what the body sets; a value out of range is a 400 naming its field."""
-    given = {name: getattr(body, name) for name in request_fields() if name != "stop"}
-    try:
-        return defaults.replace(stop=tuple(stops), **{k: v for k, v in given.items() if v is not None})
-    except SettingError as e:
-        raise BadRequest(str(e), e.name) from None
+    async def get(self):
+        return await self.queue.get()
 
 
 class Completion:
-    """One request in flight: the engine's events arrive on an asyncio queue of the server's loop."""
+    """One request in flight: the engine's events arrive in an EventBuffer on the server's loop."""
 
     def __init__(self, app_state, body: CompletionBody, prompts, stops):
         engine, limits = app_state.engine, app_state.limits
@@ -138,11 +64,12 @@ class Completion:
         except (UnknownCharacterError, ValueError) as e:
             raise BadRequest(f"prompt: {e}", "prompt") from None
         self.prompt_tokens = sum(len(i) + 2 for i in ids)
-        self.events, loop = asyncio.Queue(), asyncio.get_running_loop()
-        self.request = Request(ids, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
+        loop = asyncio.get_running_loop()
+        self.events = EventBuffer(limits.max_stream_events, lambda: self.request.cancel())
+        self.request = Request(ids, lambda event: loop.call_soon_threadsafe(self.events.put, event),
                                n=body.n, max_tokens=limits.default_max_tokens if body.max_tokens is None
                                else body.max_tokens, settings=request_settings(body, app_state.settings, stops),
-                               sentiment=body.sentiment, seed=body.seed)
+                               sentiment=body.sentiment, seed=body.seed, logprobs=body.logprobs)
         self.prompts = [p for p in prompts for _ in range(body.n)]
         try:
             engine.submit(self.request)
@@ -150,6 +77,9 @@ class Completion:
             raise BadRequest(str(e), None, 429, {"Retry-After": str(e.retry_after)}) from None
         except EngineStopped as e:
             raise BadRequest(str(e), None, 503, {"Retry-After": "5"}) from None
+        except ValueError as e:
+            raise BadRequest(str(e), "candidates") from None
+        engine.metrics.prompt_tokens.inc(self.prompt_tokens)
 
     def chunk(self, choices, **extra) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
@@ -159,42 +89,61 @@ class Completion:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    async def events_until_done(self):
-        """The engine's events for this request, until every sample has ended."""
+    async def events_until_done(self, quiet_s=None):
+        """The engine's events for this request, until every sample has ended (or the stream overflowed);
+        with quiet_s, None after each quiet_s seconds without one."""
         left = len(self.request.choices)
         while left:
-            event = await self.events.get()
-            left -= event.finish_reason is not None
+            try:
+                event = await asyncio.wait_for(self.events.get(), quiet_s)
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            left = 0 if event.index < 0 else left - (event.finish_reason is not None)
             yield event
 
     async def whole(self) -> dict:
         texts = [self.prompts[i] if self.body.echo else "" for i in range(len(self.prompts))]
+        logprobs = [Logprobs(len(text)) for text in texts]
         ends, sentiments, tokens = {}, {}, 0
         async for event in self.events_until_done():
             if event.error:
-                raise BadRequest(event.error, None, 500)
+                raise BadRequest(event.error, None, event.status or 500)
             texts[event.index] += event.text
+            logprobs[event.index].add(event.logprobs)
             sentiments[event.index] = event.sentiment
             if event.finish_reason:
                 ends[event.index], tokens = event.finish_reason, tokens + event.tokens
-        choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": ends[i],
-                    "sentiment": sentiments[i]} for i, text in enumerate(texts)]
+        choices = [{"text": text, "index": i, "finish_reason": ends[i], "sentiment": sentiments[i],
+                    "logprobs": None if self.body.logprobs is None else logprobs[i].body()}
+                   for i, text in enumerate(texts)]
         return self.chunk(choices, usage=self.usage(tokens))
 
-    async def sse(self):
+    async def sse(self, http: HTTPRequest):
         """The server-sent events of a streamed completion, ending in [DONE]; leaving early cancels it."""
-        tokens = 0
+        tokens, offsets = 0, [len(p) if self.body.echo else 0 for p in self.prompts]
         try:
             if self.body.echo:
                 for i, prompt in enumerate(self.prompts):
                     yield sse_line(self.chunk([choice_delta(i, prompt)]))
-            async for event in self.events_until_done():
+            async for event in self.events_until_done(quiet_s=KEEP_ALIVE_S):
+                if event is None:  # quiet: a client gone is found here, and proxies see a comment line
+                    if await http.is_disconnected():
+                        return
+                    yield ": keep-alive\n\n"
+                    continue
                 tokens += event.tokens if event.finish_reason else 0
                 if event.error:
                     yield sse_line(error_body(event.error, kind="server_error"))
                     continue
+                logprobs = None
+                if self.body.logprobs is not None:
+                    logprobs = Logprobs(offsets[event.index])
+                    logprobs.add(event.logprobs)
+                    offsets[event.index] = logprobs.offset
+                    logprobs = logprobs.body()
                 yield sse_line(self.chunk([choice_delta(event.index, event.text, event.sentiment,
-                                                        event.finish_reason)]))
+                                                        event.finish_reason, logprobs)]))
             if (self.body.stream_options or {}).get("include_usage"):
                 yield sse_line(self.chunk([], usage=self.usage(tokens)))
             yield "data: [DONE]\n\n"
@@ -202,8 +151,30 @@ class Completion:
             self.request.cancel()  # a no-op once every sample has ended
 
 
-def choice_delta(index, text, sentiment=None, finish_reason=None) -> dict:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason, "sentiment": sentiment}
+class Logprobs:
+    """OpenAI's logprobs of a completion choice (or of a streamed piece of one): each token's text, its
+    log-probability under the model (the asked conditioning, before guidance and sampling controls), the
+    likeliest alternatives, and where each token's text begins in the choice's text."""
+
+    def __init__(self, offset: int):
+        self.offset, self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = offset, [], [], [], []
+
+    def add(self, entries):
+        for _, text, logprob, top in entries:
+            self.tokens.append(text)
+            self.token_logprobs.append(logprob)
+            self.top_logprobs.append(top)
+            self.text_offset.append(self.offset)
+            self.offset += len(text)
+
+    def body(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+                "text_offset": self.text_offset}
+
+
+def choice_delta(index, text, sentiment=None, finish_reason=None, logprobs=None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason,
+            "sentiment": sentiment}
 
 
 def sse_line(payload: dict) -> str:
@@ -213,10 +184,10 @@ def sse_line(payload: dict) -> str:
 async def complete(http: HTTPRequest):
     state = http.app.state
     body = await read_body(http, state.limits)
-    prompts, stops = check_limits(body, state.limits)
+    prompts, stops = check_limits(body, state.limits, state.engine.model.config.block_size)
     completion = Completion(state, body, prompts, stops)
     if body.stream:
-        return StreamingResponse(completion.sse(), media_type="text/event-stream",
+        return StreamingResponse(completion.sse(http), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     waiter = asyncio.ensure_future(completion.whole())
     try:
@@ -229,6 +200,28 @@ async def complete(http: HTTPRequest):
         return JSONResponse(waiter.result())
     finally:
         completion.request.cancel()
+
+
+async def tokenize(http: HTTPRequest):
+    """llama.cpp's /tokenize: {"content": text} -> {"tokens": [ids]} (the text alone: no context or sentiment)."""
+    data = await read_json(http, http.app.state.limits)
+    content = data.get("content")
+    if not isinstance(content, str):
+        raise BadRequest("content must be a string", "content")
+    try:
+        return {"tokens": http.app.state.engine.tokenizer.encode(content)}
+    except UnknownCharacterError as e:
+        raise BadRequest(f"content: {e}", "content") from None
+
+
+async def detokenize(http: HTTPRequest):
+    """llama.cpp's /detokenize: {"tokens": [ids]} -> {"content": text}."""
+    data = await read_json(http, http.app.state.limits)
+    tokens, vocab_size = data.get("tokens"), http.app.state.engine.tokenizer.vocab_size
+    if not isinstance(tokens, list) or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size
+                                           for t in tokens):
+        raise BadRequest(f"tokens must be a list of token ids in [0, {vocab_size})", "tokens")
+    return {"content": http.app.state.engine.tokenizer.decode(tokens)}
 
 
 def add_error_handlers(app: FastAPI):
@@ -252,19 +245,18 @@ def add_error_handlers(app: FastAPI):
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", kind="server_error"), status_code=500)
 
 
-def playground_html() -> str:
-    return resources.files("mingpt.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
-
-
 def create_app(engine, model_name: str, card: dict, limits: Limits = Limits(),
-               settings: SamplingSettings = DEFAULTS) -> FastAPI:
+               settings: SamplingSettings = DEFAULTS, access: Access = Access()) -> FastAPI:
     """The app around a running engine; the caller starts and closes the engine. `settings`: what a request
-    gets for the sampling settings it does not set."""
+    gets for the sampling settings it does not set; `access`: Host names, API keys and CORS origins."""
     app = FastAPI(title="mingpt", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.model_name, app.state.card, app.state.limits = engine, model_name, card, limits
     app.state.settings = settings
     add_error_handlers(app)
+    add_access(app, access, engine.metrics)
     app.add_api_route("/v1/completions", complete, methods=["POST"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
 
     @app.get("/v1/models")
     async def models():
@@ -273,7 +265,12 @@ def create_app(engine, model_name: str, card: dict, limits: Limits = Limits(),
 
     @app.get("/health")
     async def health():
-        return engine.health()
+        state = engine.health()
+        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/model_card")
     async def model_card():
@@ -284,16 +281,3 @@ def create_app(engine, model_name: str, card: dict, limits: Limits = Limits(),
         return HTMLResponse(playground_html())
 
     return app
-
-
-def model_card(name: str, ckpt_path: str, model, tokenizer, data: dict, record: Optional[dict], sampler: str) -> dict:
-    """What /v1/model_card says: the config, the vocabulary, the data and how training went (from the
-    run's run.json where there is one)."""
-    record = record or {}
-    created = os.path.getmtime(ckpt_path) if os.path.exists(ckpt_path) else 0
-    return {"id": name, "checkpoint": ckpt_path,
-            "created": int(created), "config": dataclasses.asdict(model.config), "parameters": model.num_params(),
-            "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "sampler": sampler,
-            "data": {**{k: v for k, v in data.items() if v is not None}, **(record.get("data") or {})},
-            "training": {k: record[k] for k in ("status", "started", "ended", "iter", "losses", "best_val_loss")
-                         if k in record}}

@@ -1,0 +1,232 @@
+"""The server's running batch (continuous batching): rows join and leave between decode steps.
+
+Each sample (a Choice of mingpt.serve.engine) runs as `candidates` draws; a guided draw holds a second row
+under the second conditioning until its last guided token (guidance_tokens, when guidance_after is 1), then
+gives it up. The rows live in one KV cache of `max_rows` sequences, the running ones packed at its front.
+A step:
+  1. rows that joined since the last step are prefilled (by prompt length, each group in one forward), and
+     the running rows decode their last token, each at its own position (GPT.forward with per-row
+     positions), so a new request draws its first token at the first step after it arrives;
+  2. each group of draws with equal settings (and, for a seeded request, its own generator) goes through
+     the logit controls and the draw of mingpt.sample, each row at its own step;
+  3. finished rows (end token, max_tokens, a stop string, a client gone) leave, the last rows moving into
+     their places.
+Past the model's block a row re-reads its last block of tokens at each step, as every sampler does.
+A draw of a sample with candidates > 1 is kept to itself until its siblings end; then the one with the
+largest conditioning margin (mingpt.sample.candidates) is replayed into the sample's stream.
+"""
+import collections
+
+import torch
+
+from ..sample.candidates import best_rows, conditioning_margin
+from ..sample.controls import apply_row_controls
+from ..sample.engine import pick_next
+
+
+class Draw:
+    """One drawn continuation of a choice, and its rows in the running batch."""
+
+    def __init__(self, choice):
+        self.choice, self.tokens, self.logprobs = choice, [], []
+        self.row, self.second_row, self.ended = None, None, False
+
+    @property
+    def history(self) -> list:
+        return self.choice.prompt_ids + self.tokens
+
+    def row_history(self, second: bool) -> list:
+        return self.choice.guidance_ids + self.tokens if second else self.history
+
+
+class RunningBatch:
+    def __init__(self, model, tokenizer, eos_id: int, max_rows: int):
+        self.model, self.tokenizer, self.eos_id, self.max_rows = model, tokenizer, eos_id, max_rows
+        self.cache = model.new_cache(max_rows)
+        self.owners = []  # row -> (draw, whether it is the draw's second-conditioning row)
+        self.joined = []  # draws whose rows wait for their prefill
+        self.draws = collections.defaultdict(list)  # choice -> its draws
+
+    @property
+    def rows(self) -> int:
+        return len(self.owners)
+
+    @property
+    def rows_in_use(self) -> int:
+        """The running rows and those the joined draws will take."""
+        return self.rows + sum(2 if draw.choice.request.settings.guided else 1 for draw in self.joined)
+
+    @property
+    def choices(self) -> list:
+        return list(self.draws)
+
+    @staticmethod
+    def rows_needed(choice) -> int:
+        settings = choice.request.settings
+        return settings.candidates * (2 if settings.guided else 1)
+
+    def admit(self, choice):
+        """Give a choice (its prompt rows built) its rows; it draws its first token at the next step."""
+        for _ in range(choice.request.settings.candidates):
+            draw = Draw(choice)
+            self.draws[choice].append(draw)
+            self.joined.append(draw)
+
+    def step(self):
+        """One decode step of every running row; returns the choices that have ended."""
+        self._drop_cancelled()
+        if not self.draws:
+            return []
+        logits = self._forward()
+        for key, draws in self._groups().items():
+            self._draw_tokens(draws, logits, key[1])
+        ended = [choice for choice in list(self.draws) if self._settle(choice)]
+        self._compact()
+        return ended
+
+    def fail_all(self, error: str, status: int):
+        for choice in list(self.draws):
+            choice.emit(finish_reason="error", error=error, status=status)
+        self.draws.clear()
+        self.owners, self.joined = [], []
+
+    def _drop_cancelled(self):
+        for choice in list(self.draws):
+            if choice.request.cancelled.is_set():
+                choice.emit(finish_reason="cancelled")
+                self._leave(choice)
+        self._compact()
+
+    def _forward(self) -> torch.Tensor:
+        """Next-token logits of every row, by row: the running rows' decode, then the joined rows' prefill."""
+        device, block = self.model.device, self.model.config.block_size
+        parts = []
+        if self.owners:
+            histories = [draw.row_history(second) for draw, second in self.owners]
+            positions = [min(len(history), block) - 1 for history in histories]
+            logits = self.model(torch.tensor([history[-1] for history in histories], device=device)[:, None],
+                                cache=self.cache.rows(0, self.rows), start=torch.tensor(positions, device=device))[0][:, -1]
+            sliding = [row for row, history in enumerate(histories) if len(history) > block]
+            if sliding:  # past the block, a row re-reads its last block of tokens (the samplers' context policy)
+                windows = torch.tensor([histories[row][-block:] for row in sliding], device=device)
+                logits[sliding] = self.model(windows)[0][:, -1]
+            parts.append(logits)
+        self.joined.sort(key=lambda draw: len(draw.choice.prompt_ids))
+        for length, draws in _runs(self.joined, lambda draw: len(draw.choice.prompt_ids)):
+            prompts = [draw.choice.prompt_ids for draw in draws] + [draw.choice.guidance_ids for draw in draws
+                                                                   if draw.choice.request.settings.guided]
+            first = self.rows
+            for draw in draws:
+                draw.row = self._own(draw, False)
+            for draw in draws:
+                if draw.choice.request.settings.guided:
+                    draw.second_row = self._own(draw, True)
+            parts.append(self.model(torch.tensor(prompts, device=device), cache=self.cache.rows(first, self.rows))[0][:, -1])
+        self.joined = []
+        return torch.cat(parts)
+
+    def _own(self, draw, second: bool) -> int:
+        self.owners.append((draw, second))
+        return len(self.owners) - 1
+
+    def _groups(self) -> dict:
+        """The running draws by (settings without stop strings, seeded request or None)."""
+        groups = collections.defaultdict(list)
+        for choice, draws in self.draws.items():
+            request = choice.request
+            key = (request.settings.replace(stop=(), candidates=1), request if request.seed is not None else None)
+            groups[key] += [draw for draw in draws if not draw.ended]
+        return groups
+
+    def _draw_tokens(self, draws: list, logits: torch.Tensor, seeded_request):
+        settings = draws[0].choice.request.settings
+        first = logits[[draw.row for draw in draws]]
+        second = None
+        if settings.guided:  # a draw that gave up its second row is guided by 1: its own log-probabilities
+            second = logits[[draw.row if draw.second_row is None else draw.second_row for draw in draws]]
+        steps = [len(draw.tokens) for draw in draws]
+        controlled = apply_row_controls(first, second, [draw.history for draw in draws], settings, steps)
+        generator = seeded_request.generator if seeded_request is not None else None
+        picked = pick_next(controlled, settings, generator).squeeze(1).tolist()
+        wanted = [i for i, draw in enumerate(draws) if draw.choice.request.logprobs is not None]
+        if wanted:
+            self._record_logprobs([draws[i] for i in wanted], first[wanted], [picked[i] for i in wanted])
+        for draw, token in zip(draws, picked):
+            draw.tokens.append(token)
+            choice = draw.choice
+            if choice.request.settings.candidates == 1:
+                choice.step(token, draw.logprobs[-1] if draw.logprobs else None)
+            draw.ended = token == self.eos_id or len(draw.tokens) >= choice.request.max_tokens or choice.done
+            if draw.second_row is not None and settings.guidance_after == 1.0 and settings.guidance_tokens \
+                    and len(draw.tokens) >= settings.guidance_tokens:
+                self._release(draw.second_row)
+                draw.second_row = None
+
+    def _record_logprobs(self, draws, logits, picked):
+        log_probs = logits.float().log_softmax(-1)
+        top = log_probs.topk(max(draw.choice.request.logprobs for draw in draws), -1)
+        chosen = log_probs.gather(1, torch.tensor(picked, device=logits.device)[:, None]).squeeze(1).tolist()
+        for r, (draw, token) in enumerate(zip(draws, picked)):
+            n = draw.choice.request.logprobs
+            alternatives = {self.tokenizer.decode([i]): lp for i, lp in zip(top.indices[r, :n].tolist(),
+                                                                            top.values[r, :n].tolist())}
+            draw.logprobs.append((token, self.tokenizer.decode([token]), chosen[r], alternatives))
+
+    def _settle(self, choice) -> bool:
+        """Whether a choice has ended; a choice of several candidates is chosen and replayed when all have."""
+        draws = self.draws[choice]
+        if not all(draw.ended for draw in draws):
+            return False
+        if len(draws) > 1 and not choice.done:
+            kept = draws[self._best(choice, draws)]
+            for token, logprob in zip(kept.tokens, kept.logprobs or [None] * len(kept.tokens)):
+                if choice.done:
+                    break
+                choice.step(token, logprob)
+        if not choice.done:
+            choice.finish()
+        self._leave(choice)
+        return True
+
+    def _best(self, choice, draws) -> int:
+        width = max(len(draw.tokens) for draw in draws)
+        drawn = torch.tensor([choice.prompt_ids + draw.tokens + [self.eos_id] * (width - len(draw.tokens))
+                              for draw in draws], device=self.model.device)
+        second = torch.tensor([choice.guidance_ids] * len(draws), device=self.model.device)
+        return int(best_rows(conditioning_margin(self.model, drawn, second, self.eos_id), len(draws))[0])
+
+    def _leave(self, choice):
+        for draw in self.draws.pop(choice):
+            draw.ended = True
+            for row in (draw.row, draw.second_row):
+                if row is not None:
+                    self._release(row)
+            draw.row = draw.second_row = None
+        self.joined = [draw for draw in self.joined if draw.choice is not choice]
+
+    def _release(self, row: int):
+        self.owners[row] = None
+
+    def _compact(self):
+        """Move the last running rows into the places of those that left, so that the running rows are
+        the cache's first ones again."""
+        kept = sum(owner is not None for owner in self.owners)
+        holes = [row for row in range(kept) if self.owners[row] is None]
+        tail = [row for row in range(kept, len(self.owners)) if self.owners[row] is not None]
+        if holes:
+            self.cache.move_rows(tail, holes)
+            for source, target in zip(tail, holes):
+                draw, second = self.owners[target] = self.owners[source]
+                setattr(draw, "second_row" if second else "row", target)
+        del self.owners[kept:]
+
+
+def _runs(items, key):
+    """(key, items) of each run of consecutive items with equal keys."""
+    runs = []
+    for item in items:
+        if runs and runs[-1][0] == key(item):
+            runs[-1][1].append(item)
+        else:
+            runs.append((key(item), [item]))
+    return runs
