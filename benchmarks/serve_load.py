@@ -66,12 +66,15 @@ def write_samples_in_process(ckpt: str, reviews: int, body: dict) -> dict:
             "first_char_p99_ms": None, "chars": chars, "chars_per_s": chars / wall, "wall_s": wall}
 
 
-def mixed_body(client: int, number: int) -> dict:
-    """A request of the mixed load: max_tokens from 10 to 200, the two sentiments in turn, the server's settings."""
-    rng = random.Random(client * 100_003 + number)
-    sentiment = ("pos", "neg")[(client + number) % 2]
-    return {"prompt": {"pos": "好看", "neg": "难看"}[sentiment], "sentiment": sentiment,
-            "max_tokens": rng.randint(10, 200)}
+def mixed_load(settings: dict):
+    """The requests of the mixed load: max_tokens from 10 to 200, the two sentiments in turn, the server's
+    settings but those given."""
+    def body(client: int, number: int) -> dict:
+        rng = random.Random(client * 100_003 + number)
+        sentiment = ("pos", "neg")[(client + number) % 2]
+        return {"prompt": {"pos": "好看", "neg": "难看"}[sentiment], "sentiment": sentiment,
+                "max_tokens": rng.randint(10, 200), **settings}
+    return body
 
 
 def main(argv=None):
@@ -83,12 +86,15 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=40, help="reviews per closed-loop row (each client its share)")
     p.add_argument("--burst_clients", type=int, default=50, help="the sustained row: this many clients ...")
     p.add_argument("--burst_s", type=float, default=60.0, help="... for this many seconds (0: no such row)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="each request's candidates (default: the server's); 1 streams each sample token by token")
     p.add_argument("--with_cli", action="store_true", help="also the same reviews through the sample CLI")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.port is None):
         p.error("give --ckpt (start a server) or --port (a running one)")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    mixed_body = mixed_load({} if args.candidates is None else {"candidates": args.candidates})
     port = args.port or free_port()
     server = start_server(args.ckpt, port) if args.ckpt else None
     rows = []

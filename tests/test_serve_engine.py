@@ -152,26 +152,26 @@ def test_candidates_keep_the_draw_with_the_largest_margin(served, monkeypatch):
     chosen = []
     best = RunningBatch._best
 
-    def recording_best(self, choice, draws):
-        index = best(self, choice, draws)
-        chosen.append((choice, [list(d.tokens) for d in draws], index))
+    def recording_best(choice, draws):
+        index = best(choice, draws)
+        chosen.append((choice, [list(d.tokens) for d in draws], [d.margin for d in draws], index))
         return index
 
-    monkeypatch.setattr(RunningBatch, "_best", recording_best)
+    monkeypatch.setattr(RunningBatch, "_best", staticmethod(recording_best))
     got = Collected()
-    settings = SamplingSettings(temperature=1.0, candidates=4)
-    engine.submit(Request([engine.encode("好看")], got, n=2, max_tokens=12, settings=settings, sentiment="neg",
+    settings = SamplingSettings(temperature=1.0, candidates=4)  # max_tokens past the block (32): counted within it
+    engine.submit(Request([engine.encode("好看")], got, n=2, max_tokens=40, settings=settings, sentiment="neg",
                           seed=11))
     wait_until(lambda: len(got.ends()) == 2, "both samples to end")
     eos = loaded.tokenizer.token_id(LAYOUT.end_token)
-    for choice, draws, index in chosen:
+    for choice, draws, summed, index in chosen:  # summed as the draws decode, against scoring them again
         width = max(map(len, draws))
         drawn = torch.tensor([choice.prompt_ids + d + [eos] * (width - len(d)) for d in draws])
         margins = conditioning_margin(loaded.model, drawn, torch.tensor([choice.guidance_ids] * 4), eos)
-        assert index == int(margins.argmax())
+        assert summed == pytest.approx(margins.tolist(), abs=1e-3) and index == int(torch.tensor(summed).argmax())
         kept = [t for t in draws[index] if t != eos]
-        assert got.text(choice.index) == loaded.tokenizer.decode(kept[:12])
-    assert len(chosen) == 2 and any(len({tuple(d) for d in draws}) > 1 for _, draws, _ in chosen)
+        assert got.text(choice.index) == loaded.tokenizer.decode(kept[:40])
+    assert len(chosen) == 2 and any(len({tuple(d) for d in draws}) > 1 for _, draws, _, _ in chosen)
 
 
 def test_logprobs_are_the_models_own(served):
@@ -262,7 +262,7 @@ def test_a_dead_worker_is_reported_and_nothing_waits_for_it(served, monkeypatch)
 
 def test_a_stuck_worker_fails_what_waits_and_recovers(served, monkeypatch):
     loaded, make = served
-    engine = make(watchdog_s=0.5, max_rows=2)  # one plain sample fills the batch: the next one waits
+    engine = make(watchdog_s=0.5, max_rows=4)  # two candidates (with their second rows) fill the batch
     release, step = threading.Event(), RunningBatch.step
 
     def stuck_step(self):

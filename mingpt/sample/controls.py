@@ -68,7 +68,9 @@ def apply_row_controls(first: torch.Tensor, second: torch.Tensor, histories: lis
         padded = torch.tensor([row + row[:1] * (width - len(row)) for row in histories], device=first.device)
         logits = penalize_repetition(logits, padded, settings.repetition_penalty)
     if settings.no_repeat_ngram_size:
-        logits = logits.clone()
-        for r, row in enumerate(histories):
-            logits[r, banned_ngram_tokens(row, settings.no_repeat_ngram_size)] = float("-inf")
+        banned = [(r, token) for r, row in enumerate(histories)
+                  for token in banned_ngram_tokens(row, settings.no_repeat_ngram_size)]
+        if banned:
+            rows, tokens = torch.tensor(banned, device=first.device).T
+            logits = logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=first.device))
     return logits

@@ -1,25 +1,26 @@
 """The server's running batch (continuous batching): rows join and leave between decode steps.
 
-Each sample (a Choice of mingpt.serve.engine) runs as `candidates` draws; a guided draw holds a second row
-under the second conditioning until its last guided token (guidance_tokens, when guidance_after is 1), then
-gives it up. The rows live in one KV cache of `max_rows` sequences, the running ones packed at its front.
+Each sample (a Choice of mingpt.serve.engine) runs as `candidates` draws; a guided draw, or a candidate,
+holds a second row under the second conditioning until its last guided token (guidance_tokens, when
+guidance_after is 1) or, a candidate, until its tokens pass the first block, then gives it up. The rows live in one KV cache of `max_rows` sequences, the running ones packed at its front.
 A step:
-  1. rows that joined since the last step are prefilled (by prompt length, each group in one forward), and
-     the running rows decode their last token, each at its own position (GPT.forward with per-row
-     positions), so a new request draws its first token at the first step after it arrives;
+  1. if rows joined since the last step, they are prefilled (by prompt length, each group in one forward)
+     and only they draw, so that a new request's first token comes one prefill after it arrives, not
+     after a decode of the whole batch; else the running rows decode their last token, each at its own
+     position (GPT.forward with per-row positions);
   2. each group of draws with equal settings (and, for a seeded request, its own generator) goes through
      the logit controls and the draw of mingpt.sample, each row at its own step;
   3. finished rows (end token, max_tokens, a stop string, a client gone) leave, the last rows moving into
      their places.
 Past the model's block a row re-reads its last block of tokens at each step, as every sampler does.
 A draw of a sample with candidates > 1 is kept to itself until its siblings end; then the one with the
-largest conditioning margin (mingpt.sample.candidates) is replayed into the sample's stream.
+largest conditioning margin (mingpt.sample.candidates' rule, summed as the draws decode: their second rows
+run while their tokens lie in the first block) is replayed into the sample's stream.
 """
 import collections
 
 import torch
 
-from ..sample.candidates import best_rows, conditioning_margin
 from ..sample.controls import apply_row_controls
 from ..sample.engine import pick_next
 
@@ -29,11 +30,13 @@ class Draw:
 
     def __init__(self, choice):
         self.choice, self.tokens, self.logprobs = choice, [], []
+        self.history = list(choice.prompt_ids)  # the prompt row and the new tokens
         self.row, self.second_row, self.ended = None, None, False
+        self.margin = 0.0  # a candidate's conditioning margin so far (mingpt.sample.candidates)
 
-    @property
-    def history(self) -> list:
-        return self.choice.prompt_ids + self.tokens
+    def add(self, token: int):
+        self.tokens.append(token)
+        self.history.append(token)
 
     def row_history(self, second: bool) -> list:
         return self.choice.guidance_ids + self.tokens if second else self.history
@@ -54,7 +57,7 @@ class RunningBatch:
     @property
     def rows_in_use(self) -> int:
         """The running rows and those the joined draws will take."""
-        return self.rows + sum(2 if draw.choice.request.settings.guided else 1 for draw in self.joined)
+        return self.rows + sum(2 if draw.choice.request.settings.needs_guidance_idx else 1 for draw in self.joined)
 
     @property
     def choices(self) -> list:
@@ -63,23 +66,30 @@ class RunningBatch:
     @staticmethod
     def rows_needed(choice) -> int:
         settings = choice.request.settings
-        return settings.candidates * (2 if settings.guided else 1)
+        return settings.candidates * (2 if settings.needs_guidance_idx else 1)
 
     def admit(self, choice):
         """Give a choice (its prompt rows built) its rows; it draws its first token at the next step."""
-        for _ in range(choice.request.settings.candidates):
+        request = choice.request
+        request.batch_key = (request.settings.replace(stop=(), candidates=1), request if request.seed is not None else None)
+        for _ in range(request.settings.candidates):
             draw = Draw(choice)
             self.draws[choice].append(draw)
             self.joined.append(draw)
 
     def step(self):
-        """One decode step of every running row; returns the choices that have ended."""
+        """One step: the draws that joined since the last one are prefilled and draw their first token (the
+        running rows wait that step out, so that a new request's first token never waits for a decode of the
+        whole batch), or else every running row decodes one; returns the choices that have ended."""
         self._drop_cancelled()
         if not self.draws:
             return []
-        logits = self._forward()
-        for key, draws in self._groups().items():
-            self._draw_tokens(draws, logits, key[1])
+        if self.joined:
+            drawing, (logits, first_row) = self.joined, self._prefill()
+        else:
+            drawing, (logits, first_row) = [d for draws in self.draws.values() for d in draws], (self._decode(), 0)
+        for key, draws in self._groups(drawing).items():
+            self._draw_tokens(draws, logits, first_row, key[1])
         ended = [choice for choice in list(self.draws) if self._settle(choice)]
         self._compact()
         return ended
@@ -97,53 +107,56 @@ class RunningBatch:
                 self._leave(choice)
         self._compact()
 
-    def _forward(self) -> torch.Tensor:
-        """Next-token logits of every row, by row: the running rows' decode, then the joined rows' prefill."""
+    def _decode(self) -> torch.Tensor:
+        """Next-token logits of every running row, by row: each decodes its last token at its own position."""
         device, block = self.model.device, self.model.config.block_size
-        parts = []
-        if self.owners:
-            histories = [draw.row_history(second) for draw, second in self.owners]
-            positions = [min(len(history), block) - 1 for history in histories]
-            logits = self.model(torch.tensor([history[-1] for history in histories], device=device)[:, None],
-                                cache=self.cache.rows(0, self.rows), start=torch.tensor(positions, device=device))[0][:, -1]
-            sliding = [row for row, history in enumerate(histories) if len(history) > block]
-            if sliding:  # past the block, a row re-reads its last block of tokens (the samplers' context policy)
-                windows = torch.tensor([histories[row][-block:] for row in sliding], device=device)
-                logits[sliding] = self.model(windows)[0][:, -1]
-            parts.append(logits)
+        histories = [draw.row_history(second) for draw, second in self.owners]
+        positions = [min(len(history), block) - 1 for history in histories]
+        logits = self.model(torch.tensor([history[-1] for history in histories], device=device)[:, None],
+                            cache=self.cache.rows(0, self.rows), start=torch.tensor(positions, device=device))[0][:, -1]
+        sliding = [row for row, history in enumerate(histories) if len(history) > block]
+        if sliding:  # past the block, a row re-reads its last block of tokens (the samplers' context policy)
+            windows = torch.tensor([histories[row][-block:] for row in sliding], device=device)
+            logits[sliding] = self.model(windows)[0][:, -1]
+        return logits
+
+    def _prefill(self):
+        """The joined draws take rows at the end and prefill their prompts (a forward for each prompt length):
+        (next-token logits of those rows, the first of them)."""
+        device, first_row, parts = self.model.device, self.rows, []
         self.joined.sort(key=lambda draw: len(draw.choice.prompt_ids))
         for length, draws in _runs(self.joined, lambda draw: len(draw.choice.prompt_ids)):
-            prompts = [draw.choice.prompt_ids for draw in draws] + [draw.choice.guidance_ids for draw in draws
-                                                                   if draw.choice.request.settings.guided]
+            seconds = [draw for draw in draws if draw.choice.request.settings.needs_guidance_idx]
+            prompts = [draw.choice.prompt_ids for draw in draws] + [draw.choice.guidance_ids for draw in seconds]
             first = self.rows
             for draw in draws:
                 draw.row = self._own(draw, False)
-            for draw in draws:
-                if draw.choice.request.settings.guided:
-                    draw.second_row = self._own(draw, True)
+            for draw in seconds:
+                draw.second_row = self._own(draw, True)
             parts.append(self.model(torch.tensor(prompts, device=device), cache=self.cache.rows(first, self.rows))[0][:, -1])
         self.joined = []
-        return torch.cat(parts)
+        return torch.cat(parts), first_row
 
     def _own(self, draw, second: bool) -> int:
         self.owners.append((draw, second))
         return len(self.owners) - 1
 
-    def _groups(self) -> dict:
-        """The running draws by (settings without stop strings, seeded request or None)."""
+    @staticmethod
+    def _groups(draws) -> dict:
+        """The draws that run, by (settings without stop strings, seeded request or None)."""
         groups = collections.defaultdict(list)
-        for choice, draws in self.draws.items():
-            request = choice.request
-            key = (request.settings.replace(stop=(), candidates=1), request if request.seed is not None else None)
-            groups[key] += [draw for draw in draws if not draw.ended]
+        for draw in draws:
+            if not draw.ended:
+                groups[draw.choice.request.batch_key].append(draw)
         return groups
 
-    def _draw_tokens(self, draws: list, logits: torch.Tensor, seeded_request):
+    def _draw_tokens(self, draws: list, logits: torch.Tensor, first_row: int, seeded_request):
+        """Each draw's next token; logits holds the rows from first_row on."""
         settings = draws[0].choice.request.settings
-        first = logits[[draw.row for draw in draws]]
+        first = logits[[draw.row - first_row for draw in draws]]
         second = None
         if settings.guided:  # a draw that gave up its second row is guided by 1: its own log-probabilities
-            second = logits[[draw.row if draw.second_row is None else draw.second_row for draw in draws]]
+            second = logits[[(draw.row if draw.second_row is None else draw.second_row) - first_row for draw in draws]]
         steps = [len(draw.tokens) for draw in draws]
         controlled = apply_row_controls(first, second, [draw.history for draw in draws], settings, steps)
         generator = seeded_request.generator if seeded_request is not None else None
@@ -151,16 +164,34 @@ class RunningBatch:
         wanted = [i for i, draw in enumerate(draws) if draw.choice.request.logprobs is not None]
         if wanted:
             self._record_logprobs([draws[i] for i in wanted], first[wanted], [picked[i] for i in wanted])
+        if settings.candidates > 1:
+            self._add_margins(draws, logits, first_row, picked)
+        block = self.model.config.block_size
         for draw, token in zip(draws, picked):
-            draw.tokens.append(token)
+            draw.add(token)
             choice = draw.choice
             if choice.request.settings.candidates == 1:
                 choice.step(token, draw.logprobs[-1] if draw.logprobs else None)
             draw.ended = token == self.eos_id or len(draw.tokens) >= choice.request.max_tokens or choice.done
-            if draw.second_row is not None and settings.guidance_after == 1.0 and settings.guidance_tokens \
-                    and len(draw.tokens) >= settings.guidance_tokens:
+            if draw.ended:  # its rows leave now; a candidate's tokens wait for its siblings
+                self._release_rows(draw)
+            elif draw.second_row is not None and not needs_second_row(draw, settings, block):
                 self._release(draw.second_row)
                 draw.second_row = None
+
+    def _add_margins(self, draws, logits, first_row: int, picked):
+        """Each candidate's new token's log-probability under its prompt minus under the second one, counted
+        while the token lies in the model's first block (conditioning_margin's rule): the second rows of
+        candidates run until then, so no draw is scored again at its end."""
+        counted = [i for i, draw in enumerate(draws) if len(draw.history) < self.model.config.block_size]
+        if not counted:
+            return
+        rows = [draws[i].row - first_row for i in counted] + [draws[i].second_row - first_row for i in counted]
+        tokens = torch.tensor([picked[i] for i in counted] * 2, device=logits.device)
+        log_probs = logits[rows].float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        asked, second = log_probs.chunk(2)
+        for i, margin in zip(counted, (asked - second).tolist()):
+            draws[i].margin += margin
 
     def _record_logprobs(self, draws, logits, picked):
         log_probs = logits.float().log_softmax(-1)
@@ -188,21 +219,22 @@ class RunningBatch:
         self._leave(choice)
         return True
 
-    def _best(self, choice, draws) -> int:
-        width = max(len(draw.tokens) for draw in draws)
-        drawn = torch.tensor([choice.prompt_ids + draw.tokens + [self.eos_id] * (width - len(draw.tokens))
-                              for draw in draws], device=self.model.device)
-        second = torch.tensor([choice.guidance_ids] * len(draws), device=self.model.device)
-        return int(best_rows(conditioning_margin(self.model, drawn, second, self.eos_id), len(draws))[0])
+    @staticmethod
+    def _best(choice, draws) -> int:
+        """The candidate with the largest margin (the first of equals, as best_rows)."""
+        return max(range(len(draws)), key=lambda i: draws[i].margin)
 
     def _leave(self, choice):
         for draw in self.draws.pop(choice):
             draw.ended = True
-            for row in (draw.row, draw.second_row):
-                if row is not None:
-                    self._release(row)
-            draw.row = draw.second_row = None
+            self._release_rows(draw)
         self.joined = [draw for draw in self.joined if draw.choice is not choice]
+
+    def _release_rows(self, draw):
+        for row in (draw.row, draw.second_row):
+            if row is not None:
+                self._release(row)
+        draw.row = draw.second_row = None
 
     def _release(self, row: int):
         self.owners[row] = None
@@ -219,6 +251,13 @@ class RunningBatch:
                 draw, second = self.owners[target] = self.owners[source]
                 setattr(draw, "second_row" if second else "row", target)
         del self.owners[kept:]
+
+
+def needs_second_row(draw, settings, block: int) -> bool:
+    """Whether a draw's next token still reads its second row: to be guided, or to score it as a candidate."""
+    guiding = settings.guided and not (settings.guidance_after == 1.0 and settings.guidance_tokens
+                                       and len(draw.tokens) >= settings.guidance_tokens)
+    return guiding or (settings.candidates > 1 and len(draw.history) < block)
 
 
 def _runs(items, key):

@@ -130,7 +130,7 @@ class Request:
         self.metrics, self.ended = None, None  # the engine's, once submitted
         self.cancelled = threading.Event()
         self.arrived = time.perf_counter()
-        self.generator, self.prepared = None, False
+        self.generator, self.prepared, self.batch_key = None, False, None  # set as its first sample joins
         self.choices = [Choice(self, i * n + j, list(ids), sentiment) for i, ids in enumerate(prompts) for j in range(n)]
 
     def cancel(self):
@@ -188,8 +188,9 @@ class Engine:
         """Queue a request's samples; ValueError if one cannot fit the batch, QueueFull, EngineStopped."""
         needed = max(RunningBatch.rows_needed(choice) for choice in request.choices)
         if needed > self.max_rows:
-            raise ValueError(f"a sample of this request needs {needed} rows of the batch (candidates, twice if "
-                             f"guided); this server runs at most {self.max_rows}")
+            raise ValueError(f"a sample of this request needs {needed} rows of the batch (its candidates, each "
+                             f"with a second-conditioning row if guided or one of several); this server runs at "
+                             f"most {self.max_rows}")
         with self.cond:
             if self.closed:
                 raise EngineStopped("the server is shutting down")
