@@ -131,6 +131,8 @@ class LiveServer:
             assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.02)
         self.url = f"http://127.0.0.1:{self.port}"
+        if start_engine:  # /health is 503 "loading" until the worker has run the model once
+            wait_until(lambda: self.engine.ready, "the engine to load")
 
     def stop(self):
         self.server.should_exit = True
