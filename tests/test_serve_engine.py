@@ -281,3 +281,28 @@ def test_a_stuck_worker_fails_what_waits_and_recovers(served, monkeypatch):
     wait_until(lambda: running.ends(), "the running sample to end once unstuck")
     assert running.ends() == ["length"] or running.ends() == ["stop"]
     wait_until(lambda: engine.health()["status"] == "ok", "the engine to count as well again")
+
+
+def test_samples_of_one_and_of_several_candidates_share_a_step(served, monkeypatch):
+    """Same settings but candidates: the candidates are still scored (and the single draw is not)."""
+    loaded, make = served
+    engine = make(start=False)
+    margins = []
+    best = RunningBatch._best
+    monkeypatch.setattr(RunningBatch, "_best", staticmethod(lambda choice, draws: (
+        margins.append((choice, [list(d.tokens) for d in draws], [d.margin for d in draws])), best(choice, draws))[1]))
+    single, several = Collected(), Collected()
+    settings = SamplingSettings(temperature=1.0)
+    engine.submit(Request([engine.encode("好看")], single, max_tokens=10, settings=settings.replace(candidates=1),
+                          sentiment="pos"))
+    engine.submit(Request([engine.encode("好看")], several, max_tokens=10, settings=settings.replace(candidates=3),
+                          sentiment="neg"))  # unseeded, both: one group unless candidates part them
+    engine.start()
+    wait_until(lambda: single.ends() and several.ends(), "both samples to end")
+    assert single.ends()[0] in ("stop", "length") and several.ends()[0] in ("stop", "length")
+    eos = loaded.tokenizer.token_id(LAYOUT.end_token)
+    [(choice, draws, summed)] = margins
+    width = max(map(len, draws))
+    drawn = torch.tensor([choice.prompt_ids + d + [eos] * (width - len(d)) for d in draws])
+    expected = conditioning_margin(loaded.model, drawn, torch.tensor([choice.guidance_ids] * 3), eos)
+    assert summed == pytest.approx(expected.tolist(), abs=1e-3)

@@ -2,7 +2,8 @@
 
 Each sample (a Choice of mingpt.serve.engine) runs as `candidates` draws; a guided draw, or a candidate,
 holds a second row under the second conditioning until its last guided token (guidance_tokens, when
-guidance_after is 1) or, a candidate, until its tokens pass the first block, then gives it up. The rows live in one KV cache of `max_rows` sequences, the running ones packed at its front.
+guidance_after is 1) or, a candidate, until its tokens pass the first block, then gives it up. The rows
+live in one KV cache of `max_rows` sequences, the running ones packed at its front.
 A step:
   1. if rows joined since the last step, they are prefilled (by prompt length, each group in one forward)
      and only they draw, so that a new request's first token comes one prefill after it arrives, not
@@ -18,6 +19,7 @@ largest conditioning margin (mingpt.sample.candidates' rule, summed as the draws
 run while their tokens lie in the first block) is replayed into the sample's stream.
 """
 import collections
+import itertools
 
 import torch
 
@@ -57,7 +59,7 @@ class RunningBatch:
     @property
     def rows_in_use(self) -> int:
         """The running rows and those the joined draws will take."""
-        return self.rows + sum(2 if draw.choice.request.settings.needs_guidance_idx else 1 for draw in self.joined)
+        return self.rows + sum(rows_per_draw(draw.choice.request.settings) for draw in self.joined)
 
     @property
     def choices(self) -> list:
@@ -66,12 +68,12 @@ class RunningBatch:
     @staticmethod
     def rows_needed(choice) -> int:
         settings = choice.request.settings
-        return settings.candidates * (2 if settings.needs_guidance_idx else 1)
+        return settings.candidates * rows_per_draw(settings)
 
     def admit(self, choice):
         """Give a choice (its prompt rows built) its rows; it draws its first token at the next step."""
         request = choice.request
-        request.batch_key = (request.settings.replace(stop=(), candidates=1), request if request.seed is not None else None)
+        request.batch_key = (request.settings.replace(stop=()), request if request.seed is not None else None)
         for _ in range(request.settings.candidates):
             draw = Draw(choice)
             self.draws[choice].append(draw)
@@ -80,19 +82,19 @@ class RunningBatch:
     def step(self):
         """One step: the draws that joined since the last one are prefilled and draw their first token (the
         running rows wait that step out, so that a new request's first token never waits for a decode of the
-        whole batch), or else every running row decodes one; returns the choices that have ended."""
+        whole batch), or else every running row decodes one."""
         self._drop_cancelled()
         if not self.draws:
-            return []
+            return
         if self.joined:
             drawing, (logits, first_row) = self.joined, self._prefill()
         else:
             drawing, (logits, first_row) = [d for draws in self.draws.values() for d in draws], (self._decode(), 0)
         for key, draws in self._groups(drawing).items():
             self._draw_tokens(draws, logits, first_row, key[1])
-        ended = [choice for choice in list(self.draws) if self._settle(choice)]
+        for choice in list(self.draws):
+            self._settle(choice)
         self._compact()
-        return ended
 
     def fail_all(self, error: str, status: int):
         for choice in list(self.draws):
@@ -110,13 +112,15 @@ class RunningBatch:
     def _decode(self) -> torch.Tensor:
         """Next-token logits of every running row, by row: each decodes its last token at its own position."""
         device, block = self.model.device, self.model.config.block_size
-        histories = [draw.row_history(second) for draw, second in self.owners]
-        positions = [min(len(history), block) - 1 for history in histories]
-        logits = self.model(torch.tensor([history[-1] for history in histories], device=device)[:, None],
-                            cache=self.cache.rows(0, self.rows), start=torch.tensor(positions, device=device))[0][:, -1]
-        sliding = [row for row, history in enumerate(histories) if len(history) > block]
+        # a second row holds the same new tokens after a prompt of the same length: its last token and position
+        last = [draw.history[-1] for draw, _ in self.owners]
+        positions = [min(len(draw.history), block) - 1 for draw, _ in self.owners]
+        logits = self.model(torch.tensor(last, device=device)[:, None], cache=self.cache.rows(0, self.rows),
+                            start=torch.tensor(positions, device=device))[0][:, -1]
+        sliding = [row for row, (draw, _) in enumerate(self.owners) if len(draw.history) > block]
         if sliding:  # past the block, a row re-reads its last block of tokens (the samplers' context policy)
-            windows = torch.tensor([histories[row][-block:] for row in sliding], device=device)
+            windows = torch.tensor([self.owners[row][0].row_history(self.owners[row][1])[-block:] for row in sliding],
+                                   device=device)
             logits[sliding] = self.model(windows)[0][:, -1]
         return logits
 
@@ -125,7 +129,8 @@ class RunningBatch:
         (next-token logits of those rows, the first of them)."""
         device, first_row, parts = self.model.device, self.rows, []
         self.joined.sort(key=lambda draw: len(draw.choice.prompt_ids))
-        for length, draws in _runs(self.joined, lambda draw: len(draw.choice.prompt_ids)):
+        for _, same_length in itertools.groupby(self.joined, lambda draw: len(draw.choice.prompt_ids)):
+            draws = list(same_length)
             seconds = [draw for draw in draws if draw.choice.request.settings.needs_guidance_idx]
             prompts = [draw.choice.prompt_ids for draw in draws] + [draw.choice.guidance_ids for draw in seconds]
             first = self.rows
@@ -143,7 +148,8 @@ class RunningBatch:
 
     @staticmethod
     def _groups(draws) -> dict:
-        """The draws that run, by (settings without stop strings, seeded request or None)."""
+        """The draws that run, by (settings without stop strings, seeded request or None): each group shares
+        its controls, its draw and whether its draws are candidates to score."""
         groups = collections.defaultdict(list)
         for draw in draws:
             if not draw.ended:
@@ -203,11 +209,11 @@ class RunningBatch:
                                                                             top.values[r, :n].tolist())}
             draw.logprobs.append((token, self.tokenizer.decode([token]), chosen[r], alternatives))
 
-    def _settle(self, choice) -> bool:
-        """Whether a choice has ended; a choice of several candidates is chosen and replayed when all have."""
+    def _settle(self, choice):
+        """End a choice whose draws have all ended; a choice of several candidates is chosen and replayed."""
         draws = self.draws[choice]
         if not all(draw.ended for draw in draws):
-            return False
+            return
         if len(draws) > 1 and not choice.done:
             kept = draws[self._best(choice, draws)]
             for token, logprob in zip(kept.tokens, kept.logprobs or [None] * len(kept.tokens)):
@@ -217,7 +223,6 @@ class RunningBatch:
         if not choice.done:
             choice.finish()
         self._leave(choice)
-        return True
 
     @staticmethod
     def _best(choice, draws) -> int:
@@ -253,19 +258,13 @@ class RunningBatch:
         del self.owners[kept:]
 
 
+def rows_per_draw(settings) -> int:
+    """A draw's rows: its own, and one under the second conditioning when guided or one of several candidates."""
+    return 2 if settings.needs_guidance_idx else 1
+
+
 def needs_second_row(draw, settings, block: int) -> bool:
     """Whether a draw's next token still reads its second row: to be guided, or to score it as a candidate."""
     guiding = settings.guided and not (settings.guidance_after == 1.0 and settings.guidance_tokens
                                        and len(draw.tokens) >= settings.guidance_tokens)
     return guiding or (settings.candidates > 1 and len(draw.history) < block)
-
-
-def _runs(items, key):
-    """(key, items) of each run of consecutive items with equal keys."""
-    runs = []
-    for item in items:
-        if runs and runs[-1][0] == key(item):
-            runs[-1][1].append(item)
-        else:
-            runs.append((key(item), [item]))
-    return runs
