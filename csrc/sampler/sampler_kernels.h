@@ -28,7 +28,15 @@ namespace mingpt {
 namespace sampler {
 
 constexpr int kLanes = lanes_of<vec16>;
-constexpr int kMaxTile = 12;       // batch rows per matrix tile: one accumulator register each
+// Batch rows per matrix tile: one accumulator (16 lanes) each, all of them in registers with the weights'
+// line beside them: 32 512-bit registers hold 12; 16 256-bit registers (AVX2), two per accumulator, 6.
+#if defined(__AVX512F__)
+constexpr int kMaxTile = 12;
+#elif defined(__AVX__)
+constexpr int kMaxTile = 6;
+#else
+constexpr int kMaxTile = 3;
+#endif
 constexpr int kGroupSteps = 16;    // int8 dot products: k-steps (4 values each) per activation scale
 
 enum class WeightFormat { fp32, bf16, int8 };
@@ -248,6 +256,47 @@ void float_tile(const float* panel, int steps, const KernelInput& in, int r0, co
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// float_tile<Fp32Kernel, NB> for 256-bit registers: each accumulator as two named halves. GCC keeps arrays
+// of 16-lane vectors it has to split in two on the stack (every multiply-add a store and a reload); these
+// stay in registers. The same multiply-adds in the same order: the same sums, bit for bit.
+template <int NB>
+void fp32_avx2_tile(const float* panel, int steps, const KernelInput& in, int r0, const float* ahead, vec16* out) {
+  constexpr int kSplit = NB == 1 ? 4 : NB <= 3 ? 2 : 1;
+  __m256 lo[kSplit][NB], hi[kSplit][NB];
+  for (int s = 0; s < kSplit; ++s)
+    for (int b = 0; b < NB; ++b) lo[s][b] = hi[s][b] = _mm256_setzero_ps();
+  const float* x = in.x + size_t(r0) * in.ld;
+  const auto step = [&](int s, int k) {
+    __builtin_prefetch(ahead + size_t(k) * kLanes);
+    const float* line = panel + size_t(k) * kLanes;
+    const __m256 w_lo = _mm256_loadu_ps(line), w_hi = _mm256_loadu_ps(line + 8);
+#pragma GCC unroll 12
+    for (int b = 0; b < NB; ++b) {
+      const __m256 xb = _mm256_broadcast_ss(x + size_t(b) * in.ld + k);
+      lo[s][b] = _mm256_fmadd_ps(w_lo, xb, lo[s][b]);
+      hi[s][b] = _mm256_fmadd_ps(w_hi, xb, hi[s][b]);
+    }
+  };
+  int k = 0;
+  for (; k + kSplit <= steps; k += kSplit)
+#pragma GCC unroll 4
+    for (int s = 0; s < kSplit; ++s) step(s, k + s);
+  for (; k < steps; ++k) step(0, k);
+  for (int b = 0; b < NB; ++b) {
+    __m256 sum_lo = lo[0][b], sum_hi = hi[0][b];
+    for (int s = 1; s < kSplit; ++s) {
+      sum_lo = _mm256_add_ps(sum_lo, lo[s][b]);
+      sum_hi = _mm256_add_ps(sum_hi, hi[s][b]);
+    }
+    float lanes[kLanes];
+    _mm256_storeu_ps(lanes, sum_lo);
+    _mm256_storeu_ps(lanes + 8, sum_hi);
+    out[b] = load<vec16>(lanes);
+  }
+}
+#endif
+
 #if defined(__AVX512VNNI__)
 // int8 weights (offset by 128) times int8 rows: exact int32 sums per group of kGroupSteps k-steps, each
 // corrected for the offset and scaled by its row's group scale into the fp32 total.
@@ -292,6 +341,12 @@ template <class K, int... N>
 constexpr TileTable float_tiles(std::integer_sequence<int, N...>) {
   return {&float_tile<K, N + 1>...};
 }
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+template <int... N>
+constexpr TileTable fp32_avx2_tiles(std::integer_sequence<int, N...>) {
+  return {&fp32_avx2_tile<N + 1>...};
+}
+#endif
 #if defined(__AVX512VNNI__)
 template <int... N>
 constexpr TileTable int8_vnni_tiles(std::integer_sequence<int, N...>) {
@@ -302,7 +357,11 @@ constexpr TileTable int8_vnni_tiles(std::integer_sequence<int, N...>) {
 // The tile functions of a kernel, indexed by tile rows - 1.
 inline const TileTable& tiles_of(Kernel kernel) {
   constexpr auto rows = std::make_integer_sequence<int, kMaxTile>{};
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  static constexpr TileTable fp32 = fp32_avx2_tiles(rows);
+#else
   static constexpr TileTable fp32 = float_tiles<Fp32Kernel>(rows);
+#endif
   static constexpr TileTable bf16_portable = float_tiles<Bf16PortableKernel>(rows);
   static constexpr TileTable int8_portable = float_tiles<Int8PortableKernel>(rows);
   switch (kernel) {
