@@ -9,6 +9,7 @@ import torch
 
 from conftest import wait_until
 from mingpt.checkpoint import load
+from mingpt.sample import compiled
 from mingpt.data.layouts import get_layout
 from mingpt.sample.candidates import conditioning_margin
 from mingpt.sample.engine import generate
@@ -20,6 +21,8 @@ from mingpt.serve.engine import Engine, EngineStopped, QueueFull, Request
 from mingpt.tokenizer import CharTokenizer
 
 LAYOUT = get_layout("review")
+requires_cached = pytest.mark.skipif(compiled.cached_sampler_unavailable_reason() is not None,
+                                     reason=f"{compiled.cached_sampler_unavailable_reason()}")
 # guided on the first 3 tokens, then not: the guidance rows leave the batch after the third token
 GREEDY_GUIDED = SamplingSettings(temperature=0.0, guidance=3.0, guidance_tokens=3, guidance_after=1.0,
                                  no_repeat_ngram_size=0, candidates=1)
@@ -45,13 +48,14 @@ class Collected:
         return [entry for e in self.events if e.index == index for entry in e.logprobs]
 
 
-@pytest.fixture
-def served(serve_ckpt):
+@pytest.fixture(params=[pytest.param("compiled", marks=requires_cached), "model"])
+def served(serve_ckpt, request):
+    """The checkpoint and a maker of engines, each step run by one decoder (mingpt.serve.rows)."""
     loaded = load(serve_ckpt)
     engines = []
 
     def make(**options):
-        engine = Engine(loaded.model, loaded.tokenizer, LAYOUT, **options)
+        engine = Engine(loaded.model, loaded.tokenizer, LAYOUT, decoder=request.param, **options)
         engines.append(engine)
         return engine
 
@@ -113,26 +117,25 @@ def test_a_request_joins_the_running_batch_at_the_next_step(served):
 def test_samples_leave_the_batch_at_once(served):
     loaded, make = served
     engine = make(start=False)
-    rows = []
-    hook = loaded.model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    try:
-        unbanned = GREEDY_GUIDED.replace(guidance_tokens=0)  # every token guided: two rows a sample throughout
-        got = {name: Collected() for name in ("gone", "short", "long")}
-        requests = {name: Request([engine.encode("难看")], got[name], max_tokens=max_tokens, settings=unbanned,
-                                  sentiment="neg") for name, max_tokens in [("gone", 50), ("short", 3), ("long", 20)]}
-        requests["gone"].sink = lambda e: (got["gone"](e), requests["gone"].cancel())  # leaves after its first text
-        for request in requests.values():
-            engine.submit(request)
-        engine.start()
-        wait_until(lambda: all(c.ends() for c in got.values()), "every sample to end")
-    finally:
-        hook.remove()
+    rows, decoder = [], engine.batch.decoder  # the rows of each step's forward
+    decode, prefill = decoder.decode, decoder.prefill
+    decoder.decode = lambda tokens, *args: (rows.append(len(tokens)), decode(tokens, *args))[1]
+    decoder.prefill = lambda first, prompts: (rows.append(len(prompts)), prefill(first, prompts))[1]
+    unbanned = GREEDY_GUIDED.replace(guidance_tokens=0)  # every token guided: two rows a sample throughout
+    got = {name: Collected() for name in ("gone", "short", "long")}
+    requests = {name: Request([engine.encode("难看")], got[name], max_tokens=max_tokens, settings=unbanned,
+                              sentiment="neg") for name, max_tokens in [("gone", 50), ("short", 3), ("long", 20)]}
+    requests["gone"].sink = lambda e: (got["gone"](e), requests["gone"].cancel())  # leaves after its first text
+    for request in requests.values():
+        engine.submit(request)
+    engine.start()
+    wait_until(lambda: all(c.ends() for c in got.values()), "every sample to end")
     assert {name: c.ends() for name, c in got.items()} == {"gone": ["cancelled"], "short": ["length"],
                                                             "long": got["long"].ends()}
     assert len(got["long"].text()) > 10, "the case needs a sample that runs on after the others end"
-    # after the warm-up: the three samples' prefill (six rows), two decode steps of four rows (the short
-    # sample's second and third tokens), then the long one's two rows alone
-    assert rows[1:4] == [6, 4, 4] and set(rows[4:]) == {2}
+    # the three samples' prefill (six rows), two decode steps of four rows (the short sample's second and third
+    # tokens), then the long one's two rows alone
+    assert rows[:3] == [6, 4, 4] and set(rows[3:]) == {2}
 
 
 def test_a_full_queue_and_a_sample_too_big_for_the_batch_are_refused(served):
@@ -154,7 +157,7 @@ def test_candidates_keep_the_draw_with_the_largest_margin(served, monkeypatch):
 
     def recording_best(choice, draws):
         index = best(choice, draws)
-        chosen.append((choice, [list(d.tokens) for d in draws], [d.margin for d in draws], index))
+        chosen.append((choice, [list(d.tokens) for d in draws], [d.margin for d in draws], index, draws[index]))
         return index
 
     monkeypatch.setattr(RunningBatch, "_best", staticmethod(recording_best))
@@ -164,14 +167,38 @@ def test_candidates_keep_the_draw_with_the_largest_margin(served, monkeypatch):
                           seed=11))
     wait_until(lambda: len(got.ends()) == 2, "both samples to end")
     eos = loaded.tokenizer.token_id(LAYOUT.end_token)
-    for choice, draws, summed, index in chosen:  # summed as the draws decode, against scoring them again
+    for choice, draws, summed, index, kept in chosen:  # summed as the draws decode, against scoring them again
         width = max(map(len, draws))
         drawn = torch.tensor([choice.prompt_ids + d + [eos] * (width - len(d)) for d in draws])
         margins = conditioning_margin(loaded.model, drawn, torch.tensor([choice.guidance_ids] * 4), eos)
         assert summed == pytest.approx(margins.tolist(), abs=1e-3) and index == int(torch.tensor(summed).argmax())
-        kept = [t for t in draws[index] if t != eos]
-        assert got.text(choice.index) == loaded.tokenizer.decode(kept[:40])
-    assert len(chosen) == 2 and any(len({tuple(d) for d in draws}) > 1 for _, draws, _, _ in chosen)
+        assert got.text(choice.index) == loaded.tokenizer.decode([t for t in kept.tokens if t != eos][:40])
+    assert len(chosen) == 2 and any(len({tuple(d) for d in draws}) > 1 for _, draws, _, _, _ in chosen)
+
+
+def test_candidates_stream_from_the_step_their_margins_are_known(served):
+    """Margins count the tokens in the first block: once every draw has passed it (or ended), the best one
+    streams on alone, its siblings' rows gone, rather than after the slowest sibling's last token."""
+    loaded, make = served
+    engine = make(start=False)
+    decode_rows, decoder = [], engine.batch.decoder
+    decode = decoder.decode
+    decoder.decode = lambda tokens, *args: (decode_rows.append(len(tokens)), decode(tokens, *args))[1]
+    events = []  # (the decode steps so far, the event) of each event
+    got = Collected()
+    settings = SamplingSettings(temperature=1.0, candidates=3)
+    engine.submit(Request([engine.encode("好看")], lambda e: (events.append((len(decode_rows), e)), got(e)),
+                          max_tokens=60, settings=settings, sentiment="pos", seed=3))
+    engine.start()
+    wait_until(lambda: got.ends(), "the sample to end")
+    assert got.ends() == ["length"], "the case needs a kept draw that runs past the block (32) to max_tokens"
+    prompt_length = len(prompt_row(loaded.tokenizer, LAYOUT, "pos", loaded.tokenizer.encode("好看")))
+    first_text_step = next(step for step, e in events if e.text)
+    # the first text comes at the decode step where the draws pass the block (the prefill drew their first
+    # token), with the kept draw's tokens up to there at once; then a token a step
+    assert first_text_step == 32 - prompt_length - 1 and events[-1][0] == 59
+    assert len("".join(e.text for step, e in events if step == first_text_step)) == first_text_step + 1
+    assert set(decode_rows[first_text_step:]) == {1}  # the kept draw alone; second rows left at the block
 
 
 def test_logprobs_are_the_models_own(served):

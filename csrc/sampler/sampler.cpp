@@ -5,6 +5,7 @@
 //   sampler_forward    one forward step of the active samples, with their KV cache
 //   sampler_policy     temperature, top-k, top-p and each sample's random stream
 //   sampler_generation the sequences and the step loop of one generate call
+// and RunningRows, a KV cache of sequences that the server's running batch steps one forward at a time.
 #include "sampler.h"
 
 #include "openmp.h"
@@ -16,6 +17,7 @@
 #include <optional>
 #include <string>
 
+#include "sampler_forward.h"
 #include "sampler_generation.h"
 #include "sampler_weights.h"
 
@@ -86,6 +88,82 @@ torch::Tensor check_controls(const ModelConfig& c, const torch::Tensor& idx, dou
   return prompts;
 }
 
+// A KV cache of `sequences` sequences over a KVSampler's packed weights, stepped by the caller: each forward
+// continues some of them, each by its own tokens from its own position (a prompt joining, a token decoded, a
+// window re-read from position 0), so that sequences join and leave between steps (continuous batching).
+class RunningRows {
+ public:
+  RunningRows(const PackedGPT& model, int64_t sequences, int64_t num_threads)
+      : c_(model.cfg), sequences_(checked_sequences(sequences)), threads_(checked_threads(num_threads)),
+        forward_(model, sequences_, 1, model.cfg.block_size, threads_) {}
+
+  torch::Tensor forward(const std::vector<int64_t>& sequences, const std::vector<int64_t>& starts,
+                        const std::vector<std::vector<int64_t>>& tokens) {
+    const size_t n = sequences.size();
+    TORCH_CHECK_VALUE(n >= 1 && starts.size() == n && tokens.size() == n, "RunningRows.forward: sequences, starts "
+                      "and tokens must be lists of one equal length >= 1, got ", n, ", ", starts.size(), " and ",
+                      tokens.size());
+    std::vector<bool> seen(sequences_, false);
+    rows_.clear();
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t s = sequences[i], start = starts[i], count = tokens[i].size();
+      TORCH_CHECK_VALUE(s >= 0 && s < sequences_ && !seen[s], "RunningRows.forward: sequences must be distinct, in "
+                        "[0, ", sequences_, "), got ", s);
+      seen[s] = true;
+      TORCH_CHECK_VALUE(count >= 1 && start >= 0 && start + count <= c_.block_size, "RunningRows.forward: sequence ",
+                        s, " continues at position ", start, " by ", count, " tokens; it must take at least one, "
+                        "within the block of ", c_.block_size);
+      for (const int64_t token : tokens[i])
+        TORCH_CHECK_VALUE(token >= 0 && token < c_.vocab_size, "RunningRows.forward: token id ", token,
+                          " is outside [0, ", c_.vocab_size, ")");
+      rows_.add(int(s), int(start), tokens[i].data(), int(count));
+    }
+    forward_.reserve_rows(rows_.rows());
+    {
+      py::gil_scoped_release release;
+#pragma omp parallel num_threads(threads_)
+      forward_.run(rows_, omp_get_thread_num(), omp_get_num_threads());
+    }
+    torch::Tensor logits = torch::empty({int64_t(n), c_.vocab_size});
+    for (size_t i = 0; i < n; ++i)
+      std::copy(forward_.logits(i), forward_.logits(i) + c_.vocab_size, logits[i].data_ptr<float>());
+    return logits;
+  }
+
+  void move(const std::vector<int64_t>& sources, const std::vector<int64_t>& targets) {
+    TORCH_CHECK_VALUE(sources.size() == targets.size(), "RunningRows.move: sources and targets must be of one "
+                      "length, got ", sources.size(), " and ", targets.size());
+    std::vector<bool> source(sequences_, false);
+    for (const int64_t s : sources) {
+      TORCH_CHECK_VALUE(s >= 0 && s < sequences_, "RunningRows.move: source ", s, " is outside [0, ", sequences_, ")");
+      source[s] = true;
+    }
+    for (const int64_t t : targets)
+      TORCH_CHECK_VALUE(t >= 0 && t < sequences_ && !source[t], "RunningRows.move: target ", t, " must be in [0, ",
+                        sequences_, ") and not a source");
+    for (size_t i = 0; i < sources.size(); ++i) forward_.copy_cache(int(sources[i]), int(targets[i]));
+  }
+
+  int64_t sequences() const { return sequences_; }
+
+ private:
+  static int checked_sequences(int64_t sequences) {
+    TORCH_CHECK_VALUE(sequences >= 1 && sequences <= (1 << 20), "running_rows: sequences must be in [1, 2^20], got ",
+                      sequences);
+    return int(sequences);
+  }
+  static int checked_threads(int64_t num_threads) {
+    TORCH_CHECK_VALUE(num_threads >= 0 && num_threads <= 1024, "running_rows: num_threads must be in [0, 1024] (0: "
+                      "OpenMP's default), got ", num_threads);
+    return num_threads > 0 ? int(num_threads) : omp_get_max_threads();
+  }
+
+  const ModelConfig& c_;
+  const int sequences_, threads_;
+  ForwardStep forward_;
+  StepRows rows_;
+};
+
 class KVSampler {
  public:
   KVSampler(const std::map<std::string, torch::Tensor>& weights, const py::dict& config,
@@ -121,6 +199,10 @@ class KVSampler {
     return py::make_tuple(run.tokens(), record.narrow(1, 0, run.steps()));
   }
 
+  RunningRows running_rows(int64_t sequences, int64_t num_threads) const {
+    return RunningRows(g_, sequences, num_threads);
+  }
+
   int64_t packed_bytes() const { return g_.bytes(); }
   int64_t streamed_bytes() const { return g_.streamed_bytes(); }
   std::string weight_format() const { return format_name(g_.lm_head.format); }
@@ -136,7 +218,8 @@ class KVSampler {
 
 void init_sampler(py::module& m) {
   using mingpt::sampler::KVSampler;
-  m.attr("SAMPLER_VERSION") = 7;  // bump with any change to KVSampler's interface (see mingpt/sample/compiled.py)
+  using mingpt::sampler::RunningRows;
+  m.attr("SAMPLER_VERSION") = 8;  // bump with any change to KVSampler's interface (see mingpt/sample/compiled.py)
   py::class_<KVSampler>(m, "KVSampler",
                         "A GPT's weights packed for the KV-cached sampler; build once, generate many times.")
       .def(py::init<const std::map<std::string, torch::Tensor>&, const py::dict&, const std::string&, bool>(),
@@ -160,9 +243,23 @@ void init_sampler(py::module& m) {
            "guidance_idx), guidance_tokens, guidance_after, repetition_penalty and no_repeat_ngram_size: see "
            "mingpt/sample/controls.py. With record_logits, returns (tokens, logits of shape (batch, steps, "
            "vocab)), NaN for rows already finished.")
+      .def("running_rows", &KVSampler::running_rows, py::arg("sequences"), py::arg("num_threads") = 0,
+           py::keep_alive<0, 1>(),
+           "A KV cache of `sequences` sequences over these weights, stepped one forward at a time (see RunningRows)")
       .def_property_readonly("packed_bytes", &KVSampler::packed_bytes, "bytes of packed weights held")
       .def_property_readonly("streamed_bytes", &KVSampler::streamed_bytes,
                              "bytes of weights every step reads: the matrices, their biases and scales")
       .def_property_readonly("weight_format", &KVSampler::weight_format, "fp32, bf16 or int8")
       .def_property_readonly("kernel", &KVSampler::kernel, "the kernel that reads the matrices");
+  py::class_<RunningRows>(m, "RunningRows",
+                          "A KV cache of sequences continued one forward at a time, each by its own tokens at its own "
+                          "positions (continuous batching); made by KVSampler.running_rows.")
+      .def("forward", &RunningRows::forward, py::arg("sequences"), py::arg("starts"), py::arg("tokens"),
+           "Continue each listed sequence by its tokens (a list of ids) at positions starts[i].., after the "
+           "positions before starts[i] its earlier forwards cached (0: a new sequence, or a window re-read); "
+           "returns the float32 logits (len(sequences), vocab) of each one's last token.")
+      .def("move", &RunningRows::move, py::arg("sources"), py::arg("targets"),
+           "Copy the cache of each sequence in sources onto the sequence at the same place in targets (no target "
+           "may be a source).")
+      .def_property_readonly("sequences", &RunningRows::sequences, "how many sequences the cache holds");
 }

@@ -1,40 +1,67 @@
 #include "sampler_forward.h"
 
+#include <algorithm>
+
 #include "sampler_math.h"
 
 namespace mingpt {
 namespace sampler {
 
+void StepRows::clear() {
+  samples.clear();
+  first_row.assign(1, 0);
+  tokens.clear();
+  positions.clear();
+}
+
+void StepRows::add(int sample, int first_pos, const int64_t* sample_tokens, int count) {
+  samples.push_back(sample);
+  tokens.insert(tokens.end(), sample_tokens, sample_tokens + count);
+  for (int t = 0; t < count; ++t) positions.push_back(first_pos + t);
+  first_row.push_back(rows());
+}
+
 ForwardStep::ForwardStep(const PackedGPT& model, int batch, int max_rows, int positions, int n_threads)
-    : g_(model), c_(model.cfg), max_rows_(max_rows) {
+    : g_(model), c_(model.cfg), n_threads_(n_threads) {
   ld_c_ = round_up(c_.n_embd, kLanes);
   ld_qkv_ = g_.layers[0].qkv.padded_rows();
   ld_hidden_ = g_.layers[0].fc.padded_rows();
   ld_vocab_ = g_.lm_head.padded_rows();
   ld_t_ = round_up(positions, kLanes);
-  x_ = alloc_floats(size_t(max_rows_) * ld_c_);
-  normed_ = alloc_floats(size_t(n_threads) * max_rows_ * ld_c_);
-  qkv_ = alloc_floats(size_t(max_rows_) * ld_qkv_);
-  attn_out_ = alloc_floats(size_t(max_rows_) * ld_c_);
-  hidden_ = alloc_floats(size_t(max_rows_) * ld_hidden_);
   logits_ = alloc_floats(size_t(batch) * ld_vocab_);
   head_cache_ = 2 * size_t(c_.head_dim) * ld_t_ + kLanes;  // + lanes: whole-vector reads past the end
   kv_cache_ = alloc_floats(size_t(batch) * c_.n_layer * c_.n_head * head_cache_);
   scores_ = alloc_floats(size_t(n_threads) * ld_t_);
-  scratch_.assign(n_threads, KernelScratch(max_rows_, ld_hidden_));
+  reserve_rows(max_rows);
+}
+
+void ForwardStep::reserve_rows(int rows) {
+  if (rows <= max_rows_) return;
+  max_rows_ = rows;
+  x_ = alloc_floats(size_t(max_rows_) * ld_c_);
+  normed_ = alloc_floats(size_t(n_threads_) * max_rows_ * ld_c_);
+  qkv_ = alloc_floats(size_t(max_rows_) * ld_qkv_);
+  attn_out_ = alloc_floats(size_t(max_rows_) * ld_c_);
+  hidden_ = alloc_floats(size_t(max_rows_) * ld_hidden_);
+  scratch_.assign(n_threads_, KernelScratch(max_rows_, ld_hidden_));
+}
+
+void ForwardStep::copy_cache(int source, int target) {
+  const size_t sequence = size_t(c_.n_layer) * c_.n_head * head_cache_;
+  std::copy(head_cache(source, 0, 0), head_cache(source, 0, 0) + sequence, head_cache(target, 0, 0));
 }
 
 void ForwardStep::embed(const StepRows& step, int tid, int nth) {
-  const int C = c_.n_embd, rows = step.tokens.size();
+  const int C = c_.n_embd, rows = step.rows();
   for (int r = part(rows, tid, nth); r < part(rows, tid + 1, nth); ++r) {
-    const int pos = step.first_pos + r % step.per_sample;
+    const int pos = step.positions[r];
     float* x = x_.get() + size_t(r) * ld_c_;
     for (int c = 0; c < C; ++c) x[c] = g_.wte(step.tokens[r], c) + g_.wpe[size_t(pos) * C + c];
   }
 }
 
 void ForwardStep::run(const StepRows& step, int tid, int nth) {
-  const int C = c_.n_embd, rows = step.tokens.size();
+  const int C = c_.n_embd, rows = step.rows();
   const float eps = c_.layer_norm_eps;
   embed(step, tid, nth);
 #pragma omp barrier
@@ -65,8 +92,7 @@ void ForwardStep::run(const StepRows& step, int tid, int nth) {
   }
   const int n = step.samples.size();  // one logit row per sample: its last
   for (int i = 0; i < n; ++i)
-    layer_norm_row(x_.get() + size_t(i * step.per_sample + step.per_sample - 1) * ld_c_, g_.ln_f, eps,
-                   normed + size_t(i) * ld_c_, C);
+    layer_norm_row(x_.get() + size_t(step.first_row[i + 1] - 1) * ld_c_, g_.ln_f, eps, normed + size_t(i) * ld_c_, C);
   matmul(g_.lm_head, normed, ld_c_, n, tid, nth, scratch,
          [&](int i, int n0, vec16 y) { store(logits_.get() + size_t(i) * ld_vocab_ + n0, y); });
 #pragma omp barrier
@@ -82,32 +108,31 @@ float* ForwardStep::head_cache(int sample, int layer, int head) const {
 // so the rows of a prefill see each other's keys without another barrier.
 void ForwardStep::attention(const StepRows& step, int l, int tid, int nth) {
   const int C = c_.n_embd, H = c_.n_head, hd = c_.head_dim, pairs = step.samples.size() * H;
-  const int end = part(pairs, tid + 1, nth), n_keys = step.first_pos + step.per_sample;
+  const int end = part(pairs, tid + 1, nth);
   const float scale = 1.0f / std::sqrt(float(hd));
   float* scores = scores_.get() + size_t(tid) * ld_t_;
   for (int pair = part(pairs, tid, nth); pair < end; ++pair) {
-    const int i = pair / H, h = pair % H;
+    const int i = pair / H, h = pair % H, first = step.first_row[i], last = step.first_row[i + 1];
     float* keys = head_cache(step.samples[i], l, h);
     float* values = keys + size_t(ld_t_) * hd;
     if (pair + 1 < end) {  // the next pair's cache, which the hardware would fetch only on demand
-      const float* next = head_cache(step.samples[(pair + 1) / H], l, (pair + 1) % H);
+      const int next_sample = (pair + 1) / H, n_keys = step.positions[step.first_row[next_sample + 1] - 1] + 1;
+      const float* next = head_cache(step.samples[next_sample], l, (pair + 1) % H);
       for (int k = 0; k < round_up(n_keys, kLanes) * hd; k += kLanes) __builtin_prefetch(next + k);
       for (int k = 0; k < n_keys * hd; k += kLanes) __builtin_prefetch(next + size_t(ld_t_) * hd + k);
     }
-    for (int t = 0; t < step.per_sample; ++t) {
-      const float* src = qkv_.get() + size_t(i * step.per_sample + t) * ld_qkv_ + h * hd;
-      const int pos = step.first_pos + t;
+    for (int r = first; r < last; ++r) {
+      const float* src = qkv_.get() + size_t(r) * ld_qkv_ + h * hd;
+      const int pos = step.positions[r];
       float* key = keys + size_t(pos / kLanes) * hd * kLanes + pos % kLanes;
       for (int d = 0; d < hd; ++d) {
         key[d * kLanes] = src[C + d];
         values[size_t(pos) * hd + d] = src[2 * C + d];
       }
     }
-    for (int t = 0; t < step.per_sample; ++t) {
-      const int r = i * step.per_sample + t;
-      attend_row(qkv_.get() + size_t(r) * ld_qkv_ + h * hd, keys, values, step.first_pos + t + 1, hd, scale, scores,
+    for (int r = first; r < last; ++r)
+      attend_row(qkv_.get() + size_t(r) * ld_qkv_ + h * hd, keys, values, step.positions[r] + 1, hd, scale, scores,
                  attn_out_.get() + size_t(r) * ld_c_ + h * hd);
-    }
   }
 }
 

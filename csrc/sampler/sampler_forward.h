@@ -13,17 +13,28 @@
 namespace mingpt {
 namespace sampler {
 
-// The input rows of one step: `per_sample` consecutive positions from first_pos of each active sample.
+// The input rows of one step: for each of its samples (a sequence of the cache), tokens at consecutive
+// positions (one to decode, a prompt to prefill, a window to re-read); the logits are of each one's last.
 struct StepRows {
-  std::vector<int> samples;     // the active samples, in batch order
-  std::vector<int64_t> tokens;  // samples.size() * per_sample
-  int first_pos = 0, per_sample = 0;
+  std::vector<int> samples;           // the cache's sequences, in the order of their logits
+  std::vector<int> first_row{0};      // sample i's rows are first_row[i] .. first_row[i + 1] - 1
+  std::vector<int64_t> tokens;        // one a row
+  std::vector<int> positions;         // one a row
+
+  void clear();
+  void add(int sample, int first_pos, const int64_t* sample_tokens, int count);
+  int rows() const { return int(tokens.size()); }
 };
 
 class ForwardStep {
  public:
   // Buffers for `batch` samples, steps of up to max_rows rows, and a cache of `positions` positions.
   ForwardStep(const PackedGPT& model, int batch, int max_rows, int positions, int n_threads);
+
+  // Room for steps of `rows` rows; outside the parallel region.
+  void reserve_rows(int rows);
+  // Copies sequence `source`'s cache onto sequence `target`'s.
+  void copy_cache(int source, int target);
 
   // Every thread of the team calls it; the logits are ready after it returns (it ends at a barrier).
   void run(const StepRows& step, int tid, int nth);
@@ -39,7 +50,8 @@ class ForwardStep {
 
   const PackedGPT& g_;
   const ModelConfig& c_;
-  int ld_c_, ld_qkv_, ld_hidden_, ld_vocab_, ld_t_, max_rows_;
+  const int n_threads_;
+  int ld_c_, ld_qkv_, ld_hidden_, ld_vocab_, ld_t_, max_rows_ = 0;
   size_t head_cache_;
   Floats x_, normed_, qkv_, attn_out_, hidden_, logits_, kv_cache_, scores_;
   std::vector<KernelScratch> scratch_;  // one per thread

@@ -84,14 +84,10 @@ torch::Tensor Generation::tokens() const {
 void Generation::set_rows(bool prefill) {
   const int start = std::max(0, length_ - c_.block_size);
   prefill = prefill || start > 0;
-  rows_.first_pos = prefill ? 0 : length_ - 1;
-  rows_.per_sample = prefill ? length_ - start : 1;
-  rows_.samples.clear();
+  const int first = prefill ? start : length_ - 1;
+  rows_.clear();
   for (int offset = 0; offset < sequences_; offset += batch_)
-    for (int s : active_) rows_.samples.push_back(offset + s);
-  rows_.tokens.clear();
-  for (int s : rows_.samples)
-    for (int t = 0; t < rows_.per_sample; ++t) rows_.tokens.push_back(sequence(s)[(prefill ? start : length_ - 1) + t]);
+    for (int s : active_) rows_.add(offset + s, first - start, sequence(offset + s) + first, length_ - first);
 }
 
 // Master thread, between steps: record the picked tokens, call back, retire finished samples.

@@ -3,7 +3,8 @@
 Each sample (a Choice of mingpt.serve.engine) runs as `candidates` draws; a guided draw, or a candidate,
 holds a second row under the second conditioning until its last guided token (guidance_tokens, when
 guidance_after is 1) or, a candidate, until its tokens pass the first block, then gives it up. The rows
-live in one KV cache of `max_rows` sequences, the running ones packed at its front.
+live in one KV cache of `max_rows` sequences (mingpt.serve.rows: the compiled sampler's on the CPU), the
+running ones packed at its front.
 A step:
   1. if rows joined since the last step, they are prefilled (by prompt length, each group in one forward)
      and only they draw, so that a new request's first token comes one prefill after it arrives, not
@@ -14,9 +15,12 @@ A step:
   3. finished rows (end token, max_tokens, a stop string, a client gone) leave, the last rows moving into
      their places.
 Past the model's block a row re-reads its last block of tokens at each step, as every sampler does.
-A draw of a sample with candidates > 1 is kept to itself until its siblings end; then the one with the
-largest conditioning margin (mingpt.sample.candidates' rule, summed as the draws decode: their second rows
-run while their tokens lie in the first block) is replayed into the sample's stream.
+A draw of a sample with candidates > 1 is kept to itself until its margin is known for every sibling:
+the conditioning margin (mingpt.sample.candidates' rule) counts the tokens in the model's first block, and is
+summed as the draws decode (their second rows run while their tokens lie in that block). Once each draw has
+ended or passed the block, the one with the largest margin is kept and replayed into the sample's stream,
+its siblings leave the batch, and it streams on like a single draw: what is kept is what scoring the finished
+draws keeps, and neither the first character nor the rows wait for the siblings' tails.
 """
 import collections
 import itertools
@@ -25,6 +29,7 @@ import torch
 
 from ..sample.controls import apply_row_controls
 from ..sample.engine import pick_next
+from .rows import running_rows
 
 
 class Draw:
@@ -34,6 +39,7 @@ class Draw:
         self.choice, self.tokens, self.logprobs = choice, [], []
         self.history = list(choice.prompt_ids)  # the prompt row and the new tokens
         self.row, self.second_row, self.ended = None, None, False
+        self.streams = choice.request.settings.candidates == 1  # its tokens go to the choice as they come
         self.margin = 0.0  # a candidate's conditioning margin so far (mingpt.sample.candidates)
 
     def add(self, token: int):
@@ -45,9 +51,9 @@ class Draw:
 
 
 class RunningBatch:
-    def __init__(self, model, tokenizer, eos_id: int, max_rows: int):
+    def __init__(self, model, tokenizer, eos_id: int, max_rows: int, decoder: str = "auto"):
         self.model, self.tokenizer, self.eos_id, self.max_rows = model, tokenizer, eos_id, max_rows
-        self.cache = model.new_cache(max_rows)
+        self.decoder = running_rows(model, max_rows, decoder)
         self.owners = []  # row -> (draw, whether it is the draw's second-conditioning row)
         self.joined = []  # draws whose rows wait for their prefill
         self.draws = collections.defaultdict(list)  # choice -> its draws
@@ -110,24 +116,20 @@ class RunningBatch:
         self._compact()
 
     def _decode(self) -> torch.Tensor:
-        """Next-token logits of every running row, by row: each decodes its last token at its own position."""
-        device, block = self.model.device, self.model.config.block_size
+        """Next-token logits of every running row, by row: each decodes its last token at its own position, or,
+        past the block, re-reads its last block of tokens (the samplers' context policy)."""
+        block = self.model.config.block_size
         # a second row holds the same new tokens after a prompt of the same length: its last token and position
         last = [draw.history[-1] for draw, _ in self.owners]
         positions = [min(len(draw.history), block) - 1 for draw, _ in self.owners]
-        logits = self.model(torch.tensor(last, device=device)[:, None], cache=self.cache.rows(0, self.rows),
-                            start=torch.tensor(positions, device=device))[0][:, -1]
-        sliding = [row for row, (draw, _) in enumerate(self.owners) if len(draw.history) > block]
-        if sliding:  # past the block, a row re-reads its last block of tokens (the samplers' context policy)
-            windows = torch.tensor([self.owners[row][0].row_history(self.owners[row][1])[-block:] for row in sliding],
-                                   device=device)
-            logits[sliding] = self.model(windows)[0][:, -1]
-        return logits
+        windows = {row: draw.row_history(second)[-block:] for row, (draw, second) in enumerate(self.owners)
+                   if len(draw.history) > block}
+        return self.decoder.decode(last, positions, windows)
 
     def _prefill(self):
         """The joined draws take rows at the end and prefill their prompts (a forward for each prompt length):
         (next-token logits of those rows, the first of them)."""
-        device, first_row, parts = self.model.device, self.rows, []
+        first_row, parts = self.rows, []
         self.joined.sort(key=lambda draw: len(draw.choice.prompt_ids))
         for _, same_length in itertools.groupby(self.joined, lambda draw: len(draw.choice.prompt_ids)):
             draws = list(same_length)
@@ -138,7 +140,7 @@ class RunningBatch:
                 draw.row = self._own(draw, False)
             for draw in seconds:
                 draw.second_row = self._own(draw, True)
-            parts.append(self.model(torch.tensor(prompts, device=device), cache=self.cache.rows(first, self.rows))[0][:, -1])
+            parts.append(self.decoder.prefill(first, prompts))
         self.joined = []
         return torch.cat(parts), first_row
 
@@ -176,7 +178,7 @@ class RunningBatch:
         for draw, token in zip(draws, picked):
             draw.add(token)
             choice = draw.choice
-            if choice.request.settings.candidates == 1:
+            if draw.streams:
                 choice.step(token, draw.logprobs[-1] if draw.logprobs else None)
             draw.ended = token == self.eos_id or len(draw.tokens) >= choice.request.max_tokens or choice.done
             if draw.ended:  # its rows leave now; a candidate's tokens wait for its siblings
@@ -210,19 +212,30 @@ class RunningBatch:
             draw.logprobs.append((token, self.tokenizer.decode([token]), chosen[r], alternatives))
 
     def _settle(self, choice):
-        """End a choice whose draws have all ended; a choice of several candidates is chosen and replayed."""
+        """Keep the best of a choice's candidates once their margins are known, and end a choice whose draws have
+        all ended."""
         draws = self.draws[choice]
-        if not all(draw.ended for draw in draws):
-            return
-        if len(draws) > 1 and not choice.done:
+        if not draws[0].streams and all(draw.ended or self._scored(draw) for draw in draws):
             kept = draws[self._best(choice, draws)]
+            for draw in draws:
+                if draw is not kept:
+                    draw.ended = True
+                    self._release_rows(draw)
+            self.draws[choice] = draws = [kept]
+            kept.streams = True
             for token, logprob in zip(kept.tokens, kept.logprobs or [None] * len(kept.tokens)):
                 if choice.done:
                     break
                 choice.step(token, logprob)
+        if not choice.done and not all(draw.ended for draw in draws):
+            return
         if not choice.done:
             choice.finish()
         self._leave(choice)
+
+    def _scored(self, draw) -> bool:
+        """Whether a candidate's margin is final: its tokens have passed the model's first block."""
+        return len(draw.history) >= self.model.config.block_size
 
     @staticmethod
     def _best(choice, draws) -> int:
@@ -251,7 +264,7 @@ class RunningBatch:
         holes = [row for row in range(kept) if self.owners[row] is None]
         tail = [row for row in range(kept, len(self.owners)) if self.owners[row] is not None]
         if holes:
-            self.cache.move_rows(tail, holes)
+            self.decoder.move(tail, holes)
             for source, target in zip(tail, holes):
                 draw, second = self.owners[target] = self.owners[source]
                 setattr(draw, "second_row" if second else "row", target)

@@ -142,13 +142,13 @@ class Engine:
     """The queue, the worker thread that owns the model, and its watchdog."""
 
     def __init__(self, model, tokenizer, layout, max_rows=128, max_queue=256, watchdog_s=30.0,
-                 metrics: Optional[ServeMetrics] = None, start=True):
+                 metrics: Optional[ServeMetrics] = None, start=True, decoder="auto"):
         self.model, self.tokenizer, self.layout = model.eval(), tokenizer, layout
         self.max_rows, self.max_queue, self.watchdog_s = max_rows, max_queue, watchdog_s
         self.context_id = tokenizer.token_id(layout.context_token)
         self.eos_id = tokenizer.token_id(layout.end_token)
         self.metrics = metrics or ServeMetrics()
-        self.batch = RunningBatch(model, tokenizer, self.eos_id, max_rows)
+        self.batch = RunningBatch(model, tokenizer, self.eos_id, max_rows, decoder)
         self.pending = collections.deque()
         self.cond = threading.Condition()
         self.closed, self.ready, self.crash = False, False, None
