@@ -49,6 +49,11 @@ def check_sampling_args(model, idx, max_new_tokens, settings: SamplingSettings, 
         check_guidance_idx(idx, guidance_idx, vocab_size, settings)
 
 
+# top-p first looks among each row's 1,024 likeliest tokens (a review model's nucleus at the defaults: median 240, 99th
+# percentile 1,044 of 4,649 characters): a top-k of them costs a third of sorting the whole row.
+TOP_P_CANDIDATES = 1024
+
+
 def next_token_probs(logits, temperature, top_k=None, top_p=None, min_p=0.0):
     """Probabilities over the vocabulary after temperature, top-k, top-p (nucleus) and min-p filtering (min-p:
     a token below min_p times the likeliest token's probability is cut, as Hugging Face's MinPLogitsWarper)."""
@@ -57,12 +62,7 @@ def next_token_probs(logits, temperature, top_k=None, top_p=None, min_p=0.0):
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it does.
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(~nucleus(logits, top_p), float("-inf"))
     probs = logits.softmax(dim=-1)
     if min_p:
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
@@ -70,11 +70,33 @@ def next_token_probs(logits, temperature, top_k=None, top_p=None, min_p=0.0):
     return probs
 
 
+def nucleus(logits, top_p: float):
+    """Where each row keeps its smallest set of likeliest tokens whose mass reaches top_p: a token is dropped if
+    the mass before it does. Rows whose TOP_P_CANDIDATES likeliest tokens reach top_p are decided among them;
+    the others sort their whole row."""
+    candidates = min(TOP_P_CANDIDATES, logits.size(-1))
+    values, order = logits.topk(candidates, dim=-1)
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    keep.scatter_(-1, order, (probs.cumsum(dim=-1) - probs) < top_p)
+    wide = probs.sum(dim=-1) < top_p
+    if wide.any():
+        sorted_logits, full_order = torch.sort(logits[wide], dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        keep_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p
+        keep[wide] = keep_sorted.scatter(-1, full_order, keep_sorted)
+    return keep
+
+
 def pick_next(logits, settings: SamplingSettings, generator):
+    """A token a row of logits under `settings`: greedy at temperature 0, else a draw from next_token_probs (by
+    inverse CDF: one uniform number a row, where torch.multinomial walks the vocabulary more slowly)."""
     if settings.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = next_token_probs(logits, settings.temperature, settings.top_k, settings.top_p, settings.min_p)
-    return torch.multinomial(probs, 1, generator=generator)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
 def _decode_loop(next_logits, idx, max_new_tokens, settings: SamplingSettings, eos_id, generator, callback,
