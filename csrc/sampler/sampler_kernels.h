@@ -260,6 +260,33 @@ void float_tile(const float* panel, int steps, const KernelInput& in, int r0, co
 // float_tile<Fp32Kernel, NB> for 256-bit registers: each accumulator as two named halves. GCC keeps arrays
 // of 16-lane vectors it has to split in two on the stack (every multiply-add a store and a reload); these
 // stay in registers. The same multiply-adds in the same order: the same sums, bit for bit.
+// Steps k0 .. k1 - 1 (a multiple of kSplit of them) into the accumulators, copied in and out: GCC keeps
+// accumulators it can see read after the loop in memory, stored at every step.
+template <int NB, int kSplit>
+inline void fp32_avx2_steps(const float* panel, int k0, int k1, const float* x, int ld, const float* ahead,
+                            __m256 (&lo_io)[kSplit][NB], __m256 (&hi_io)[kSplit][NB]) {
+  if (k0 >= k1) return;
+  __m256 lo[kSplit][NB], hi[kSplit][NB];
+  for (int s = 0; s < kSplit; ++s)
+    for (int b = 0; b < NB; ++b) lo[s][b] = lo_io[s][b], hi[s][b] = hi_io[s][b];
+  for (int k = k0; k < k1; k += kSplit) {
+#pragma GCC unroll 4
+    for (int s = 0; s < kSplit; ++s) {
+      __builtin_prefetch(ahead + size_t(k + s) * kLanes);
+      const __m256 w_lo = _mm256_loadu_ps(panel + size_t(k + s) * kLanes);
+      const __m256 w_hi = _mm256_loadu_ps(panel + size_t(k + s) * kLanes + 8);
+#pragma GCC unroll 12
+      for (int b = 0; b < NB; ++b) {
+        const __m256 xb = _mm256_broadcast_ss(x + size_t(b) * ld + k + s);
+        lo[s][b] = _mm256_fmadd_ps(w_lo, xb, lo[s][b]);
+        hi[s][b] = _mm256_fmadd_ps(w_hi, xb, hi[s][b]);
+      }
+    }
+  }
+  for (int s = 0; s < kSplit; ++s)
+    for (int b = 0; b < NB; ++b) lo_io[s][b] = lo[s][b], hi_io[s][b] = hi[s][b];
+}
+
 template <int NB>
 void fp32_avx2_tile(const float* panel, int steps, const KernelInput& in, int r0, const float* ahead, vec16* out) {
   constexpr int kSplit = NB == 1 ? 4 : NB <= 3 ? 2 : 1;
@@ -267,32 +294,22 @@ void fp32_avx2_tile(const float* panel, int steps, const KernelInput& in, int r0
   for (int s = 0; s < kSplit; ++s)
     for (int b = 0; b < NB; ++b) lo[s][b] = hi[s][b] = _mm256_setzero_ps();
   const float* x = in.x + size_t(r0) * in.ld;
-  const auto step = [&](int s, int k) {
-    __builtin_prefetch(ahead + size_t(k) * kLanes);
-    const float* line = panel + size_t(k) * kLanes;
-    const __m256 w_lo = _mm256_loadu_ps(line), w_hi = _mm256_loadu_ps(line + 8);
-#pragma GCC unroll 12
-    for (int b = 0; b < NB; ++b) {
-      const __m256 xb = _mm256_broadcast_ss(x + size_t(b) * in.ld + k);
-      lo[s][b] = _mm256_fmadd_ps(w_lo, xb, lo[s][b]);
-      hi[s][b] = _mm256_fmadd_ps(w_hi, xb, hi[s][b]);
-    }
-  };
-  int k = 0;
-  for (; k + kSplit <= steps; k += kSplit)
-#pragma GCC unroll 4
-    for (int s = 0; s < kSplit; ++s) step(s, k + s);
-  for (; k < steps; ++k) step(0, k);
+  const int split_steps = steps / kSplit * kSplit;
+  fp32_avx2_steps<NB, kSplit>(panel, 0, split_steps, x, in.ld, ahead, lo, hi);
+  if constexpr (kSplit > 1) {  // the last steps, fewer than kSplit, go to the first accumulators
+    __m256(&lo0)[1][NB] = reinterpret_cast<__m256(&)[1][NB]>(lo[0]);
+    __m256(&hi0)[1][NB] = reinterpret_cast<__m256(&)[1][NB]>(hi[0]);
+    fp32_avx2_steps<NB, 1>(panel, split_steps, steps, x, in.ld, ahead, lo0, hi0);
+  }
   for (int b = 0; b < NB; ++b) {
     __m256 sum_lo = lo[0][b], sum_hi = hi[0][b];
     for (int s = 1; s < kSplit; ++s) {
       sum_lo = _mm256_add_ps(sum_lo, lo[s][b]);
       sum_hi = _mm256_add_ps(sum_hi, hi[s][b]);
     }
-    float lanes[kLanes];
+    float* lanes = reinterpret_cast<float*>(out + b);
     _mm256_storeu_ps(lanes, sum_lo);
     _mm256_storeu_ps(lanes + 8, sum_hi);
-    out[b] = load<vec16>(lanes);
   }
 }
 #endif
