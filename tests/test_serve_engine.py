@@ -181,9 +181,10 @@ def test_candidates_stream_from_the_step_their_margins_are_known(served):
     streams on alone, its siblings' rows gone, rather than after the slowest sibling's last token."""
     loaded, make = served
     engine = make(start=False)
-    decode_rows, decoder = [], engine.batch.decoder
-    decode = decoder.decode
+    decode_rows, prefill_rows, decoder = [], [], engine.batch.decoder
+    decode, prefill = decoder.decode, decoder.prefill
     decoder.decode = lambda tokens, *args: (decode_rows.append(len(tokens)), decode(tokens, *args))[1]
+    decoder.prefill = lambda first, prompts: (prefill_rows.append(len(prompts)), prefill(first, prompts))[1]
     events = []  # (the decode steps so far, the event) of each event
     got = Collected()
     settings = SamplingSettings(temperature=1.0, candidates=3)
@@ -199,6 +200,7 @@ def test_candidates_stream_from_the_step_their_margins_are_known(served):
     assert first_text_step == 32 - prompt_length - 1 and events[-1][0] == 59
     assert max(e.tokens for step, e in events if step == first_text_step) == first_text_step + 1
     assert set(decode_rows[first_text_step:]) == {1}  # the kept draw alone; second rows left at the block
+    assert prefill_rows == [2] and decode_rows[0] == 6  # one prompt and its second prefilled, copied to 3 draws
 
 
 def test_logprobs_are_the_models_own(served):

@@ -6,10 +6,10 @@ guidance_after is 1) or, a candidate, until its tokens pass the first block, the
 live in one KV cache of `max_rows` sequences (mingpt.serve.rows: the compiled sampler's on the CPU), the
 running ones packed at its front.
 A step:
-  1. if rows joined since the last step, they are prefilled (by prompt length, each group in one forward)
-     and only they draw, so that a new request's first token comes one prefill after it arrives, not
-     after a decode of the whole batch; else the running rows decode their last token, each at its own
-     position (GPT.forward with per-row positions);
+  1. if rows joined since the last step, they are prefilled (by prompt length, each group in one forward;
+     a sample's candidates share their prompts: one is prefilled, its caches copied) and only they draw,
+     so that a new request's first token comes one prefill after it arrives, not after a decode of the
+     whole batch; else the running rows decode their last token, each at its own position;
   2. each group of draws with equal settings (and, for a seeded request, its own generator) goes through
      the logit controls and the draw of mingpt.sample, each row at its own step;
   3. finished rows (end token, max_tokens, a stop string, a client gone) leave, the last rows moving into
@@ -127,11 +127,15 @@ class RunningBatch:
         return self.decoder.decode(last, positions, windows)
 
     def _prefill(self):
-        """The joined draws take rows at the end and prefill their prompts (a forward for each prompt length):
-        (next-token logits of those rows, the first of them)."""
+        """The joined draws take rows at the end. A choice's draws share their prompts: one of them is prefilled
+        (a forward for each prompt length) and its caches are copied to the others'. Returns (next-token logits
+        of the new rows, by row; the first of them)."""
         first_row, parts = self.rows, []
-        self.joined.sort(key=lambda draw: len(draw.choice.prompt_ids))
-        for _, same_length in itertools.groupby(self.joined, lambda draw: len(draw.choice.prompt_ids)):
+        leaders = {}
+        for draw in self.joined:
+            leaders.setdefault(draw.choice, draw)
+        by_length = sorted(leaders.values(), key=lambda draw: len(draw.choice.prompt_ids))
+        for _, same_length in itertools.groupby(by_length, lambda draw: len(draw.choice.prompt_ids)):
             draws = list(same_length)
             seconds = [draw for draw in draws if draw.choice.request.settings.needs_guidance_idx]
             prompts = [draw.choice.prompt_ids for draw in draws] + [draw.choice.guidance_ids for draw in seconds]
@@ -141,8 +145,20 @@ class RunningBatch:
             for draw in seconds:
                 draw.second_row = self._own(draw, True)
             parts.append(self.decoder.prefill(first, prompts))
+        sources = []
+        for draw in self.joined:
+            leader = leaders[draw.choice]
+            if draw is not leader:
+                draw.row = self._own(draw, False)
+                sources.append(leader.row)
+                if leader.second_row is not None:
+                    draw.second_row = self._own(draw, True)
+                    sources.append(leader.second_row)
+        logits = torch.cat(parts)
+        if sources:
+            self.decoder.move(sources, list(range(first_row + len(logits), self.rows)))
         self.joined = []
-        return torch.cat(parts), first_row
+        return logits[list(range(len(logits))) + [source - first_row for source in sources]], first_row
 
     def _own(self, draw, second: bool) -> int:
         self.owners.append((draw, second))
