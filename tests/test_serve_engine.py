@@ -101,7 +101,9 @@ def test_a_request_joins_the_running_batch_at_the_next_step(served):
     engine = make()
     plain = SamplingSettings.plain(temperature=0.0, candidates=1)
     long, short = Collected(), Collected()
-    engine.submit(Request([engine.encode("好看")], long, max_tokens=200, settings=plain, sentiment="pos"))
+    long_steps = []  # the engine's step count at each of the long sample's events
+    engine.submit(Request([engine.encode("好看")], lambda e: (long_steps.append(engine.stats["steps"]), long(e)),
+                          max_tokens=200, settings=plain, sentiment="pos"))
     wait_until(lambda: long.events, "the long sample's first text")
     steps_seen = []  # the engine's step count at each of the short sample's events
     joined_at = engine.stats["steps"]
@@ -112,6 +114,9 @@ def test_a_request_joins_the_running_batch_at_the_next_step(served):
     # its first token at the step after it arrived (or the one after, if a step was in flight), then one a step
     assert steps_seen[0] - joined_at <= 2 and steps_seen[-1] - steps_seen[0] <= 2
     wait_until(lambda: long.ends(), "the long sample to end")
+    # the long sample took a token at every step, the one where the short one joined among them
+    assert long_steps == list(range(long_steps[0], long_steps[0] + len(long_steps)))
+    assert long_steps[0] < steps_seen[0] < long_steps[-1]
 
 
 def test_samples_leave_the_batch_at_once(served):

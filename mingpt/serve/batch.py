@@ -6,10 +6,10 @@ guidance_after is 1) or, a candidate, until its tokens pass the first block, the
 live in one KV cache of `max_rows` sequences (mingpt.serve.rows: the compiled sampler's on the CPU), the
 running ones packed at its front.
 A step:
-  1. if rows joined since the last step, they are prefilled (by prompt length, each group in one forward;
-     a sample's candidates share their prompts: one is prefilled, its caches copied) and only they draw,
-     so that a new request's first token comes one prefill after it arrives, not after a decode of the
-     whole batch; else the running rows decode their last token, each at its own position;
+  1. the running rows decode their last token, each at its own position, and rows that joined since the
+     last step are prefilled (by prompt length, each group in one forward; a sample's candidates share
+     their prompts: one is prefilled, its caches copied), so that a new request draws its first token at
+     the next step and no running row waits a step for it;
   2. each group of draws with equal settings (and, for a seeded request, its own generator) goes through
      the logit controls and the draw of mingpt.sample, each row at its own step;
   3. finished rows (end token, max_tokens, a stop string, a client gone) leave, the last rows moving into
@@ -86,18 +86,18 @@ class RunningBatch:
             self.joined.append(draw)
 
     def step(self):
-        """One step: the draws that joined since the last one are prefilled and draw their first token (the
-        running rows wait that step out, so that a new request's first token never waits for a decode of the
-        whole batch), or else every running row decodes one."""
+        """One step: the running rows decode a token each, and the draws that joined since the last step are
+        prefilled and draw their first."""
         self._drop_cancelled()
         if not self.draws:
             return
+        drawing = [draw for draws in self.draws.values() for draw in draws]
+        logits = [self._decode()] if self.rows else []
         if self.joined:
-            drawing, (logits, first_row) = self.joined, self._prefill()
-        else:
-            drawing, (logits, first_row) = [d for draws in self.draws.values() for d in draws], (self._decode(), 0)
+            logits.append(self._prefill())
+        logits = torch.cat(logits)
         for key, draws in self._groups(drawing).items():
-            self._draw_tokens(draws, logits, first_row, key[1])
+            self._draw_tokens(draws, logits, key[1])
         for choice in list(self.draws):
             self._settle(choice)
         self._compact()
@@ -129,7 +129,7 @@ class RunningBatch:
     def _prefill(self):
         """The joined draws take rows at the end. A choice's draws share their prompts: one of them is prefilled
         (a forward for each prompt length) and its caches are copied to the others'. Returns (next-token logits
-        of the new rows, by row; the first of them)."""
+        of the new rows, by row)."""
         first_row, parts = self.rows, []
         leaders = {}
         for draw in self.joined:
@@ -158,7 +158,7 @@ class RunningBatch:
         if sources:
             self.decoder.move(sources, list(range(first_row + len(logits), self.rows)))
         self.joined = []
-        return logits[list(range(len(logits))) + [source - first_row for source in sources]], first_row
+        return logits[list(range(len(logits))) + [source - first_row for source in sources]]
 
     def _own(self, draw, second: bool) -> int:
         self.owners.append((draw, second))
@@ -174,13 +174,13 @@ class RunningBatch:
                 groups[draw.choice.request.batch_key].append(draw)
         return groups
 
-    def _draw_tokens(self, draws: list, logits: torch.Tensor, first_row: int, seeded_request):
-        """Each draw's next token; logits holds the rows from first_row on."""
+    def _draw_tokens(self, draws: list, logits: torch.Tensor, seeded_request):
+        """Each draw's next token from the logits of its rows."""
         settings = draws[0].choice.request.settings
-        first = logits[[draw.row - first_row for draw in draws]]
+        first = logits[[draw.row for draw in draws]]
         second = None
         if settings.guided:  # a draw that gave up its second row is guided by 1: its own log-probabilities
-            second = logits[[(draw.row if draw.second_row is None else draw.second_row) - first_row for draw in draws]]
+            second = logits[[draw.row if draw.second_row is None else draw.second_row for draw in draws]]
         steps = [len(draw.tokens) for draw in draws]
         controlled = apply_row_controls(first, second, [draw.history for draw in draws], settings, steps)
         generator = seeded_request.generator if seeded_request is not None else None
@@ -189,7 +189,7 @@ class RunningBatch:
         if wanted:
             self._record_logprobs([draws[i] for i in wanted], first[wanted], [picked[i] for i in wanted])
         if settings.candidates > 1:
-            self._add_margins(draws, logits, first_row, picked)
+            self._add_margins(draws, logits, picked)
         block = self.model.config.block_size
         for draw, token in zip(draws, picked):
             draw.add(token)
@@ -203,14 +203,14 @@ class RunningBatch:
                 self._release(draw.second_row)
                 draw.second_row = None
 
-    def _add_margins(self, draws, logits, first_row: int, picked):
+    def _add_margins(self, draws, logits, picked):
         """Each candidate's new token's log-probability under its prompt minus under the second one, counted
         while the token lies in the model's first block (conditioning_margin's rule): the second rows of
         candidates run until then, so no draw is scored again at its end."""
         counted = [i for i, draw in enumerate(draws) if len(draw.history) < self.model.config.block_size]
         if not counted:
             return
-        rows = [draws[i].row - first_row for i in counted] + [draws[i].second_row - first_row for i in counted]
+        rows = [draws[i].row for i in counted] + [draws[i].second_row for i in counted]
         tokens = torch.tensor([picked[i] for i in counted] * 2, device=logits.device)
         log_probs = logits[rows].float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
         asked, second = log_probs.chunk(2)
