@@ -26,8 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: str, port: int):
-    server = subprocess.Popen([sys.executable, "-m", "mingpt.serve", "--ckpt", ckpt, "--port", str(port)])
+def start_server(ckpt: str, port: int, decoder: str = "auto"):
+    server = subprocess.Popen([sys.executable, "-m", "mingpt.serve", "--ckpt", ckpt, "--port", str(port),
+                               "--decoder", decoder])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -81,6 +82,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="start python -m mingpt.serve on this checkpoint")
     p.add_argument("--port", type=int, default=None, help="or measure a server already listening on this port")
+    p.add_argument("--decoder", default="auto", help="the started server's --decoder (auto, compiled, model)")
     p.add_argument("--api_key", default=None, help="the server's key, if it has one")
     p.add_argument("--clients", default="1,10", help="closed-loop rows: this many clients at once")
     p.add_argument("--requests", type=int, default=40, help="reviews per closed-loop row (each client its share)")
@@ -96,7 +98,7 @@ def main(argv=None):
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     mixed_body = mixed_load({} if args.candidates is None else {"candidates": args.candidates})
     port = args.port or free_port()
-    server = start_server(args.ckpt, port) if args.ckpt else None
+    server = start_server(args.ckpt, port, args.decoder) if args.ckpt else None
     rows = []
     try:
         for clients in map(int, args.clients.split(",")):

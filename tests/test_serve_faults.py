@@ -138,6 +138,21 @@ def test_the_model_card_shows_no_local_path(live_server, serve_ckpt):
     assert serve_ckpt not in card and "/tmp" not in card and "ckpt.pt" not in card
 
 
+def test_the_decoder_is_the_flags_and_the_card_says_which(serve_ckpt, capsys):
+    from mingpt.sample.compiled import cached_sampler_unavailable_reason
+    from mingpt.serve.__main__ import build_parser, build_server, main
+    for decoder in ("model", "auto"):
+        app, engine = build_server(build_parser().parse_args(["--ckpt", serve_ckpt, "--decoder", decoder]),
+                                   start_engine=False)
+        expected = "compiled" if decoder == "auto" and cached_sampler_unavailable_reason() is None else "model"
+        assert engine.batch.decoder.name == expected
+        [card_route] = [route for route in app.routes if getattr(route, "path", None) == "/v1/model_card"]
+        assert asyncio.run(card_route.endpoint())["decoder"] == f"continuous batching, {expected} decoder"
+    with pytest.raises(SystemExit):
+        main(["--ckpt", serve_ckpt, "--decoder", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def test_a_slow_body_is_a_408_and_frees_its_connection(serve_ckpt):
     server = LiveServer(serve_ckpt, "--body_timeout", "0.5")
     try:

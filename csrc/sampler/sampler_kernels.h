@@ -3,8 +3,9 @@
 // Every format stores a panel's k-step as one 64-byte line of 16 lanes (output rows) x 4 bytes: one
 // fp32 weight per lane, two bf16 weights (the even k in the low half) or four int8 weights (k ascending
 // from the low byte, stored offset by 128 as unsigned bytes: VNNI multiplies unsigned by signed bytes).
-// Each format has a portable kernel (GCC vector code: AVX-512, AVX2 or narrower, whatever the compiler
-// targets) that decodes the weights to fp32 and multiplies the fp32 rows; where the CPU has them, bf16
+// Each format has a portable kernel (GCC vector code: AVX-512 or narrower, whatever the compiler targets;
+// AVX2 intrinsics where that is the widest) that decodes the weights to fp32 and multiplies the fp32 rows;
+// where the CPU has them, bf16
 // and int8 also have a dot-product kernel (vdpbf16ps, vpdpbusd) that reads the rows rounded to bf16 or
 // quantised to int8 (per row and group of 64 values).
 #pragma once
@@ -257,14 +258,49 @@ void float_tile(const float* panel, int steps, const KernelInput& in, int r0, co
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-// float_tile<Fp32Kernel, NB> for 256-bit registers: each accumulator as two named halves. GCC keeps arrays
-// of 16-lane vectors it has to split in two on the stack (every multiply-add a store and a reload); these
-// stay in registers. The same multiply-adds in the same order: the same sums, bit for bit.
+// The portable kernels for 256-bit registers: each accumulator as two named halves. GCC keeps arrays of
+// 16-lane vectors it has to split in two on the stack (every multiply-add a store and a reload); these
+// stay in registers. The same multiply-adds in the same order: the same sums, bit for bit. Each format's
+// `decode(line, j, lo, hi)` gives the j-th of its kValues weights a lane in a k-step.
+struct Fp32Avx2 {
+  static constexpr int kValues = 1;
+  static void decode(const float* line, int, __m256& lo, __m256& hi) {
+    lo = _mm256_loadu_ps(line);
+    hi = _mm256_loadu_ps(line + 8);
+  }
+  static float correction(const KernelInput&, int) { return 0.0f; }
+};
+
+struct Bf16Avx2 {
+  static constexpr int kValues = 2;
+  static void decode(const float* line, int j, __m256& lo, __m256& hi) {
+    const __m256i mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 8));
+    lo = _mm256_castsi256_ps(j == 0 ? _mm256_slli_epi32(a, 16) : _mm256_and_si256(a, mask));
+    hi = _mm256_castsi256_ps(j == 0 ? _mm256_slli_epi32(b, 16) : _mm256_and_si256(b, mask));
+  }
+  static float correction(const KernelInput&, int) { return 0.0f; }
+};
+
+// Accumulates sum (w + 128) x; the correction subtracts 128 sum x.
+struct Int8Avx2 {
+  static constexpr int kValues = 4;
+  static void decode(const float* line, int j, __m256& lo, __m256& hi) {
+    const __m256i byte = _mm256_set1_epi32(0xff);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 8));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 8 * j), byte));
+    hi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 8 * j), byte));
+  }
+  static float correction(const KernelInput& in, int row) { return -128.0f * in.row_sum[row]; }
+};
+
 // Steps k0 .. k1 - 1 (a multiple of kSplit of them) into the accumulators, copied in and out: GCC keeps
 // accumulators it can see read after the loop in memory, stored at every step.
-template <int NB, int kSplit>
-inline void fp32_avx2_steps(const float* panel, int k0, int k1, const float* x, int ld, const float* ahead,
-                            __m256 (&lo_io)[kSplit][NB], __m256 (&hi_io)[kSplit][NB]) {
+template <class K, int NB, int kSplit>
+inline void avx2_steps(const float* panel, int k0, int k1, const float* x, int ld, const float* ahead,
+                       __m256 (&lo_io)[kSplit][NB], __m256 (&hi_io)[kSplit][NB]) {
   if (k0 >= k1) return;
   __m256 lo[kSplit][NB], hi[kSplit][NB];
   for (int s = 0; s < kSplit; ++s)
@@ -272,14 +308,18 @@ inline void fp32_avx2_steps(const float* panel, int k0, int k1, const float* x, 
   for (int k = k0; k < k1; k += kSplit) {
 #pragma GCC unroll 4
     for (int s = 0; s < kSplit; ++s) {
+      const float* line = panel + size_t(k + s) * kLanes;
       __builtin_prefetch(ahead + size_t(k + s) * kLanes);
-      const __m256 w_lo = _mm256_loadu_ps(panel + size_t(k + s) * kLanes);
-      const __m256 w_hi = _mm256_loadu_ps(panel + size_t(k + s) * kLanes + 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < K::kValues; ++j) {
+        __m256 w_lo, w_hi;
+        K::decode(line, j, w_lo, w_hi);
 #pragma GCC unroll 12
-      for (int b = 0; b < NB; ++b) {
-        const __m256 xb = _mm256_broadcast_ss(x + size_t(b) * ld + k + s);
-        lo[s][b] = _mm256_fmadd_ps(w_lo, xb, lo[s][b]);
-        hi[s][b] = _mm256_fmadd_ps(w_hi, xb, hi[s][b]);
+        for (int b = 0; b < NB; ++b) {
+          const __m256 xb = _mm256_broadcast_ss(x + size_t(b) * ld + K::kValues * (k + s) + j);
+          lo[s][b] = _mm256_fmadd_ps(w_lo, xb, lo[s][b]);
+          hi[s][b] = _mm256_fmadd_ps(w_hi, xb, hi[s][b]);
+        }
       }
     }
   }
@@ -287,19 +327,19 @@ inline void fp32_avx2_steps(const float* panel, int k0, int k1, const float* x, 
     for (int b = 0; b < NB; ++b) lo_io[s][b] = lo[s][b], hi_io[s][b] = hi[s][b];
 }
 
-template <int NB>
-void fp32_avx2_tile(const float* panel, int steps, const KernelInput& in, int r0, const float* ahead, vec16* out) {
+template <class K, int NB>
+void avx2_tile(const float* panel, int steps, const KernelInput& in, int r0, const float* ahead, vec16* out) {
   constexpr int kSplit = NB == 1 ? 4 : NB <= 3 ? 2 : 1;
   __m256 lo[kSplit][NB], hi[kSplit][NB];
   for (int s = 0; s < kSplit; ++s)
     for (int b = 0; b < NB; ++b) lo[s][b] = hi[s][b] = _mm256_setzero_ps();
   const float* x = in.x + size_t(r0) * in.ld;
   const int split_steps = steps / kSplit * kSplit;
-  fp32_avx2_steps<NB, kSplit>(panel, 0, split_steps, x, in.ld, ahead, lo, hi);
+  avx2_steps<K, NB, kSplit>(panel, 0, split_steps, x, in.ld, ahead, lo, hi);
   if constexpr (kSplit > 1) {  // the last steps, fewer than kSplit, go to the first accumulators
     __m256(&lo0)[1][NB] = reinterpret_cast<__m256(&)[1][NB]>(lo[0]);
     __m256(&hi0)[1][NB] = reinterpret_cast<__m256(&)[1][NB]>(hi[0]);
-    fp32_avx2_steps<NB, 1>(panel, split_steps, steps, x, in.ld, ahead, lo0, hi0);
+    avx2_steps<K, NB, 1>(panel, split_steps, steps, x, in.ld, ahead, lo0, hi0);
   }
   for (int b = 0; b < NB; ++b) {
     __m256 sum_lo = lo[0][b], sum_hi = hi[0][b];
@@ -307,9 +347,10 @@ void fp32_avx2_tile(const float* panel, int steps, const KernelInput& in, int r0
       sum_lo = _mm256_add_ps(sum_lo, lo[s][b]);
       sum_hi = _mm256_add_ps(sum_hi, hi[s][b]);
     }
+    const __m256 correction = _mm256_set1_ps(K::correction(in, r0 + b));
     float* lanes = reinterpret_cast<float*>(out + b);
-    _mm256_storeu_ps(lanes, sum_lo);
-    _mm256_storeu_ps(lanes + 8, sum_hi);
+    _mm256_storeu_ps(lanes, _mm256_add_ps(sum_lo, correction));
+    _mm256_storeu_ps(lanes + 8, _mm256_add_ps(sum_hi, correction));
   }
 }
 #endif
@@ -359,9 +400,9 @@ constexpr TileTable float_tiles(std::integer_sequence<int, N...>) {
   return {&float_tile<K, N + 1>...};
 }
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-template <int... N>
-constexpr TileTable fp32_avx2_tiles(std::integer_sequence<int, N...>) {
-  return {&fp32_avx2_tile<N + 1>...};
+template <class K, int... N>
+constexpr TileTable avx2_tiles(std::integer_sequence<int, N...>) {
+  return {&avx2_tile<K, N + 1>...};
 }
 #endif
 #if defined(__AVX512VNNI__)
@@ -375,12 +416,14 @@ constexpr TileTable int8_vnni_tiles(std::integer_sequence<int, N...>) {
 inline const TileTable& tiles_of(Kernel kernel) {
   constexpr auto rows = std::make_integer_sequence<int, kMaxTile>{};
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-  static constexpr TileTable fp32 = fp32_avx2_tiles(rows);
+  static constexpr TileTable fp32 = avx2_tiles<Fp32Avx2>(rows);
+  static constexpr TileTable bf16_portable = avx2_tiles<Bf16Avx2>(rows);
+  static constexpr TileTable int8_portable = avx2_tiles<Int8Avx2>(rows);
 #else
   static constexpr TileTable fp32 = float_tiles<Fp32Kernel>(rows);
-#endif
   static constexpr TileTable bf16_portable = float_tiles<Bf16PortableKernel>(rows);
   static constexpr TileTable int8_portable = float_tiles<Int8PortableKernel>(rows);
+#endif
   switch (kernel) {
 #if defined(__AVX512BF16__)
     case Kernel::bf16_dot: {

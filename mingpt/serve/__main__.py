@@ -13,6 +13,7 @@ import sys
 from ..checkpoint import CheckpointError, load
 from ..sample.settings import add_flags, from_args
 from ..train.records import read_record
+from .rows import DECODERS
 
 
 def build_parser():
@@ -25,6 +26,9 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max_rows", type=int, default=128,
                    help="most rows decoded at once (a sample takes `candidates` rows, twice while guided)")
+    p.add_argument("--decoder", choices=DECODERS, default="auto",
+                   help="the running batch's forward: compiled (mingpt._C, CPU, fp32 weights), model (the model's own "
+                        "KV-cached forward, any device) or auto (compiled where it runs)")
     p.add_argument("--max_queue", type=int, default=256, help="most samples waiting; beyond: 429 with Retry-After")
     p.add_argument("--max_tokens", type=int, default=256, help="cap on a request's max_tokens")
     p.add_argument("--default_max_tokens", type=int, default=100, help="max_tokens when a request gives none")
@@ -74,13 +78,13 @@ def build_server(args, start_engine=True):
     loaded = load(args.ckpt, device=args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, loaded.layout, max_rows=args.max_rows, max_queue=args.max_queue,
-                    watchdog_s=args.watchdog, start=start_engine)
+                    watchdog_s=args.watchdog, start=start_engine, decoder=args.decoder)
     folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
     name = os.path.basename(os.path.abspath(folder)) or "mingpt"
     limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
                     max_n=args.max_n, max_candidates=args.max_candidates, max_prompt_chars=args.max_prompt_chars,
                     max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
-    card = model_card(name, args.ckpt, model, tokenizer, loaded.data, read_record(folder))
+    card = model_card(name, args.ckpt, model, tokenizer, loaded.data, read_record(folder), engine.batch.decoder.name)
     return create_app(engine, name, card, limits, settings, access), engine
 
 
@@ -104,7 +108,7 @@ def main(argv=None):
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
     print(f"serve: {app.state.model_name} on http://{args.host}:{args.port}/ (at most {engine.max_rows} rows a "
-          f"step)", file=sys.stderr)
+          f"step, {engine.batch.decoder.name} decoder)", file=sys.stderr)
     try:
         uvicorn.Server(uvicorn_config(app, args)).run()
     finally:

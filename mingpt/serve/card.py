@@ -21,7 +21,8 @@ def without_paths(value):
     return value
 
 
-def model_card(name: str, ckpt_path: str, model, tokenizer, data: dict, record: Optional[dict]) -> dict:
+def model_card(name: str, ckpt_path: str, model, tokenizer, data: dict, record: Optional[dict],
+               decoder: str) -> dict:
     """What /v1/model_card says: the config, the vocabulary, the data and how training went (from the run's
     run.json where there is one); file names without their folders."""
     record = record or {}
@@ -29,7 +30,7 @@ def model_card(name: str, ckpt_path: str, model, tokenizer, data: dict, record: 
     return without_paths({
         "id": name, "created": int(created), "config": dataclasses.asdict(model.config),
         "parameters": model.num_params(), "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind,
-        "decoder": "continuous batching over the KV-cached forward",
+        "decoder": f"continuous batching, {decoder} decoder",
         "data": {**{k: v for k, v in data.items() if v is not None}, **(record.get("data") or {})},
         "training": {k: record[k] for k in ("status", "started", "ended", "iter", "losses", "best_val_loss")
                      if k in record}})
