@@ -43,22 +43,15 @@ def apply_controls(logits: torch.Tensor, history: torch.Tensor, settings: Sampli
                    step: int = 0) -> torch.Tensor:
     """logits: (R, V), or (2R, V) guided (see `guide`); history: (R, T) the tokens of each row so far;
     step: how many new tokens each row holds before this one."""
-    if settings.guided:
-        logits = guide(logits, settings.guidance_at(step))
-    if settings.repetition_penalty != 1.0:
-        logits = penalize_repetition(logits, history, settings.repetition_penalty)
-    if settings.no_repeat_ngram_size:
-        logits = logits.clone()
-        for r, row in enumerate(history.tolist()):
-            logits[r, banned_ngram_tokens(row, settings.no_repeat_ngram_size)] = float("-inf")
-    return logits
+    first, second = logits.chunk(2) if settings.guided else (logits, None)
+    return apply_row_controls(first, second, history.tolist(), settings, [step] * first.shape[0])
 
 
 def apply_row_controls(first: torch.Tensor, second: torch.Tensor, histories: list, settings: SamplingSettings,
                        steps: list) -> torch.Tensor:
-    """apply_controls for rows at different steps (the server's running batch): first and second (R, V) the
-    logits under the asked and the second conditioning (second None: no row is guided), histories each row's
-    tokens so far (lists of any lengths), steps each row's count of new tokens."""
+    """The controls for rows each at its own step (the server's running batch; apply_controls for rows at one):
+    first and second (R, V) the logits under the asked and the second conditioning (second None: no row is
+    guided), histories each row's tokens so far (lists of any lengths), steps each row's count of new tokens."""
     logits = first
     if second is not None:
         scale = torch.tensor([settings.guidance_at(step) for step in steps], device=first.device)[:, None]

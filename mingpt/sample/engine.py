@@ -73,19 +73,19 @@ def next_token_probs(logits, temperature, top_k=None, top_p=None, min_p=0.0):
 def nucleus(logits, top_p: float):
     """Where each row keeps its smallest set of likeliest tokens whose mass reaches top_p: a token is dropped if
     the mass before it does. Rows whose TOP_P_CANDIDATES likeliest tokens reach top_p are decided among them;
-    the others sort their whole row."""
-    candidates = min(TOP_P_CANDIDATES, logits.size(-1))
-    values, order = logits.topk(candidates, dim=-1)
-    keep = torch.zeros_like(logits, dtype=torch.bool)
-    probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
-    keep.scatter_(-1, order, (probs.cumsum(dim=-1) - probs) < top_p)
-    wide = probs.sum(dim=-1) < top_p
-    if wide.any():
-        sorted_logits, full_order = torch.sort(logits[wide], dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        keep_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p
-        keep[wide] = keep_sorted.scatter(-1, full_order, keep_sorted)
+    the others among their whole row."""
+    keep, decided = _nucleus_among(logits, top_p, min(TOP_P_CANDIDATES, logits.size(-1)))
+    if not decided.all():
+        keep[~decided] = _nucleus_among(logits[~decided], top_p, logits.size(-1))[0]
     return keep
+
+
+def _nucleus_among(logits, top_p: float, candidates: int):
+    """nucleus among each row's `candidates` likeliest tokens, and whether their mass reaches top_p."""
+    values, order = logits.topk(candidates, dim=-1)
+    probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, (probs.cumsum(dim=-1) - probs) < top_p)
+    return keep, probs.sum(dim=-1) >= top_p
 
 
 def pick_next(logits, settings: SamplingSettings, generator):

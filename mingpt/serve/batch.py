@@ -207,7 +207,7 @@ class RunningBatch:
         """Each candidate's new token's log-probability under its prompt minus under the second one, counted
         while the token lies in the model's first block (conditioning_margin's rule): the second rows of
         candidates run until then, so no draw is scored again at its end."""
-        counted = [i for i, draw in enumerate(draws) if len(draw.history) < self.model.config.block_size]
+        counted = [i for i, draw in enumerate(draws) if not self._scored(draw)]
         if not counted:
             return
         rows = [draws[i].row for i in counted] + [draws[i].second_row for i in counted]

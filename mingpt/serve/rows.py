@@ -30,15 +30,15 @@ class CompiledRows:
 
     def decode(self, tokens: list, positions: list, windows: dict) -> torch.Tensor:
         cached = [row for row in range(len(tokens)) if row not in windows]
-        if not windows:
-            return self.rows.forward(cached, positions, [[token] for token in tokens])
+        if cached:
+            decoded = self.rows.forward(cached, [positions[row] for row in cached], [[tokens[row]] for row in cached])
+            if not windows:
+                return decoded
         logits = torch.empty(len(tokens), self.model.config.vocab_size)
         if cached:
-            logits[cached] = self.rows.forward(cached, [positions[row] for row in cached],
-                                               [[tokens[row]] for row in cached])
-        if windows:
-            rows = list(windows)
-            logits[rows] = self.model(torch.tensor([windows[row] for row in rows]))[0][:, -1].float()
+            logits[cached] = decoded
+        rows = list(windows)
+        logits[rows] = self.model(torch.tensor([windows[row] for row in rows]))[0][:, -1].float()
         return logits
 
     def prefill(self, first: int, prompts: list) -> torch.Tensor:
