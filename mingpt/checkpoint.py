@@ -1,5 +1,5 @@
 """Atomic checkpoint writes and safe loads (weights_only: a checkpoint can never run code), and `load`,
-the one loader of every command: a checkpoint file, a run folder or a Hugging Face GPT-2 folder."""
+the one loader of every command: a checkpoint file, a run folder or a Hugging Face GPT-2 or GPT-NeoX folder."""
 import dataclasses
 import os
 import pickle
@@ -122,7 +122,7 @@ class Loaded:
 
 
 def load(path: str, device="cpu", backend="auto") -> Loaded:
-    """A model to use, from a checkpoint file, a run folder (its ckpt.pt) or a Hugging Face GPT-2 folder
+    """A model to use, from a checkpoint file, a run folder (its ckpt.pt) or a Hugging Face GPT-2 / GPT-NeoX folder
     (mingpt.export) with its tokenizer."""
     if is_pretrained_dir(path):
         model, tokenizer, data = load_pretrained(path, device=device, backend=backend, require_tokenizer=True)

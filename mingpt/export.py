@@ -1,7 +1,9 @@
 """Export a checkpoint for Hugging Face transformers: `python -m mingpt.export --ckpt out --out hf_model`.
 
-The directory loads offline with GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR),
-and back into mingpt with mingpt.load(DIR) or `python -m mingpt.sample --ckpt DIR`.
+The directory loads offline with AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR),
+and back into mingpt with mingpt.load(DIR) or `python -m mingpt.sample --ckpt DIR`. A GPT-2 model is written as a
+GPT2LMHeadModel; one with rotary positions as a GPTNeoXForCausalLM (with layer norms, a GELU or ReLU² MLP, a tied
+or untied head); any other architecture option is refused by name.
 --verify then compares mingpt with transformers on the exported weights and exits 3 on a mismatch.
 Needs the `hf` extra: pip install -e .[hf]
 """
@@ -9,7 +11,8 @@ import argparse
 import sys
 
 from .checkpoint import CheckpointError, load
-from .hf import HFFormatError, MissingDependency, compare_with_transformers, require, save_pretrained
+from .hf import (ARCHITECTURES, HFFormatError, MissingDependency, compare_with_transformers, export_architecture,
+                 require, save_pretrained)
 from .ops import BACKENDS
 from .sample.engine import SAMPLERS, resolve_sampler
 
@@ -36,7 +39,7 @@ def main(argv=None):
         if loaded.checkpoint is None:
             raise HFFormatError(f"{args.ckpt} is a Hugging Face folder already; export takes a mingpt checkpoint")
         save_pretrained(loaded.checkpoint, loaded.model, loaded.tokenizer, args.out)
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out} ({ARCHITECTURES[export_architecture(loaded.model.config)][0]})")
         if args.verify:
             model, tokenizer = loaded.model, loaded.tokenizer
             r = compare_with_transformers(model, tokenizer, args.out, sampler=args.sampler)

@@ -1,10 +1,12 @@
-"""Hugging Face GPT-2 directories: export a mingpt model with its tokenizer, and load one back.
+"""Hugging Face GPT-2 and GPT-NeoX directories: export a mingpt model with its tokenizer, and load one back.
 
-mingpt's GPT is GPT-2's architecture, so a model maps onto `transformers.GPT2LMHeadModel` weight
+mingpt's GPT is GPT-2's architecture by default, so a model maps onto `transformers.GPT2LMHeadModel` weight
 for weight: the same names, with the four projection matrices transposed (GPT-2 keeps them in
-Conv1D layout). An exported directory holds
+Conv1D layout). A model with rotary positions, which GPT-2 cannot hold, is exported as a
+`GPTNeoXForCausalLM` where NeoX computes it exactly (mingpt.hf_neox: rotary positions with layer norms,
+a GELU or ReLU² MLP, a tied or untied head); any other option is refused by name. An exported directory holds
 
-  config.json, generation_config.json, model.safetensors   GPT2LMHeadModel
+  config.json, generation_config.json, model.safetensors   GPT2LMHeadModel or GPTNeoXForCausalLM
   tokenizer.json, tokenizer_config.json                     the tokenizer (character or BPE), for AutoTokenizer
   mingpt.json                                               what GPT-2's config cannot say (below)
   README.md                                                 the model card
@@ -26,6 +28,7 @@ import torch
 
 from .config import GPTConfig
 from .data.layouts import get_layout
+from .hf_neox import from_neox_state_dict, mingpt_neox_config, neox_blockers, neox_config, to_neox_state_dict
 from .model import GPT
 from .sample.engine import generate
 from .sample.settings import SamplingSettings
@@ -46,10 +49,12 @@ GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
                      add_cross_attention=False)
 # Buffers older transformers versions saved alongside the weights.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# model_type: the transformers class of an export, and what its model card calls it.
+ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel", "GPT-2"), "gpt_neox": ("GPTNeoXForCausalLM", "GPT-NeoX")}
 
 
 class HFFormatError(ValueError):
-    """A model or directory that cannot cross between mingpt and GPT-2; the message says why."""
+    """A model or directory that cannot cross between mingpt and GPT-2 or GPT-NeoX; the message says why."""
 
 
 class MissingDependency(RuntimeError):
@@ -116,12 +121,37 @@ def gpt2_config(config: GPTConfig, tokenizer, eos_token: str):
                       pad_token_id=tokenizer.token_id(PAD))
 
 
+def check_gpt2_architecture(config: GPTConfig):
+    """Refuse, by name, the architecture options GPT2LMHeadModel cannot compute."""
+    options = config.options_after_gpt2()
+    if options:
+        raise HFFormatError(f"a GPT-2 export holds GPT-2's architecture; this model has {', '.join(options)}, "
+                            "which GPT2LMHeadModel cannot compute")
+
+
+def export_architecture(config: GPTConfig) -> str:
+    """The model_type that computes `config` exactly, 'gpt2' first, then 'gpt_neox'; a model neither can
+    compute is refused, naming the options that block each."""
+    gpt2, neox = config.options_after_gpt2(), neox_blockers(config)
+    if gpt2 and neox:
+        raise HFFormatError(f"a GPT-2 export holds GPT-2's architecture; this model has {', '.join(gpt2)}, which "
+                            f"GPT2LMHeadModel cannot compute; a GPT-NeoX export holds rotary positions with layer "
+                            f"norms and a GELU or ReLU² MLP, and GPTNeoXForCausalLM cannot compute {', '.join(neox)}")
+    return "gpt_neox" if gpt2 else "gpt2"
+
+
 def to_hf_model(model: GPT, tokenizer, eos_token: str = EOS):
-    """A transformers GPT2LMHeadModel (eval mode) holding the same weights as `model`."""
+    """A transformers GPT2LMHeadModel, or GPTNeoXForCausalLM (export_architecture), in eval mode holding the same
+    weights as `model`."""
     require("transformers")
-    from transformers import GPT2LMHeadModel
-    hf_model = GPT2LMHeadModel(gpt2_config(model.config, tokenizer, eos_token))
-    hf_model.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=True)
+    import transformers
+    config, state = model.config, model.state_dict()
+    if export_architecture(config) == "gpt_neox":
+        hf_model = transformers.GPTNeoXForCausalLM(neox_config(config, tokenizer, eos_token))
+        hf_model.load_state_dict(to_neox_state_dict(state, config), strict=True)
+    else:
+        hf_model = transformers.GPT2LMHeadModel(gpt2_config(config, tokenizer, eos_token))
+        hf_model.load_state_dict(to_hf_state_dict(state, config), strict=True)
     return hf_model.eval()
 
 
@@ -180,6 +210,10 @@ def tokenizer_from_json(data: dict, source: str):
 
 def model_card(ckpt: dict, model: GPT, tokenizer, out_dir: str) -> str:
     config, data = model.config, ckpt["data"]
+    model_type = export_architecture(config)
+    hf_class, title = ARCHITECTURES[model_type]
+    options = config.options_after_gpt2()
+    architecture = f"{title} ({', '.join(options)})" if options else title
     tokens = "character-level" if tokenizer.kind == "char" else "byte-level BPE"
     review = get_layout(data.get("layout")).review_format
     preset = (ckpt.get("train_config") or {}).get("preset", "unknown")
@@ -191,19 +225,19 @@ def model_card(ckpt: dict, model: GPT, tokenizer, out_dir: str) -> str:
 library_name: transformers
 pipeline_tag: text-generation
 language: zh
-tags: [gpt2, mingpt]
+tags: [{model_type}, mingpt]
 ---
 # {name}
 
-A {tokens} GPT-2 trained with mingpt on sentiment-labelled Chinese reviews.
+A {tokens} {architecture} trained with mingpt on sentiment-labelled Chinese reviews.
 
 - preset: `{preset}`: {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, context {config.block_size}, vocabulary {config.vocab_size}, {model.num_params():,} parameters
 - data: {data.get('source') or 'unknown'}, `{data.get('layout')}` layout: a review reads {review}
 - trained for {ckpt.get('iter_num', 'an unrecorded number of')} iterations; validation loss {val_text}
 
 ```python
-from transformers import AutoTokenizer, GPT2LMHeadModel
-model, tok = GPT2LMHeadModel.from_pretrained("{name}"), AutoTokenizer.from_pretrained("{name}")
+from transformers import AutoTokenizer, {hf_class}
+model, tok = {hf_class}.from_pretrained("{name}"), AutoTokenizer.from_pretrained("{name}")
 print(tok.decode(model.generate(**tok("<bos><pos>", return_tensors="pt"), max_new_tokens=40, do_sample=True)[0], skip_special_tokens=True))
 ```
 
@@ -212,14 +246,14 @@ Back in mingpt: `mingpt.load("{name}")` or `python -m mingpt.sample --ckpt {name
 
 
 def save_pretrained(ckpt: dict, model: GPT, tokenizer, out_dir: str) -> str:
-    """Write a mingpt checkpoint (its dict, and the model and tokenizer it holds) as a Hugging Face GPT-2
-    directory; returns out_dir."""
+    """Write a mingpt checkpoint (its dict, and the model and tokenizer it holds) as a Hugging Face GPT-2 or
+    GPT-NeoX directory (export_architecture); returns out_dir."""
     require("transformers", "tokenizers", "safetensors")
     if os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
         raise HFFormatError(f"{out_dir} holds a training checkpoint (ckpt.pt); export into another directory")
     data = ckpt["data"]
     hf_tokenizer = to_hf_tokenizer(tokenizer, model.config.block_size)  # refuses before anything is written
-    hf_model = to_hf_model(model, tokenizer, data["eos_token"])
+    hf_model = to_hf_model(model, tokenizer, data["eos_token"])  # refuses what neither GPT-2 nor GPT-NeoX computes
     os.makedirs(out_dir, exist_ok=True)
     hf_model.save_pretrained(out_dir)
     hf_tokenizer.save_pretrained(out_dir)
@@ -244,7 +278,7 @@ def mingpt_config(hf_config: dict, bias: bool, source: str) -> GPTConfig:
     """The GPTConfig of a GPT-2 config.json, refusing options mingpt's model does not compute."""
     c = {**GPT2_DEFAULTS, **hf_config}
     if c.get("model_type") != "gpt2":
-        raise HFFormatError(f"{source}: model_type is {c.get('model_type')!r}, mingpt loads only 'gpt2'")
+        raise HFFormatError(f"{source}: model_type is {c.get('model_type')!r}, mingpt loads 'gpt2' and 'gpt_neox'")
     required = {"activation_function": c["activation_function"] in TANH_GELUS,
                 "n_inner": c["n_inner"] in (None, 4 * c["n_embd"]),
                 "scale_attn_weights": c["scale_attn_weights"] is True,
@@ -262,23 +296,19 @@ def mingpt_config(hf_config: dict, bias: bool, source: str) -> GPTConfig:
         raise HFFormatError(f"{source}: {e}") from None
 
 
-def load_pretrained(path: str, device="cpu", backend="auto", require_tokenizer=False):
-    """Load a GPT-2 directory; returns (model in eval mode, tokenizer or None, data {layout, eos_token, source})."""
-    if not is_pretrained_dir(path):
-        raise HFFormatError(f"{path} is not a Hugging Face model directory (no config.json)")
-    require("safetensors")
+def read_model(path: str, bias: bool, backend: str) -> GPT:
+    """The model of a GPT-2 or GPT-NeoX directory: its config.json and model.safetensors."""
     from safetensors.torch import load_file
-    metadata_path = os.path.join(path, METADATA_FILE)
-    metadata = {**DEFAULT_METADATA, **(read_json(metadata_path) if os.path.isfile(metadata_path) else {})}
-    try:
-        get_layout(metadata["layout"])
+    config_path, weights_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    hf_config = read_json(config_path)
+    neox = hf_config.get("model_type") == "gpt_neox"
+    try:  # mingpt.hf_neox refuses with ValueError
+        config = (mingpt_neox_config if neox else mingpt_config)(hf_config, bias, config_path)
+        if not os.path.isfile(weights_path):
+            raise HFFormatError(f"{path} has no model.safetensors (sharded or pytorch_model.bin weights are not read)")
+        state = (from_neox_state_dict if neox else from_hf_state_dict)(load_file(weights_path), config, weights_path)
     except ValueError as e:
-        raise HFFormatError(f"{metadata_path}: {e}") from None
-    config = mingpt_config(read_json(os.path.join(path, "config.json")), metadata["bias"], f"{path}/config.json")
-    weights_path = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights_path):
-        raise HFFormatError(f"{path} has no model.safetensors (sharded or pytorch_model.bin weights are not read)")
-    state = from_hf_state_dict(load_file(weights_path), config, weights_path)
+        raise HFFormatError(str(e)) from None
     model = GPT(config, backend=backend)
     expected = model.state_dict()
     mismatched = sorted(set(expected) ^ set(state)) + [
@@ -287,6 +317,22 @@ def load_pretrained(path: str, device="cpu", backend="auto", require_tokenizer=F
     if mismatched:
         raise HFFormatError(f"{weights_path} does not match its config.json: {mismatched[:5]}")
     model.load_state_dict(state)
+    return model
+
+
+def load_pretrained(path: str, device="cpu", backend="auto", require_tokenizer=False):
+    """A GPT-2 or GPT-NeoX directory: (model in eval mode, tokenizer or None, data {layout, eos_token, source})."""
+    if not is_pretrained_dir(path):
+        raise HFFormatError(f"{path} is not a Hugging Face model directory (no config.json)")
+    require("safetensors")
+    metadata_path = os.path.join(path, METADATA_FILE)
+    metadata = {**DEFAULT_METADATA, **(read_json(metadata_path) if os.path.isfile(metadata_path) else {})}
+    try:
+        get_layout(metadata["layout"])
+    except ValueError as e:
+        raise HFFormatError(f"{metadata_path}: {e}") from None
+    model = read_model(path, metadata["bias"], backend)
+    config = model.config
     tokenizer_path = os.path.join(path, "tokenizer.json")
     tokenizer = None
     if os.path.isfile(tokenizer_path):
@@ -315,9 +361,9 @@ def compare_with_transformers(model: GPT, tokenizer, hf_dir: str, n_prompts=8, n
     token for token (the end token does not stop either side), and on how many of those
     continuations, as text, the two tokenizers encode and decode alike, special tokens included."""
     require("transformers")
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     model.eval()
-    hf_model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     generator = torch.Generator().manual_seed(seed)
     block, n_special = model.config.block_size, len(tokenizer.special_tokens)

@@ -4,6 +4,10 @@ Every hot-path op goes through the op table (mingpt.ops), so one model runs on a
 forward serves training, prefill and decode (as in gpt-fast): given a KVCache and the position
 of its first token, a call writes its keys and values into the cache and attends to every cached
 position up to its own.
+
+GPTConfig's architecture options (RMSNorm, rotary positions, QK-norm, ReLU², an untied head, logit
+soft-capping, a hashed bigram embedding) are GPT-2's by default. Rotary positions and QK-norm change the queries and keys inside the
+fused qkv projection before the attention op, so every attention kernel, the cached ones too, serves them.
 """
 import math
 
@@ -20,20 +24,22 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of sequences of up to block_size positions."""
+    """Keys and values of every layer for a batch of sequences of up to block_size positions, and the
+    sequences' tokens (the bigram embedding reads the token before each new one)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32):
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self._hold(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        self._hold(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch_size, config.block_size, device=device, dtype=torch.long))
 
-    def _hold(self, keys, values):
-        self.keys, self.values = keys, values
+    def _hold(self, keys, values, tokens):
+        self.keys, self.values, self.tokens = keys, values, tokens
         self.layers = list(zip(self.keys, self.values))  # (keys, values) of each layer, views into the two
 
     def rows(self, first: int, end: int) -> "KVCache":
         """The sequences first..end-1 as a cache of their own that shares this one's memory."""
         view = KVCache.__new__(KVCache)
-        view._hold(self.keys[:, first:end], self.values[:, first:end])
+        view._hold(self.keys[:, first:end], self.values[:, first:end], self.tokens[first:end])
         return view
 
     def move_rows(self, sources: list, targets: list):
@@ -41,6 +47,7 @@ class KVCache:
         src, dst = (torch.tensor(rows, dtype=torch.long, device=self.keys.device) for rows in (sources, targets))
         self.keys[:, dst] = self.keys[:, src]
         self.values[:, dst] = self.values[:, src]
+        self.tokens[dst] = self.tokens[src]
 
     @property
     def batch_size(self) -> int:
@@ -48,7 +55,19 @@ class KVCache:
 
     def keep_rows(self, rows: torch.Tensor):
         """Drop every sequence but `rows` (indices into the batch, in their new order)."""
-        self._hold(self.keys[:, rows], self.values[:, rows])
+        self._hold(self.keys[:, rows], self.values[:, rows], self.tokens[rows])
+
+    def previous_tokens(self, idx, start):
+        """The token before each of idx's in its sequence (-1 at position 0), and idx written into the cache.
+        start: the position of idx's first column, or each row's position of its one token (a LongTensor)."""
+        if isinstance(start, torch.Tensor):
+            rows = torch.arange(idx.shape[0], device=idx.device)
+            before = torch.where(start > 0, self.tokens[rows, (start - 1).clamp_min(0)], -1)
+            self.tokens[rows, start] = idx[:, 0]
+            return before[:, None]
+        first = self.tokens[:, start - 1:start] if start else torch.full_like(idx[:, :1], -1)
+        self.tokens[:, start:start + idx.shape[1]] = idx
+        return torch.cat([first, idx[:, :-1]], dim=1)
 
 
 class LayerNorm(nn.Module):
@@ -62,12 +81,65 @@ class LayerNorm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-class LinearGELU(nn.Linear):
-    """GELU(x W^T + b). The bias is added inside the activation op, where fused backends add it in
-    the same pass."""
+class RMSNorm(nn.Module):
+    def __init__(self, ndim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.eps = eps
 
     def forward(self, x, ops):
-        return ops.bias_gelu(F.linear(x, self.weight), self.bias)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig, ndim: int):
+    if config.norm == "rmsnorm":
+        return RMSNorm(ndim, config.layer_norm_eps)
+    return LayerNorm(ndim, config.bias, config.layer_norm_eps)
+
+
+class LinearActivation(nn.Linear):
+    """activation(x W^T + b), GELU or ReLU². The bias is added inside the activation op, where fused
+    backends add it in the same pass."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, activation: str):
+        super().__init__(in_features, out_features, bias=bias)
+        self.activation = activation
+
+    def forward(self, x, ops):
+        op = ops.bias_relu2 if self.activation == "relu2" else ops.bias_gelu
+        return op(F.linear(x, self.weight), self.bias)
+
+
+class BigramEmbedding(nn.Module):
+    """An embedding of each (previous token, token) pair, hashed into `buckets` rows (a Chinese word is often
+    two characters); a token with no previous one in its review takes a row of its own. Starts at zero."""
+
+    def __init__(self, buckets: int, n_embd: int):
+        super().__init__()
+        self.buckets = buckets
+        self.weight = nn.Parameter(torch.zeros(buckets + 1, n_embd))
+
+    def forward(self, previous, idx):
+        pairs = torch.where(previous < 0, self.buckets, (previous * 1_000_003 + idx) % self.buckets)
+        return F.embedding(pairs, self.weight)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: channel i of a head's first half and channel i of its second half turn
+    together by position x base^(-2i / head_dim) (the half-split layout of Llama and GPT-NeoX)."""
+
+    def __init__(self, head_dim: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float64), frequencies)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x, positions):
+        """x (B, T, n_head, head_dim) at positions (B or 1, T)."""
+        cos, sin = self.cos[positions][:, :, None].to(x.dtype), self.sin[positions][:, :, None].to(x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,9 +149,24 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        head_dim = config.n_embd // config.n_head
+        self.q_norm = RMSNorm(head_dim, config.layer_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, config.layer_norm_eps) if config.qk_norm else None
 
-    def forward(self, x, ops, cache=None, start=0, starts=None):
+    def queries_and_keys(self, qkv, ops, rotary, positions):
+        """qkv with its queries and keys normalised (QK-norm) and rotated (rotary positions)."""
+        B, T, C3 = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.n_head, C3 // (3 * self.n_head)).unbind(2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, ops), self.k_norm(k, ops)
+        if rotary is not None:
+            q, k = rotary(q, positions), rotary(k, positions)
+        return torch.stack((q, k, v), dim=2).view(B, T, C3)
+
+    def forward(self, x, ops, cache=None, start=0, starts=None, rotary=None, positions=None):
         qkv = self.c_attn(x)
+        if self.q_norm is not None or rotary is not None:
+            qkv = self.queries_and_keys(qkv, ops, rotary, positions)
         if cache is None:
             y = ops.causal_attention(qkv, self.n_head, starts)
         else:
@@ -90,7 +177,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = LinearGELU(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = LinearActivation(config.n_embd, 4 * config.n_embd, config.bias, config.mlp)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
@@ -101,13 +188,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, ops, cache=None, start=0, starts=None):
-        x = x + self.attn(self.ln_1(x, ops), ops, cache, start, starts)
+    def forward(self, x, ops, cache=None, start=0, starts=None, rotary=None, positions=None):
+        x = x + self.attn(self.ln_1(x, ops), ops, cache, start, starts, rotary, positions)
         return x + self.mlp(self.ln_2(x, ops), ops)
 
 
@@ -115,18 +202,23 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, backend: str = "auto"):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_eps),
-        ))
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        layers["ln_f"] = make_norm(config, config.n_embd)
+        self.transformer = nn.ModuleDict(layers)
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.positions == "rotary" else None
+        self.bigram = BigramEmbedding(config.bigram_buckets, config.n_embd) if config.bigram_buckets else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_head:
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not config.tie_head:
+            nn.init.zeros_(self.lm_head.weight)  # an untied head starts from uniform predictions
         self.set_backend(backend)
 
     @staticmethod
@@ -169,7 +261,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n
 
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences, on the weights' device and in their dtype."""
@@ -208,6 +300,24 @@ class GPT(nn.Module):
         if idx.shape[0] and not 0 <= int(positions.min()) <= int(positions.max()) < self.config.block_size:
             raise ValueError(f"positions {positions.tolist()} are outside block_size {self.config.block_size}")
 
+    @staticmethod
+    def positions(idx, start, starts):
+        """Each token's position in its review, (B or 1, T)."""
+        if isinstance(start, torch.Tensor):
+            return start[:, None]
+        T = idx.shape[1]
+        if starts is None:
+            return torch.arange(start, start + T, device=idx.device)[None]
+        return torch.arange(T, device=idx.device) - starts
+
+    @staticmethod
+    def previous_tokens(idx, cache, start, positions):
+        """The token before each of idx's in its review, -1 where a review begins (from the cache with one)."""
+        if cache is not None:
+            return cache.previous_tokens(idx, start)
+        shifted = torch.cat([torch.full_like(idx[:, :1], -1), idx[:, :-1]], dim=1)
+        return torch.where(positions == 0, -1, shifted)
+
     def forward(self, idx, targets=None, cache: KVCache = None, start=0, starts=None):
         """Logits (B, T, vocab) of tokens idx (B, T) at positions start.., and the loss if targets are given.
 
@@ -219,16 +329,18 @@ class GPT(nn.Module):
         """
         self.check_inputs(idx, targets, cache, start, starts)
         ops = self.ops
-        if isinstance(start, torch.Tensor):
-            positions = self.transformer.wpe(start[:, None])
-        elif starts is None:
-            positions = self.transformer.wpe.weight[start:start + idx.shape[1]]
-        else:
-            positions = self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device) - starts)
-        x = ops.dropout(self.transformer.wte(idx) + positions, self.config.dropout, self.training)
+        positions = self.positions(idx, start, starts)
+        x = self.transformer.wte(idx)
+        if self.rotary is None:
+            x = x + self.transformer.wpe(positions)
+        if self.bigram is not None:
+            x = x + self.bigram(self.previous_tokens(idx, cache, start, positions), idx)
+        x = ops.dropout(x, self.config.dropout, self.training)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, ops, None if cache is None else cache.layers[i], start, starts)
+            x = block(x, ops, None if cache is None else cache.layers[i], start, starts, self.rotary, positions)
         logits = self.lm_head(self.transformer.ln_f(x, ops))
+        if self.config.logit_softcap:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 

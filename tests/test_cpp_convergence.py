@@ -55,7 +55,7 @@ def test_cpp_training_tracks_reference_step_by_step(review_data_dir):
 def test_train_cli_fused_matches_reference_and_auto_picks_cpp(review_data_dir, tmp_path, capsys):
     runs = {backend: run_train_cli(backend, review_data_dir, str(tmp_path / backend))
             for backend in ("reference", "fused", "auto")}
-    all_cpp = ", ".join(f"{op}: cpp" for op in ops.OP_NAMES) + ", cached_attention: reference"
+    all_cpp = ", ".join(f"{op}: {'cpp' if op in ops.OP_NAMES else 'reference'}" for op in ops.REFERENCE_OPS)
     assert f"backend auto -> cpp ({all_cpp})" in capsys.readouterr().out
     for backend in ("fused", "auto"):
         assert_cli_runs_agree(runs[backend], runs["reference"], backend)

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 export and import (mingpt.hf, mingpt.export), checked against transformers offline."""
+"""Hugging Face GPT-2 / GPT-NeoX export and import (mingpt.hf, mingpt.export), checked against transformers offline."""
 import dataclasses
 import json
 import os
@@ -46,10 +46,10 @@ def scrambled(config: GPTConfig, seed: int) -> GPT:
     return model.eval()
 
 
-def write_checkpoint(path, bias=True, seed=0, tokenizer=None, layer_norm_eps=1e-5) -> str:
+def write_checkpoint(path, bias=True, seed=0, tokenizer=None, layer_norm_eps=1e-5, **options) -> str:
     tokenizer = tokenizer or review_tokenizer()
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tokenizer.vocab_size, bias=bias,
-                       layer_norm_eps=layer_norm_eps)
+                       layer_norm_eps=layer_norm_eps, **options)
     data = {"layout": "review", "eos_token": EOS, "block_size": 64, "source": "synthetic"}
     atomic_torch_save(make_checkpoint(scrambled(config, seed), tokenizer, data, best_val_loss=1.2345, iter_num=50,
                                       train_config={"preset": "tiny"}), str(path))
@@ -291,3 +291,152 @@ def test_export_without_the_hf_extra_says_what_to_install(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
     assert export.main(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "hf")]) == 1
     assert "pip install -e .[hf]" in capsys.readouterr().err
+
+
+# --- GPT-NeoX: rotary models ---------------------------------------------------------------------
+
+ROTARY = dict(positions="rotary")
+ROTARY_RELU2_UNTIED = dict(positions="rotary", mlp="relu2", tie_head=False)
+
+
+@pytest.fixture(scope="module", params=[ROTARY, ROTARY_RELU2_UNTIED], ids=["rotary", "rotary-relu2-untied"])
+def neox_exported(request, transformers, tmp_path_factory):
+    """(checkpoint path, exported directory, options) of a scrambled two-layer rotary model."""
+    root = tmp_path_factory.mktemp("neox")
+    ckpt = write_checkpoint(root / "ckpt.pt", seed=5, **request.param)
+    assert export.main(["--ckpt", ckpt, "--out", str(root / "hf")]) == 0
+    return ckpt, str(root / "hf"), request.param
+
+
+def test_rotary_models_export_as_gpt_neox_with_the_same_logits(neox_exported, transformers):
+    ckpt, out, options = neox_exported
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "mingpt.json",
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    model = load(ckpt, backend="reference").model
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(hf_model, transformers.GPTNeoXForCausalLM)
+    c = hf_model.config
+    assert (c.use_parallel_residual, c.max_position_embeddings, c.intermediate_size) == (False, 64, 128)
+    assert c.rope_parameters["rope_theta"] == 10000 and c.rope_parameters["partial_rotary_factor"] == 1.0
+    assert c.hidden_act == ("relu2" if options.get("mlp") == "relu2" else "gelu_new")
+    assert c.tie_word_embeddings == options.get("tie_head", True)
+    tied = hf_model.lm_head.weight.data_ptr() == hf_model.gpt_neox.embed_in.weight.data_ptr()
+    assert tied == options.get("tie_head", True)
+    idx = torch.randint(model.config.vocab_size, (4, 64))
+    torch.testing.assert_close(model(idx)[0], hf_logits(hf_model, idx), rtol=0, atol=LOGIT_ATOL)
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "A character-level GPT-NeoX (positions=rotary" in card and "GPTNeoXForCausalLM.from_pretrained" in card
+
+
+def test_rotary_greedy_generation_is_token_identical_for_40_tokens(neox_exported, transformers):
+    ckpt, out, _ = neox_exported
+    loaded = load(ckpt, backend="reference")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_model.generation_config.eos_token_id = None
+    prompts = torch.tensor([[tokenizer.token_id(BOS), tokenizer.token_id(s)] + tokenizer.encode(t.ljust(10, "。"))
+                            for t, s in zip(["", "好看", "剧情拖沓，演技很差"], (POS, NEG, POS))])
+    ours = generate(model, prompts, 40, GREEDY, sampler="reference")
+    theirs = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=40, do_sample=False)
+    assert ours.shape == theirs.shape == (3, 12 + 40)
+    assert torch.equal(ours, theirs)
+    assert len(set(ours[:, 12:].flatten().tolist())) > 5, "continuations too repetitive to tell anything"
+
+
+def test_a_gpt_neox_directory_loads_back_bit_identical(neox_exported):
+    ckpt, out, options = neox_exported
+    original = load(ckpt, backend="reference").model
+    loaded = load(out, backend="reference")
+    assert loaded.checkpoint is None
+    assert dataclasses.asdict(loaded.model.config) == dataclasses.asdict(original.config)
+    before, after = original.state_dict(), loaded.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert (loaded.model.lm_head.weight is loaded.model.transformer.wte.weight) == options.get("tie_head", True)
+    idx = torch.randint(original.config.vocab_size, (2, 64))
+    assert torch.equal(loaded.model(idx)[0], original(idx)[0])
+
+
+def test_export_verify_passes_on_a_rotary_checkpoint(transformers, tmp_path):
+    from test_cli import run
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", seed=2, **ROTARY_RELU2_UNTIED)
+    result = run("mingpt.export", "--ckpt", ckpt, "--out", str(tmp_path / "hf"), "--verify", "--backend", "reference")
+    assert f"wrote {tmp_path / 'hf'} (GPTNeoXForCausalLM)" in result.stdout
+    assert float(re.search(r"max \|logit difference\| (\S+)", result.stdout).group(1)) <= LOGIT_ATOL
+    assert "greedy: 8/8 prompts token-identical for 40 new tokens" in result.stdout
+    assert "tokenizer: 8/8 texts encode and decode alike" in result.stdout
+
+
+def test_bias_free_rotary_model_exports_without_attention_biases_and_loads_back(transformers, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", bias=False, seed=4, **ROTARY)
+    assert export.main(["--ckpt", ckpt, "--out", str(tmp_path / "hf")]) == 0
+    hf_model = transformers.GPTNeoXForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf_model.config.attention_bias is False
+    biases = [p for name, p in hf_model.named_parameters() if name.endswith(".bias")]
+    assert len(biases) == 2 * 4 + 1 and all(not p.any() for p in biases)  # MLP and layer norms: exact zeros
+    original = load(ckpt, backend="reference").model
+    idx = torch.randint(original.config.vocab_size, (2, 64))
+    torch.testing.assert_close(original(idx)[0], hf_logits(hf_model, idx), rtol=0, atol=LOGIT_ATOL)
+    loaded = load_pretrained(str(tmp_path / "hf"), backend="reference")[0]
+    assert loaded.config.bias is False and torch.equal(loaded(idx)[0], original(idx)[0])
+
+
+def test_gpt_neox_directories_written_by_transformers_load(neox_exported, transformers, tmp_path):
+    _, out, _ = neox_exported
+    hf_model = transformers.GPTNeoXForCausalLM.from_pretrained(out)
+    with torch.no_grad():  # as if fine-tuned in transformers
+        hf_model.gpt_neox.layers[1].attention.query_key_value.weight.add_(0.1)
+        hf_model.lm_head.weight.mul_(1.5)
+    hf_model.save_pretrained(tmp_path / "tuned")
+    transformers.AutoTokenizer.from_pretrained(out).save_pretrained(tmp_path / "tuned")
+    model = load_pretrained(str(tmp_path / "tuned"), backend="reference")[0]
+    idx = torch.randint(model.config.vocab_size, (2, 64))
+    torch.testing.assert_close(model(idx)[0], hf_logits(hf_model.eval(), idx), rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("options, blocking", [
+    (dict(ROTARY, norm="rmsnorm"), "norm=rmsnorm"),
+    (dict(ROTARY, qk_norm=True), "qk_norm=True"),
+    (dict(ROTARY, logit_softcap=15.0), "logit_softcap=15.0"),
+    (dict(ROTARY, bigram_buckets=97), "bigram_buckets=97"),
+    (dict(mlp="relu2"), "positions=learned"),
+], ids=["rmsnorm", "qk_norm", "softcap", "bigram", "learned-relu2"])
+def test_models_neither_gpt2_nor_gpt_neox_computes_are_refused_by_name(transformers, tmp_path, capsys, options,
+                                                                       blocking):
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", **options)
+    assert export.main(["--ckpt", ckpt, "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    gpt2_part, neox_part = err.split("GPTNeoXForCausalLM cannot compute")
+    assert all(f"{name}={value}" in gpt2_part for name, value in options.items())
+    assert blocking in neox_part and "mlp" not in neox_part
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(use_parallel_residual=True), "use_parallel_residual=True"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+     "partial_rotary_factor=0.25"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 1.0}),
+     "rope_theta=500000.0"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), "rope_type='linear'"),
+    (dict(rope_parameters=None, rotary_pct=0.5), "partial_rotary_factor=0.5"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(intermediate_size=100), "intermediate_size=100"),
+    (dict(attention_bias=False), "attention_bias=False"),
+    (dict(hidden_size=31, intermediate_size=124), r"n_embd \(31\) must be divisible by n_head"),
+])
+def test_gpt_neox_options_mingpt_cannot_compute_are_refused(neox_exported, tmp_path, change, message):
+    _, out, _ = neox_exported
+    shutil.copytree(out, tmp_path / "hf")
+    edit_json(tmp_path / "hf" / "config.json", **change)
+    with pytest.raises(HFFormatError, match=message):
+        load_pretrained(str(tmp_path / "hf"))
+
+
+def test_a_default_gpt_neox_is_refused_naming_each_difference(transformers, tmp_path):
+    fresh = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        num_hidden_layers=2, num_attention_heads=4, hidden_size=48, intermediate_size=192, max_position_embeddings=32,
+        vocab_size=70))
+    fresh.save_pretrained(tmp_path / "fresh")
+    expected = r"a GPT-NeoX with use_parallel_residual=True, hidden_act='gelu', partial_rotary_factor=0.25 \("
+    with pytest.raises(HFFormatError, match=expected):
+        load_pretrained(str(tmp_path / "fresh"))

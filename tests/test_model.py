@@ -79,18 +79,21 @@ def test_backend_selection(monkeypatch):
         get_ops("triton", "cpu")
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "auto"])
-def test_one_forward_serves_prefill_and_decode(backend):
+def assert_cache_serves_prefill_and_decode(model, idx):
     """Logits from a prefill, a chunk at an offset and single-token steps through the KV cache equal
-    the logits of one forward over the whole sequence."""
-    model = GPT(tiny_config(), backend=backend).eval()
-    idx = torch.randint(50, (3, 17))
+    the logits of one forward over the whole sequence (17 tokens a row); returns those logits."""
     with torch.no_grad():
         whole, _ = model(idx)
-        cache = model.new_cache(3)
+        cache = model.new_cache(idx.shape[0])
         pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:9], cache=cache, start=5)[0]]
         pieces += [model(idx[:, t:t + 1], cache=cache, start=t)[0] for t in range(9, 17)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-5)
+    return whole
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "auto"])
+def test_one_forward_serves_prefill_and_decode(backend):
+    assert_cache_serves_prefill_and_decode(GPT(tiny_config(), backend=backend).eval(), torch.randint(50, (3, 17)))
 
 
 def test_cached_forward_checks_its_inputs():

@@ -1,14 +1,19 @@
-"""The KV-cached samplers against the no-cache reference: tokens, logits, seeds, distributions."""
+"""The KV-cached samplers against the no-cache reference: tokens, logits, seeds, distributions, and the
+architecture options after GPT-2."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from mingpt import GPT, GPTConfig
+from mingpt.config import ARCHITECTURE_OPTIONS
+from mingpt.ops.extension import require_extension
 from mingpt.sample import compiled, engine
 from mingpt.sample.engine import generate, next_token_probs, reference_generate
 from mingpt.sample.compiled import packed_sampler
 from mingpt.sample.settings import SamplingSettings
+from test_model_options import OPTION_IDS, OPTIONS
 
 GREEDY = SamplingSettings.plain(temperature=0)
 
@@ -31,6 +36,24 @@ def spread_model(name, seed=0):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.35)
+    return model
+
+
+# The architecture options' models: a head of 14, a block, vocabulary and width off the 16 lanes.
+OPTIONS_CONFIG = dict(n_layer=2, n_head=3, n_embd=42, block_size=17, vocab_size=53)
+
+
+def spread_options_model(options, seed=0):
+    """A model with architecture options whose logits spread as spread_model's do, its gains and biases moved
+    away from their init (the zero-initialised untied head and bigram table spread too)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**OPTIONS_CONFIG, **options)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.35)
+            else:
+                p.add_(0.2 * torch.randn_like(p))
     return model
 
 
@@ -291,3 +314,73 @@ def test_layer_norm_eps_of_the_config_is_the_samplers():
     torch.testing.assert_close(logits, reference_step_logits(model, out, 4), rtol=0, atol=1e-4)
     default_eps = packed_sampler(spread_model("odd")).generate(idx, 1, temperature=0, record_logits=True)[1]
     assert (default_eps[:, 0] - logits[:, 0]).abs().max() > 1e-2, "eps should move the logits"
+
+
+@requires_cached
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("batch, prompt_length", [(1, 1), (4, 6), (3, "block")])
+def test_each_architecture_option_gives_the_references_tokens_and_logits(options, batch, prompt_length):
+    """Every step past the block too (the window slides: rotary positions and the bigram's first token start
+    again), and guided, whose second sequences keep caches and tokens of their own."""
+    model = spread_options_model(options)
+    block = model.config.block_size
+    prompt_length = block if prompt_length == "block" else prompt_length
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(model.config.vocab_size, (batch, prompt_length), generator=generator)
+    new_tokens = block + 6 - prompt_length
+    expected = generate(model, idx, new_tokens, GREEDY, sampler="reference")
+    out, logits = packed_sampler(model).generate(idx, new_tokens, temperature=0, num_threads=2, record_logits=True)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(logits, reference_step_logits(model, expected, prompt_length), rtol=0, atol=1e-4)
+    guided = dict(settings=SamplingSettings.plain(temperature=0, guidance=2.0),
+                  guidance_idx=torch.randint(model.config.vocab_size, idx.shape, generator=generator))
+    assert torch.equal(generate(model, idx, new_tokens, sampler="cached", **guided),
+                       generate(model, idx, new_tokens, sampler="reference", **guided))
+
+
+def kv_sampler(model, config):
+    return require_extension().KVSampler(model.state_dict(), config)
+
+
+@requires_cached
+@pytest.mark.parametrize("changes, error, message", [
+    (dict(norm="batchnorm"), ValueError, "'norm' must be one of layernorm, rmsnorm, got 'batchnorm'"),
+    (dict(positions="alibi"), ValueError, "'positions' must be one of learned, rotary"),
+    (dict(n_head=6, positions="rotary"), ValueError, "'positions' rotary .* head size 7 must be even"),
+    (dict(mlp="swiglu"), ValueError, "'mlp' must be one of gelu, relu2"),
+    (dict(mlp=2), TypeError, "'mlp' must be a str"),
+    (dict(qk_norm=1), TypeError, "'qk_norm' must be a bool"),
+    (dict(tie_head="yes"), TypeError, "'tie_head' must be a bool"),
+    (dict(logit_softcap=-1.0), ValueError, "'logit_softcap' must be a finite number >= 0"),
+    (dict(logit_softcap=math.inf), ValueError, "'logit_softcap' must be a finite number >= 0"),
+    (dict(bigram_buckets=-1), ValueError, "'bigram_buckets' must be >= 0"),
+    (dict(bigram_buckets=2.5), TypeError, "'bigram_buckets' must be an int"),
+])
+def test_the_compiled_sampler_refuses_option_values_it_does_not_know_by_name(changes, error, message):
+    model = spread_options_model({})
+    with pytest.raises(error, match=message):
+        kv_sampler(model, {**dataclasses.asdict(model.config), **changes})
+
+
+@requires_cached
+@pytest.mark.parametrize("key", ARCHITECTURE_OPTIONS)
+def test_a_config_without_an_option_is_refused_by_name(key):
+    model = spread_options_model({})
+    config = dataclasses.asdict(model.config)
+    del config[key]
+    with pytest.raises(ValueError, match=f"missing '{key}'"):
+        kv_sampler(model, config)
+
+
+@requires_cached
+@pytest.mark.parametrize("options", [dict(norm="rmsnorm"), dict(positions="rotary"), dict(qk_norm=True),
+                                     dict(tie_head=False), dict(bigram_buckets=97)], ids=lambda o: next(iter(o)))
+def test_weights_of_another_architecture_are_refused(options):
+    """The weights must be the config's, options included: an option's weights under GPT-2's config, and GPT-2's
+    under the option's (but an untied head may equal the embedding: GPT-2's weights are an untied model's too)."""
+    model, gpt2 = spread_options_model(options), spread_options_model({})
+    with pytest.raises(ValueError, match="weight"):
+        kv_sampler(model, dataclasses.asdict(gpt2.config))
+    if options != dict(tie_head=False):
+        with pytest.raises(ValueError, match="weight"):
+            kv_sampler(gpt2, dataclasses.asdict(model.config))

@@ -76,3 +76,17 @@ def test_corpus_share_without_extra_reviews_says_it_is_unused(review_data_dir, t
 def test_the_speedrun_preset_runs_on_the_clock():
     cfg = preset_config("speedrun")
     assert cfg.pack and cfg.schedule == "wsd" and cfg.max_minutes == 10 and cfg.balance == "off"
+    assert cfg.model.options_after_gpt2() == ["positions=rotary"]
+
+
+def test_csv_trains_on_bpe_tokens_when_asked(reviews_csv, tmp_path, capsys):
+    out_dir = tmp_path / "bpe"
+    out = run_train(capsys, "--csv", reviews_csv, "--out_dir", str(out_dir), "--max_iters", "4", "--eval_interval", "4",
+                    "--tokenizer", "bpe", "--bpe_vocab_size", "300", "--pack", "true")
+    data = TokenData(str(out_dir / "data"))
+    assert data.tokenizer.kind == "bpe" and data.tokenizer.vocab_size <= 300
+    assert "nats/char" in out
+    code = main(["--preset", "tiny", "--csv", reviews_csv, "--out_dir", str(tmp_path / "wordpiece"),
+                 "--tokenizer", "wordpiece"])
+    assert code == 2 and "tokenizer must be one of char, bpe, got 'wordpiece'" in capsys.readouterr().err
+    assert not (tmp_path / "wordpiece").exists()

@@ -1,7 +1,7 @@
 // The KV-cached sampler, mingpt._C.KVSampler: one call generates every token of a batch of prompts in
 // compiled code. This file holds the Python-facing class; the rest is split by job:
 //   sampler_weights    the config and the weights, packed once into panels
-//   sampler_math.h     panel products, layer norm, GELU, attention of one query
+//   sampler_math.h     panel products, the norms, the activations, rotary positions, attention of one query
 //   sampler_forward    one forward step of the active samples, with their KV cache
 //   sampler_policy     temperature, top-k, top-p and each sample's random stream
 //   sampler_generation the sequences and the step loop of one generate call
@@ -219,17 +219,18 @@ class KVSampler {
 void init_sampler(py::module& m) {
   using mingpt::sampler::KVSampler;
   using mingpt::sampler::RunningRows;
-  m.attr("SAMPLER_VERSION") = 8;  // bump with any change to KVSampler's interface (see mingpt/sample/compiled.py)
+  m.attr("SAMPLER_VERSION") = 9;  // bump with any change to KVSampler's interface (see mingpt/sample/compiled.py)
   py::class_<KVSampler>(m, "KVSampler",
                         "A GPT's weights packed for the KV-cached sampler; build once, generate many times.")
       .def(py::init<const std::map<std::string, torch::Tensor>&, const py::dict&, const std::string&, bool>(),
            py::arg("weights"), py::arg("config"), py::arg("weight_format") = "fp32", py::arg("portable") = false,
-           "weights: the model's state dict (float32, CPU, nanoGPT names, lm_head tied to wte); config: "
-           "dataclasses.asdict(model.config), the fields of mingpt.config.GPTConfig (n_layer, n_head, n_embd, "
-           "block_size, vocab_size, bias, layer_norm_eps; dropout is ignored); weight_format: the matrices "
-           "held as 'fp32' (exact), 'bf16' or 'int8' (per-row scales); activations, norms and the KV cache "
-           "stay fp32. portable: read bf16 and int8 with the portable kernels (decoded to fp32) even where "
-           "this build has the bf16 or VNNI dot products")
+           "weights: the model's state dict (float32, CPU, nanoGPT names); config: dataclasses.asdict(model.config), "
+           "every field of mingpt.config.GPTConfig (n_layer, n_head, n_embd, block_size, vocab_size, bias, "
+           "layer_norm_eps, and the architecture options norm, positions, qk_norm, mlp, tie_head, logit_softcap, "
+           "bigram_buckets; dropout is ignored); weight_format: the matrices held as 'fp32' (exact), 'bf16' or "
+           "'int8' (per-row scales); activations, norms, QK-norm gains, rotary angles, the position, bigram and "
+           "untied token embeddings and the KV cache stay fp32. portable: read bf16 and int8 with the portable "
+           "kernels (decoded to fp32) even where this build has the bf16 or VNNI dot products")
       .def("generate", &KVSampler::generate, py::arg("idx"), py::arg("max_new_tokens"), py::arg("temperature") = 1.0,
            py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("eos_id") = -1, py::arg("seed") = 0,
            py::arg("num_threads") = 0, py::arg("callback") = py::none(), py::arg("record_logits") = false,

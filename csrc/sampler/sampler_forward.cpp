@@ -1,6 +1,7 @@
 #include "sampler_forward.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "sampler_math.h"
 
@@ -32,6 +33,7 @@ ForwardStep::ForwardStep(const PackedGPT& model, int batch, int max_rows, int po
   head_cache_ = 2 * size_t(c_.head_dim) * ld_t_ + kLanes;  // + lanes: whole-vector reads past the end
   kv_cache_ = alloc_floats(size_t(batch) * c_.n_layer * c_.n_head * head_cache_);
   scores_ = alloc_floats(size_t(n_threads) * ld_t_);
+  tokens_.assign(size_t(batch) * c_.block_size, 0);
   reserve_rows(max_rows);
 }
 
@@ -49,20 +51,32 @@ void ForwardStep::reserve_rows(int rows) {
 void ForwardStep::copy_cache(int source, int target) {
   const size_t sequence = size_t(c_.n_layer) * c_.n_head * head_cache_;
   std::copy(head_cache(source, 0, 0), head_cache(source, 0, 0) + sequence, head_cache(target, 0, 0));
+  std::copy(sequence_tokens(source), sequence_tokens(source) + c_.block_size, sequence_tokens(target));
 }
 
+// Each sample's rows in one thread: a row's bigram reads the token its sequence holds before it.
 void ForwardStep::embed(const StepRows& step, int tid, int nth) {
-  const int C = c_.n_embd, rows = step.rows();
-  for (int r = part(rows, tid, nth); r < part(rows, tid + 1, nth); ++r) {
-    const int pos = step.positions[r];
-    float* x = x_.get() + size_t(r) * ld_c_;
-    for (int c = 0; c < C; ++c) x[c] = g_.wte(step.tokens[r], c) + g_.wpe[size_t(pos) * C + c];
+  const int C = c_.n_embd, n = step.samples.size();
+  for (int i = part(n, tid, nth); i < part(n, tid + 1, nth); ++i) {
+    int64_t* tokens = sequence_tokens(step.samples[i]);
+    for (int r = step.first_row[i]; r < step.first_row[i + 1]; ++r) {
+      const int pos = step.positions[r];
+      const int64_t token = step.tokens[r];
+      float* x = x_.get() + size_t(r) * ld_c_;
+      g_.embed_token(token, x);
+      if (!c_.rotary)
+        for (int c = 0; c < C; ++c) x[c] += g_.wpe[size_t(pos) * C + c];
+      if (c_.bigram_buckets) {
+        const float* pair = g_.bigram_row(pos > 0 ? tokens[pos - 1] : -1, token);
+        for (int c = 0; c < C; ++c) x[c] += pair[c];
+      }
+      tokens[pos] = token;
+    }
   }
 }
 
 void ForwardStep::run(const StepRows& step, int tid, int nth) {
-  const int C = c_.n_embd, rows = step.rows();
-  const float eps = c_.layer_norm_eps;
+  const int rows = step.rows();
   embed(step, tid, nth);
 #pragma omp barrier
   float* normed = normed_.get() + size_t(tid) * max_rows_ * ld_c_;
@@ -73,8 +87,7 @@ void ForwardStep::run(const StepRows& step, int tid, int nth) {
   };
   for (int l = 0; l < c_.n_layer; ++l) {
     const Layer& layer = g_.layers[l];
-    for (int r = 0; r < rows; ++r)
-      layer_norm_row(x_.get() + size_t(r) * ld_c_, layer.ln_1, eps, normed + size_t(r) * ld_c_, C);
+    for (int r = 0; r < rows; ++r) norm_row(x_.get() + size_t(r) * ld_c_, layer.ln_1, c_, normed + size_t(r) * ld_c_);
     matmul(layer.qkv, normed, ld_c_, rows, tid, nth, scratch,
            [&](int r, int n0, vec16 y) { store(qkv_.get() + size_t(r) * ld_qkv_ + n0, y); });
 #pragma omp barrier
@@ -82,20 +95,47 @@ void ForwardStep::run(const StepRows& step, int tid, int nth) {
 #pragma omp barrier
     matmul(layer.attn_proj, attn_out_.get(), ld_c_, rows, tid, nth, scratch, add_to_residual);
 #pragma omp barrier
-    for (int r = 0; r < rows; ++r)
-      layer_norm_row(x_.get() + size_t(r) * ld_c_, layer.ln_2, eps, normed + size_t(r) * ld_c_, C);
-    matmul(layer.fc, normed, ld_c_, rows, tid, nth, scratch,
-           [&](int r, int n0, vec16 y) { store(hidden_.get() + size_t(r) * ld_hidden_ + n0, gelu16(y)); });
+    for (int r = 0; r < rows; ++r) norm_row(x_.get() + size_t(r) * ld_c_, layer.ln_2, c_, normed + size_t(r) * ld_c_);
+    const auto hidden_at = [&](int r, int n0) { return hidden_.get() + size_t(r) * ld_hidden_ + n0; };
+    if (c_.relu2)
+      matmul(layer.fc, normed, ld_c_, rows, tid, nth, scratch,
+             [&](int r, int n0, vec16 y) { store(hidden_at(r, n0), relu2_16(y)); });
+    else
+      matmul(layer.fc, normed, ld_c_, rows, tid, nth, scratch,
+             [&](int r, int n0, vec16 y) { store(hidden_at(r, n0), gelu16(y)); });
 #pragma omp barrier
     matmul(layer.mlp_proj, hidden_.get(), ld_hidden_, rows, tid, nth, scratch, add_to_residual);
 #pragma omp barrier
   }
   const int n = step.samples.size();  // one logit row per sample: its last
   for (int i = 0; i < n; ++i)
-    layer_norm_row(x_.get() + size_t(step.first_row[i + 1] - 1) * ld_c_, g_.ln_f, eps, normed + size_t(i) * ld_c_, C);
-  matmul(g_.lm_head, normed, ld_c_, n, tid, nth, scratch,
-         [&](int i, int n0, vec16 y) { store(logits_.get() + size_t(i) * ld_vocab_ + n0, y); });
+    norm_row(x_.get() + size_t(step.first_row[i + 1] - 1) * ld_c_, g_.ln_f, c_, normed + size_t(i) * ld_c_);
+  const auto logits_at = [&](int i, int n0) { return logits_.get() + size_t(i) * ld_vocab_ + n0; };
+  const float cap = c_.logit_softcap;
+  if (cap > 0.0f)
+    matmul(g_.lm_head, normed, ld_c_, n, tid, nth, scratch, [&](int i, int n0, vec16 y) {
+      for (int v = 0; v < kLanes; ++v) y[v] = cap * std::tanh(y[v] / cap);
+      store(logits_at(i, n0), y);
+    });
+  else
+    matmul(g_.lm_head, normed, ld_c_, n, tid, nth, scratch,
+           [&](int i, int n0, vec16 y) { store(logits_at(i, n0), y); });
 #pragma omp barrier
+}
+
+// A head's query and key of one row at position pos, in place: QK-norm, then rotary positions.
+void ForwardStep::normalise_and_rotate(float* q, float* k, const Layer& layer, int pos) const {
+  const int hd = c_.head_dim, half = hd / 2;
+  if (c_.qk_norm) {
+    rms_norm_row(q, layer.q_norm.data(), c_.layer_norm_eps, q, hd);
+    rms_norm_row(k, layer.k_norm.data(), c_.layer_norm_eps, k, hd);
+  }
+  if (c_.rotary) {
+    const float* cos = g_.rotary_cos.data() + size_t(pos) * half;
+    const float* sin = g_.rotary_sin.data() + size_t(pos) * half;
+    rotate_head(q, cos, sin, half);
+    rotate_head(k, cos, sin, half);
+  }
 }
 
 // A (sample, head) pair's cache: keys in blocks of 16 positions, [block][dim][16], so that scores
@@ -122,8 +162,9 @@ void ForwardStep::attention(const StepRows& step, int l, int tid, int nth) {
       for (int k = 0; k < n_keys * hd; k += kLanes) __builtin_prefetch(next + size_t(ld_t_) * hd + k);
     }
     for (int r = first; r < last; ++r) {
-      const float* src = qkv_.get() + size_t(r) * ld_qkv_ + h * hd;
+      float* src = qkv_.get() + size_t(r) * ld_qkv_ + h * hd;
       const int pos = step.positions[r];
+      if (c_.qk_norm || c_.rotary) normalise_and_rotate(src, src + C, g_.layers[l], pos);
       float* key = keys + size_t(pos / kLanes) * hd * kLanes + pos % kLanes;
       for (int d = 0; d < hd; ++d) {
         key[d * kLanes] = src[C + d];

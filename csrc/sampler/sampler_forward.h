@@ -1,9 +1,10 @@
 // One forward step of the packed model over the new rows of the active samples, with their KV cache.
 //
 // All threads of the generate call's parallel region run a step together: they split each matrix's
-// panels (and the attention heads) and meet at a barrier between phases. Layer norm runs redundantly
-// in every thread, which saves a barrier; bias, GELU and the residual add are fused into the matrix
-// products.
+// panels (and the attention heads) and meet at a barrier between phases. The norms run redundantly
+// in every thread, which saves a barrier; bias, the activation and the residual add are fused into the
+// matrix products. The cache holds each sequence's keys (rotated, with rotary positions), values and tokens
+// (the bigram embedding reads the token before each new one).
 #pragma once
 
 #include <vector>
@@ -33,7 +34,7 @@ class ForwardStep {
 
   // Room for steps of `rows` rows; outside the parallel region.
   void reserve_rows(int rows);
-  // Copies sequence `source`'s cache onto sequence `target`'s.
+  // Copies sequence `source`'s cache (its tokens too) onto sequence `target`'s.
   void copy_cache(int source, int target);
 
   // Every thread of the team calls it; the logits are ready after it returns (it ends at a barrier).
@@ -46,7 +47,9 @@ class ForwardStep {
  private:
   void embed(const StepRows& step, int tid, int nth);
   void attention(const StepRows& step, int layer, int tid, int nth);
+  void normalise_and_rotate(float* q, float* k, const Layer& layer, int pos) const;
   float* head_cache(int sample, int layer, int head) const;
+  int64_t* sequence_tokens(int sample) { return tokens_.data() + size_t(sample) * c_.block_size; }
 
   const PackedGPT& g_;
   const ModelConfig& c_;
@@ -54,6 +57,7 @@ class ForwardStep {
   int ld_c_, ld_qkv_, ld_hidden_, ld_vocab_, ld_t_, max_rows_ = 0;
   size_t head_cache_;
   Floats x_, normed_, qkv_, attn_out_, hidden_, logits_, kv_cache_, scores_;
+  std::vector<int64_t> tokens_;  // batch x block_size: each sequence's token at each position
   std::vector<KernelScratch> scratch_;  // one per thread
 };
 

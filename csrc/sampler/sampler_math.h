@@ -1,5 +1,6 @@
 // The sampler's arithmetic on packed weights: the matrix product of a matrix with a few rows, layer norm
-// of one row, GELU, and softmax attention of one query over a cached head.
+// and RMS norm of one row, GELU and ReLU², rotary positions, and softmax attention of one query over a
+// cached head.
 #pragma once
 
 #include <algorithm>
@@ -23,7 +24,13 @@ inline vec16 gelu16(vec16 x) {
   return x / (1.0f + exp_approx(-2.0f * u));
 }
 
-inline void layer_norm_row(const float* x, const LayerNormWeights& ln, float eps, float* out, int n) {
+// ReLU squared.
+inline vec16 relu2_16(vec16 x) {
+  const vec16 positive = x > 0.0f ? x : vec16{};
+  return positive * positive;
+}
+
+inline void layer_norm_row(const float* x, const NormWeights& ln, float eps, float* out, int n) {
   float mean = 0.0f;
 #pragma omp simd reduction(+ : mean)
   for (int i = 0; i < n; ++i) mean += x[i];
@@ -33,6 +40,33 @@ inline void layer_norm_row(const float* x, const LayerNormWeights& ln, float eps
   for (int i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
   const float rstd = 1.0f / std::sqrt(var / n + eps);
   for (int i = 0; i < n; ++i) out[i] = (x[i] - mean) * rstd * ln.weight[i] + ln.bias[i];
+}
+
+// out may be x.
+inline void rms_norm_row(const float* x, const float* weight, float eps, float* out, int n) {
+  float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+  for (int i = 0; i < n; ++i) squares += x[i] * x[i];
+  const float rstd = 1.0f / std::sqrt(squares / n + eps);
+  for (int i = 0; i < n; ++i) out[i] = x[i] * rstd * weight[i];
+}
+
+// The model's norm (ln_1, ln_2, ln_f) of one row: LayerNorm, or RMSNorm.
+inline void norm_row(const float* x, const NormWeights& w, const ModelConfig& c, float* out) {
+  if (c.rms_norm)
+    rms_norm_row(x, w.weight.data(), c.layer_norm_eps, out, c.n_embd);
+  else
+    layer_norm_row(x, w, c.layer_norm_eps, out, c.n_embd);
+}
+
+// Rotary positions, in place: channel i of the head's first half turns with channel i of its second by
+// the angle whose cos and sin are cos[i] and sin[i].
+inline void rotate_head(float* x, const float* cos, const float* sin, int half) {
+  for (int i = 0; i < half; ++i) {
+    const float first = x[i], second = x[i + half];
+    x[i] = first * cos[i] - second * sin[i];
+    x[i + half] = first * sin[i] + second * cos[i];
+  }
 }
 
 // This thread's share of out = in . W^T + bias for `rows` input rows of stride ld: every panel it

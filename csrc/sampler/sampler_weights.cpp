@@ -80,12 +80,12 @@ const py::handle config_value(const py::dict& config, const char* key) {
   return config[key];
 }
 
-int config_int(const py::dict& config, const char* key) {
+int config_int(const py::dict& config, const char* key, int minimum = 1) {
   const py::handle value = config_value(config, key);
   TORCH_CHECK_TYPE(py::isinstance<py::int_>(value) && !py::isinstance<py::bool_>(value), "KVSampler: config '",
                    key, "' must be an int, got ", std::string(py::str(value.get_type().attr("__name__"))));
   const int64_t n = value.cast<int64_t>();
-  TORCH_CHECK_VALUE(n >= 1, "KVSampler: config '", key, "' must be >= 1, got ", n);
+  TORCH_CHECK_VALUE(n >= minimum, "KVSampler: config '", key, "' must be >= ", minimum, ", got ", n);
   TORCH_CHECK_VALUE(n < (1 << 24), "KVSampler: config '", key, "' must be below 2^24, got ", n);
   return int(n);
 }
@@ -104,6 +104,17 @@ bool config_bool(const py::dict& config, const char* key) {
   TORCH_CHECK_TYPE(py::isinstance<py::bool_>(value), "KVSampler: config '", key, "' must be a bool, got ",
                    std::string(py::str(value.get_type().attr("__name__"))));
   return value.cast<bool>();
+}
+
+// Whether the config's choice for `key` is `option`: the other one it may be is `gpt2` (GPT-2's).
+bool config_choice(const py::dict& config, const char* key, const char* gpt2, const char* option) {
+  const py::handle value = config_value(config, key);
+  TORCH_CHECK_TYPE(py::isinstance<py::str>(value), "KVSampler: config '", key, "' must be a str, got ",
+                   std::string(py::str(value.get_type().attr("__name__"))));
+  const std::string choice = value.cast<std::string>();
+  TORCH_CHECK_VALUE(choice == gpt2 || choice == option, "KVSampler: config '", key, "' must be one of ", gpt2, ", ",
+                    option, ", got '", choice, "'");
+  return choice == option;
 }
 
 // Reads the weights of a state dict, checking that they are exactly the config's.
@@ -127,12 +138,14 @@ class WeightReader {
     return t;
   }
 
+  bool has(const std::string& name) const { return weights_.count(name) > 0; }
+
   std::vector<float> copy(const std::string& name, std::vector<int64_t> shape) {
     const torch::Tensor t = get(name, shape).contiguous();
     return std::vector<float>(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
   }
 
-  LayerNormWeights layer_norm(const std::string& prefix, int n, bool bias) {
+  NormWeights norm(const std::string& prefix, int n, bool bias) {
     return {copy(prefix + ".weight", {n}), bias ? copy(prefix + ".bias", {n}) : std::vector<float>(n, 0.0f)};
   }
 
@@ -155,11 +168,44 @@ class WeightReader {
   std::set<std::string> used_;
 };
 
+// The head: the token embedding's packed matrix (tied), or lm_head.weight's beside a float32 embedding.
+void pack_head(WeightReader& reader, WeightFormat format, bool portable, PackedGPT& g) {
+  const int64_t C = g.cfg.n_embd, V = g.cfg.vocab_size;
+  if (!g.cfg.tie_head) {
+    g.wte = reader.copy("transformer.wte.weight", {V, C});
+    g.lm_head = pack_matrix(reader.get("lm_head.weight", {V, C}), nullptr, format, portable);
+    return;
+  }
+  const torch::Tensor& wte = reader.get("transformer.wte.weight", {V, C});
+  if (reader.has("lm_head.weight")) {
+    const torch::Tensor& lm = reader.get("lm_head.weight", {V, C});
+    TORCH_CHECK_VALUE(lm.is_same(wte) || torch::equal(lm, wte),
+                      "KVSampler: lm_head.weight differs from transformer.wte.weight, and the config has them "
+                      "tied (tie_head)");
+  }
+  g.lm_head = pack_matrix(wte, nullptr, format, portable);
+}
+
+// cos and sin of position x 10000^(-2i / head_dim) for every position and i < head_dim / 2, computed in
+// float64 and rounded, as mingpt.model.Rotary.
+void rotary_tables(const ModelConfig& c, std::vector<float>& cos, std::vector<float>& sin) {
+  const int half = c.head_dim / 2;
+  cos.resize(size_t(c.block_size) * half);
+  sin.resize(cos.size());
+  for (int pos = 0; pos < c.block_size; ++pos)
+    for (int i = 0; i < half; ++i) {
+      const double angle = pos * std::pow(10000.0, -double(2 * i) / c.head_dim);
+      cos[size_t(pos) * half + i] = float(std::cos(angle));
+      sin[size_t(pos) * half + i] = float(std::sin(angle));
+    }
+}
+
 }  // namespace
 
 ModelConfig read_config(const py::dict& config) {
-  static const std::set<std::string> known = {"n_layer",  "n_head", "n_embd",         "block_size",
-                                              "vocab_size", "bias", "layer_norm_eps", "dropout"};
+  static const std::set<std::string> known = {
+      "n_layer", "n_head",    "n_embd",  "block_size", "vocab_size", "bias",          "layer_norm_eps", "dropout",
+      "norm",    "positions", "qk_norm", "mlp",        "tie_head",   "logit_softcap", "bigram_buckets"};
   for (const auto& item : config) {
     const std::string key = py::str(item.first);
     TORCH_CHECK_VALUE(known.count(key), "KVSampler: config key '", key, "' is not one the sampler knows");
@@ -177,38 +223,67 @@ ModelConfig read_config(const py::dict& config) {
   TORCH_CHECK_VALUE(c.n_embd % c.n_head == 0, "KVSampler: config 'n_embd' (", c.n_embd,
                     ") must be divisible by 'n_head' (", c.n_head, ")");
   c.head_dim = c.n_embd / c.n_head;
+  c.rms_norm = config_choice(config, "norm", "layernorm", "rmsnorm");
+  c.rotary = config_choice(config, "positions", "learned", "rotary");
+  TORCH_CHECK_VALUE(!c.rotary || c.head_dim % 2 == 0, "KVSampler: config 'positions' rotary turns pairs of "
+                    "channels: the head size ", c.head_dim, " must be even");
+  c.qk_norm = config_bool(config, "qk_norm");
+  c.relu2 = config_choice(config, "mlp", "gelu", "relu2");
+  c.tie_head = config_bool(config, "tie_head");
+  const double cap = config_float(config, "logit_softcap");
+  TORCH_CHECK_VALUE(std::isfinite(cap) && cap >= 0, "KVSampler: config 'logit_softcap' must be a finite number "
+                    ">= 0 (0: off), got ", cap);
+  c.logit_softcap = float(cap);
+  c.bigram_buckets = config_int(config, "bigram_buckets", 0);
   return c;
 }
 
 PackedGPT pack_gpt(const std::map<std::string, torch::Tensor>& weights, const ModelConfig& cfg, WeightFormat format,
                    bool portable) {
-  const int64_t C = cfg.n_embd, V = cfg.vocab_size;
+  const int64_t C = cfg.n_embd, hd = cfg.head_dim;
+  const bool norm_bias = cfg.bias && !cfg.rms_norm;
   PackedGPT g;
   g.cfg = cfg;
   WeightReader reader(weights, format, portable);
-  const torch::Tensor& wte = reader.get("transformer.wte.weight", {V, C});
-  if (weights.count("lm_head.weight")) {
-    const torch::Tensor& lm = reader.get("lm_head.weight", {V, C});
-    TORCH_CHECK_VALUE(lm.is_same(wte) || torch::equal(lm, wte),
-                      "KVSampler: lm_head.weight differs from transformer.wte.weight; the sampler needs "
-                      "the tied embedding of GPT");
-  }
-  g.lm_head = pack_matrix(wte, nullptr, format, portable);
-  g.wpe = reader.copy("transformer.wpe.weight", {cfg.block_size, C});
+  pack_head(reader, format, portable, g);
+  if (cfg.rotary)
+    rotary_tables(cfg, g.rotary_cos, g.rotary_sin);
+  else
+    g.wpe = reader.copy("transformer.wpe.weight", {cfg.block_size, C});
+  if (cfg.bigram_buckets) g.bigram = reader.copy("bigram.weight", {cfg.bigram_buckets + 1, C});
   for (int i = 0; i < cfg.n_layer; ++i) {
     const std::string p = "transformer.h." + std::to_string(i);
     Layer layer;
-    layer.ln_1 = reader.layer_norm(p + ".ln_1", C, cfg.bias);
-    layer.ln_2 = reader.layer_norm(p + ".ln_2", C, cfg.bias);
+    layer.ln_1 = reader.norm(p + ".ln_1", C, norm_bias);
+    layer.ln_2 = reader.norm(p + ".ln_2", C, norm_bias);
     layer.qkv = reader.linear(p + ".attn.c_attn", 3 * C, C, cfg.bias);
     layer.attn_proj = reader.linear(p + ".attn.c_proj", C, C, cfg.bias);
     layer.fc = reader.linear(p + ".mlp.c_fc", 4 * C, C, cfg.bias);
     layer.mlp_proj = reader.linear(p + ".mlp.c_proj", C, 4 * C, cfg.bias);
+    if (cfg.qk_norm) {
+      layer.q_norm = reader.copy(p + ".attn.q_norm.weight", {hd});
+      layer.k_norm = reader.copy(p + ".attn.k_norm.weight", {hd});
+    }
     g.layers.push_back(std::move(layer));
   }
-  g.ln_f = reader.layer_norm("transformer.ln_f", C, cfg.bias);
+  g.ln_f = reader.norm("transformer.ln_f", C, norm_bias);
   reader.check_all_used();
   return g;
+}
+
+void PackedGPT::embed_token(int64_t token, float* x) const {
+  const int C = cfg.n_embd;
+  if (cfg.tie_head) {
+    for (int c = 0; c < C; ++c) x[c] = lm_head.value(token, c);
+  } else {
+    std::copy(wte.begin() + token * C, wte.begin() + (token + 1) * C, x);
+  }
+}
+
+const float* PackedGPT::bigram_row(int64_t previous, int64_t token) const {
+  const int64_t buckets = cfg.bigram_buckets;
+  const int64_t row = previous < 0 ? buckets : (previous * 1'000'003 + token) % buckets;
+  return bigram.data() + row * cfg.n_embd;
 }
 
 float PackedMatrix::value(int64_t row, int k) const {
@@ -231,8 +306,12 @@ size_t PackedGPT::streamed_bytes() const {
 }
 
 size_t PackedGPT::bytes() const {
-  const size_t norm_bytes = 2 * ln_f.weight.size() * sizeof(float);
-  return streamed_bytes() + wpe.size() * sizeof(float) + (1 + 2 * layers.size()) * norm_bytes;
+  size_t floats = wpe.size() + rotary_cos.size() + rotary_sin.size() + wte.size() + bigram.size() +
+                  ln_f.weight.size() + ln_f.bias.size();
+  for (const Layer& l : layers)
+    floats += l.ln_1.weight.size() + l.ln_1.bias.size() + l.ln_2.weight.size() + l.ln_2.bias.size() +
+              l.q_norm.size() + l.k_norm.size();
+  return streamed_bytes() + floats * sizeof(float);
 }
 
 WeightFormat parse_weight_format(const std::string& name) {

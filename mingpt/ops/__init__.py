@@ -10,8 +10,9 @@ Backends:
 
 The training ops (OP_NAMES) are provided by every fused backend; the decode op
 `cached_attention` (attention against a KV cache, for prefill and decode) has a fused
-version only on CUDA, from mingpt._C. A backend may provide only some ops; the rest run
-the reference op, and `Ops.sources` says which op came from where.
+version only on CUDA, from mingpt._C; the ops of the architecture options that GPT-2 lacks
+(`rms_norm`, `bias_relu2`) run the reference on every backend. A backend may provide only
+some ops; the rest run the reference op, and `Ops.sources` says which op came from where.
 
 The package's modules: reference (the reference ops and the input checks every backend shares),
 cpp and cuda (the extension's ops registered with torch.library), extension (loading mingpt._C).

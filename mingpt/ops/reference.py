@@ -31,8 +31,17 @@ def reference_layer_norm(x, weight, bias, eps: float = 1e-5):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def reference_rms_norm(x, weight, eps: float = 1e-5):
+    """In float32 (as autocast runs layer norm), returned in x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
+
+
 def reference_bias_gelu(x, bias):
     return F.gelu(x + bias if bias is not None else x, approximate="tanh")
+
+
+def reference_bias_relu2(x, bias):
+    return F.relu(x + bias if bias is not None else x).square()
 
 
 def check_starts(starts, qkv):
@@ -156,7 +165,9 @@ def reference_dropout(x, p: float, training: bool):
 
 REFERENCE_OPS = {
     "layer_norm": reference_layer_norm,
+    "rms_norm": reference_rms_norm,
     "bias_gelu": reference_bias_gelu,
+    "bias_relu2": reference_bias_relu2,
     "causal_attention": reference_causal_attention,
     "cross_entropy": reference_cross_entropy,
     "dropout": reference_dropout,

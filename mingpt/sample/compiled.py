@@ -9,7 +9,7 @@ from ..ops import extension
 from .settings import WEIGHT_FORMATS, SamplingSettings
 
 # The interface version of mingpt._C.KVSampler this module was written for (its SAMPLER_VERSION).
-SAMPLER_VERSION = 8
+SAMPLER_VERSION = 9
 # The settings KVSampler.generate applies itself, by name (guide_against shaped guidance_idx; stop and
 # weights are applied around it).
 COMPILED_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "guidance", "guidance_tokens", "guidance_after",

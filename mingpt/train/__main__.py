@@ -57,6 +57,15 @@ HELP = {
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",
     "block_size": "context length", "dropout": "dropout rate", "bias": "biases in linear layers and norms",
     "layer_norm_eps": "epsilon added to the variance in every layer norm",
+    "tokenizer": "with --csv (or no data_dir): char (one token per character) or bpe (byte-level BPE)",
+    "bpe_vocab_size": "vocabulary size of --tokenizer bpe",
+    "norm": "layernorm or rmsnorm (no mean and no bias)",
+    "positions": "learned (a position embedding) or rotary (queries and keys rotated by position)",
+    "qk_norm": "RMS-normalise each head's queries and keys (with a learned gain)",
+    "mlp": "the MLP's activation: gelu (tanh approximation) or relu2 (ReLU squared)",
+    "tie_head": "the output head shares the token embedding (off: a head of its own)",
+    "bigram_buckets": "add an embedding of each (previous token, token) pair, hashed into this many rows (0: off)",
+    "logit_softcap": "cap the logits smoothly at this value, cap * tanh(logits / cap) (0: off)",
 }
 
 

@@ -24,6 +24,7 @@ from ..model import GPT
 from ..ops import extension
 from ..runtime import Distributed, autocast_context, resolve_dtype
 from ..sample.compiled import cached_sampler_unavailable_reason
+from ..tokenizer import TOKENIZERS
 from .records import claim_out_dir, data_summary, new_record, record_end, write_record
 
 
@@ -146,13 +147,14 @@ def prepare_data(cfg: TrainConfig) -> dict:
     """Token files in cfg.data_dir (as `prepare` makes them, for the model's block size) from the labelled
     reviews of cfg.csv, with the embedded corpus added to the train split when corpus_share asks for it; or,
     without a csv, from the embedded corpus alone."""
+    tokens = dict(block_size=cfg.model.block_size, tokenizer=cfg.tokenizer, bpe_vocab_size=cfg.bpe_vocab_size)
     if cfg.csv is None:
         reviews, drops = load_embedded_corpus()
-        return write_data_dir(reviews, drops, cfg.data_dir, block_size=cfg.model.block_size, source=EMBEDDED_CORPUS)
+        return write_data_dir(reviews, drops, cfg.data_dir, source=EMBEDDED_CORPUS, **tokens)
     reviews, drops, read_as = load_table(cfg.csv)
     extra = load_embedded_corpus()[0] if cfg.corpus_share else ()
-    return write_data_dir(reviews, drops, cfg.data_dir, block_size=cfg.model.block_size, source=cfg.csv,
-                          read_as=read_as, extra_train=extra, extra_source=EMBEDDED_CORPUS)
+    return write_data_dir(reviews, drops, cfg.data_dir, source=cfg.csv, read_as=read_as, extra_train=extra,
+                          extra_source=EMBEDDED_CORPUS, **tokens)
 
 
 def make_grad_scaler(dtype: str, device) -> torch.amp.GradScaler:
@@ -177,6 +179,8 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[flo
     clock_start = time.perf_counter() if clock_start is None else clock_start
     cfg = copy.deepcopy(cfg)
     cfg.check()
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {cfg.tokenizer!r}")
     cfg.dtype, dtype_reason = resolve_dtype(cfg.dtype, device)
     autocast_context(cfg.dtype, device)  # rejects a dtype the device cannot train in, before any work
     if cfg.grad_accum % ddp.world_size:
