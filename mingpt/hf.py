@@ -132,12 +132,15 @@ def check_gpt2_architecture(config: GPTConfig):
 def export_architecture(config: GPTConfig) -> str:
     """The model_type that computes `config` exactly, 'gpt2' first, then 'gpt_neox'; a model neither can
     compute is refused, naming the options that block each."""
-    gpt2, neox = config.options_after_gpt2(), neox_blockers(config)
-    if gpt2 and neox:
-        raise HFFormatError(f"a GPT-2 export holds GPT-2's architecture; this model has {', '.join(gpt2)}, which "
-                            f"GPT2LMHeadModel cannot compute; a GPT-NeoX export holds rotary positions with layer "
-                            f"norms and a GELU or ReLU² MLP, and GPTNeoXForCausalLM cannot compute {', '.join(neox)}")
-    return "gpt_neox" if gpt2 else "gpt2"
+    try:
+        check_gpt2_architecture(config)
+    except HFFormatError as gpt2:
+        neox = neox_blockers(config)
+        if neox:
+            raise HFFormatError(f"{gpt2}; a GPT-NeoX export holds rotary positions with layer norms and a GELU or "
+                                f"ReLU² MLP, and GPTNeoXForCausalLM cannot compute {', '.join(neox)}") from None
+        return "gpt_neox"
+    return "gpt2"
 
 
 def to_hf_model(model: GPT, tokenizer, eos_token: str = EOS):
