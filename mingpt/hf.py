@@ -135,8 +135,7 @@ def export_architecture(config: GPTConfig) -> str:
     try:
         check_gpt2_architecture(config)
     except HFFormatError as gpt2:
-        neox = neox_blockers(config)
-        if neox:
+        if neox := neox_blockers(config):
             raise HFFormatError(f"{gpt2}; a GPT-NeoX export holds rotary positions with layer norms and a GELU or "
                                 f"ReLU² MLP, and GPTNeoXForCausalLM cannot compute {', '.join(neox)}") from None
         return "gpt_neox"
