@@ -97,6 +97,7 @@ class TrainConfig:
     corpus_share: float = 0.0
     corpus_fade: bool = True
     pack: bool = False
+    reshuffle: bool = False
     optimizer: str = "adamw"
     schedule: str = "cosine"
     decay_fraction: float = 0.3
@@ -127,6 +128,20 @@ class TrainConfig:
 SCHEDULES = ("cosine", "wsd")
 
 
+# The best review model in a wall-clock budget on a small CPU: `train --preset speedrun --csv FILE`.
+# Measured choices (docs/results.md, "A review model in 10 minutes"): packed rows, Muon, warmup-stable-decay
+# on the clock, bfloat16 autocast where the machine runs bf16 faster than fp32 (dtype auto), 70 % of the
+# training reviews from the embedded corpus throughout, and the user's reviews drawn as they come
+# (oversampling a minority sentiment memorises it), and rotary positions ("A modern recipe": 0.1 nats/char
+# at 4 minutes, where no other architecture option gained more than the run-to-run spread). The model's
+# shape follows the budget (BUDGETS).
+SPEEDRUN = dict(
+    model=dict(block_size=64, dropout=0.1, bias=True, positions="rotary"),
+    batch_size=32, learning_rate=2e-3, min_lr=2e-5, warmup_iters=30, max_iters=1_000_000, eval_minutes=2.0,
+    max_minutes=10.0, dtype="auto", pack=True, optimizer="muon", schedule="wsd", decay_fraction=0.4,
+    corpus_share=0.7, corpus_fade=False, balance="off",
+)
+
 PRESETS = {
     # The original my_min_gpt model: ~9.7M parameters with a ~2.2k character vocabulary.
     "seed": dict(
@@ -134,24 +149,9 @@ PRESETS = {
         batch_size=32, learning_rate=6e-4, min_lr=6e-5, warmup_iters=100, max_iters=5000,
         eval_interval=250,
     ),
-    # Small enough to train in a few minutes on 2 CPU cores.
-    "demo": dict(
-        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=True),
-        batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30, max_iters=1200,
-        eval_interval=100,
-    ),
-    # The best review model in a wall-clock budget on a small CPU: `train --preset speedrun --csv FILE`.
-    # Measured choices (docs/results.md, "A review model in 10 minutes"): packed rows, Muon, warmup-stable-decay
-    # on the clock, bfloat16 autocast where the machine runs bf16 faster than fp32 (dtype auto), 70 % of the
-    # training reviews from the embedded corpus throughout, and the user's reviews drawn as they come
-    # (oversampling a minority sentiment memorises it), and rotary positions ("A modern recipe": 0.1 nats/char
-    # at 4 minutes, where no other architecture option gained more than the run-to-run spread).
-    "speedrun": dict(
-        model=dict(n_layer=6, n_head=6, n_embd=192, block_size=64, dropout=0.1, bias=True, positions="rotary"),
-        batch_size=32, learning_rate=2e-3, min_lr=2e-5, warmup_iters=30, max_iters=1_000_000, eval_minutes=2.0,
-        max_minutes=10.0, dtype="auto", pack=True, optimizer="muon", schedule="wsd", decay_fraction=0.4,
-        corpus_share=0.7, corpus_fade=False, balance="off",
-    ),
+    # The speedrun recipe in 4 minutes on the data it is given (make demo: the embedded corpus alone).
+    "demo": {**SPEEDRUN, "max_minutes": 4.0, "eval_minutes": 1.0, "corpus_share": 0.0},
+    "speedrun": SPEEDRUN,
     # Tiny, for tests.
     "tiny": dict(
         model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0, bias=True),
@@ -159,6 +159,17 @@ PRESETS = {
         eval_interval=25, eval_iters=4,
     ),
 }
+
+# What the budgeted presets (speedrun, demo) set for a run of max_minutes: the first entry whose limit it is
+# within (docs/results.md, "One recipe at every budget": 4x128 leads 6x192 at 4 minutes, they tie at 10).
+BUDGETS = ((8.0, dict(model=dict(n_layer=4, n_head=4, n_embd=128))),
+           (float("inf"), dict(model=dict(n_layer=6, n_head=6, n_embd=192))))
+
+
+def budget_settings(max_minutes: Optional[float]) -> dict:
+    """The BUDGETS entry for a budget (None: no budget, the last)."""
+    return next(settings for limit, settings in BUDGETS
+                if max_minutes is not None and max_minutes <= limit or limit == float("inf"))
 
 
 def apply_overrides(cfg, overrides: dict, source: str):
@@ -178,11 +189,16 @@ def apply_overrides(cfg, overrides: dict, source: str):
     return cfg
 
 
-def preset_config(name: str) -> TrainConfig:
+def preset_config(name: str, max_minutes: Optional[float] = None) -> TrainConfig:
+    """A preset's TrainConfig; a budgeted preset (one that sets max_minutes) for its own budget or for
+    max_minutes, with the settings of that budget (BUDGETS)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    cfg = TrainConfig(preset=name)
-    return apply_overrides(cfg, PRESETS[name], f"preset {name!r}")
+    cfg = apply_overrides(TrainConfig(preset=name), PRESETS[name], f"preset {name!r}")
+    if cfg.max_minutes is not None:
+        cfg.max_minutes = max_minutes or cfg.max_minutes
+        apply_overrides(cfg, budget_settings(cfg.max_minutes), f"preset {name!r} for {cfg.max_minutes} minutes")
+    return cfg
 
 
 def load_config_file(path: str) -> dict:

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_cfg
+from conftest import synthetic_reviews, tiny_cfg
 from mingpt import GPT, GPTConfig
-from mingpt.data.tokens import TokenData
+from mingpt.data.corpus import Review
+from mingpt.data.tokens import TokenData, write_data_dir
 from mingpt.data.packing import ReviewPacker, load_packed
 from mingpt.train import loop as training
 from mingpt.train.loop import train
@@ -133,3 +134,76 @@ def test_wsd_holds_then_decays_by_steps_or_time():
     assert learning_rate(90, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
     assert learning_rate(100, cfg) == pytest.approx(0.1)
     assert learning_rate(20, cfg, time_share=0.9) == pytest.approx(0.1 + 0.9 * 0.5)  # the budget ends first
+
+
+def reshuffled_data(path, balance="off", extra=(), extra_share=0.0) -> TokenData:
+    write_data_dir(synthetic_reviews(60), {}, str(path), block_size=32, source="synthetic", extra_train=extra,
+                   extra_source="synthetic extra")
+    data = TokenData(str(path))
+    data.set_balance(balance)
+    data.set_extra_share(extra_share)
+    data.set_reshuffle(True)
+    return data
+
+
+def draws(data: TokenData, n: int, seed: int = 0) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    drawn = []
+    while len(drawn) < n:
+        drawn += data.sample_positions("train", 5, None, generator).tolist()
+    return drawn[:n]
+
+
+def assert_passes(drawn: list, rows: list):
+    """Each run of len(rows) draws is every row once, and the passes come in different orders."""
+    passes = [drawn[i:i + len(rows)] for i in range(0, len(drawn), len(rows))]
+    assert len(passes) >= 2 and all(sorted(p) == sorted(rows) for p in passes), passes
+    assert passes[0] != passes[1]
+
+
+def test_reshuffle_draws_every_review_once_a_pass(tmp_path):
+    data = reshuffled_data(tmp_path)
+    rows = list(range(len(data.splits["train"])))
+    assert_passes(draws(data, 3 * len(rows)), rows)
+    data.set_reshuffle(False)
+    assert sorted(set(draws(data, len(rows)))) != rows  # drawn with replacement, some twice and some never
+
+
+def test_reshuffle_keeps_the_source_share_and_the_sentiment_balance(tmp_path):
+    extra = [Review(f"额外的评论{i}", "pos" if i % 3 else "neg") for i in range(30)]
+    data = reshuffled_data(tmp_path / "mix", balance="on", extra=extra, extra_share=0.5)
+    drawn = draws(data, 1200)
+    labels = data.row_labels("train")
+    for source in (0, 1):
+        for sentiment in (0, 1):
+            group = [r for r in range(len(labels)) if data.sources[r] == source and labels[r] == sentiment]
+            in_group = [r for r in drawn if r in set(group)]
+            assert_passes(in_group[:len(in_group) // len(group) * len(group)], group)
+    assert 0.4 < np.mean([data.sources[r] for r in drawn]) < 0.6
+    assert 0.4 < np.mean([labels[r] for r in drawn]) < 0.6  # balanced, though a third of the extra is negative
+
+
+def test_reshuffle_needs_the_review_layout(book_data_dir):
+    with pytest.raises(Exception, match="--reshuffle needs the review layout"):
+        TokenData(book_data_dir).set_reshuffle(True)
+
+
+def test_reshuffled_training_resumes_bitwise_across_passes(tmp_path, monkeypatch):
+    """A run stopped mid-pass and resumed draws what the straight run draws (60 reviews: a pass every few steps)."""
+    reshuffled_data(tmp_path / "data")
+    options = dict(pack=True, reshuffle=True, max_iters=12, eval_interval=6, backend="reference")
+    straight = train(tiny_cfg(str(tmp_path / "data"), tmp_path / "a", **options))
+    step = training.optimizer_step
+
+    def step_then_signal(run):
+        result = step(run)
+        if run.it == 5:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(training, "optimizer_step", step_then_signal)
+    with pytest.raises(training.Interrupted):
+        train(tiny_cfg(str(tmp_path / "data"), tmp_path / "b", **options))
+    monkeypatch.setattr(training, "optimizer_step", step)
+    resumed = train(tiny_cfg(str(tmp_path / "data"), tmp_path / "b", resume=True, **options))
+    assert resumed["val_loss"] == straight["val_loss"]

@@ -1,5 +1,6 @@
 """The one command from a CSV to a model: train --csv prepares the data itself, within the time budget."""
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import synthetic_reviews
 from mingpt.checkpoint import load_checkpoint
 from mingpt.config import preset_config
 from mingpt.data.tokens import TokenData
-from mingpt.train.__main__ import main
+from mingpt.train.__main__ import config_from_args, main
 
 
 @pytest.fixture
@@ -77,6 +78,31 @@ def test_the_speedrun_preset_runs_on_the_clock():
     cfg = preset_config("speedrun")
     assert cfg.pack and cfg.schedule == "wsd" and cfg.max_minutes == 10 and cfg.balance == "off"
     assert cfg.model.options_after_gpt2() == ["positions=rotary"]
+
+
+def shape(cfg) -> tuple:
+    return cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd
+
+
+def test_the_budget_picks_the_shape_and_a_flag_still_wins():
+    assert shape(preset_config("speedrun")) == (6, 6, 192)
+    assert shape(config_from_args(["--preset", "speedrun", "--max_minutes", "4"])) == (4, 4, 128)
+    assert shape(config_from_args(["--preset", "speedrun", "--max_minutes", "60"])) == (6, 6, 192)
+    assert shape(config_from_args(["--preset", "speedrun", "--max_minutes", "4", "--n_embd", "192"])) == (4, 4, 192)
+
+
+def test_the_budget_of_a_config_file_picks_the_shape(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"max_minutes": 3}), encoding="utf-8")
+    assert shape(config_from_args(["--preset", "speedrun", "--config", str(path)])) == (4, 4, 128)
+    assert shape(config_from_args(["--preset", "speedrun", "--config", str(path), "--max_minutes", "30"])) == (6, 6, 192)
+
+
+def test_the_demo_is_the_speedrun_recipe_in_four_minutes():
+    demo, speedrun = preset_config("demo"), preset_config("speedrun", max_minutes=4)
+    assert (demo.max_minutes, demo.corpus_share, shape(demo)) == (4, 0.0, (4, 4, 128))
+    differences = {f.name for f in dataclasses.fields(demo) if getattr(demo, f.name) != getattr(speedrun, f.name)}
+    assert differences == {"preset", "eval_minutes", "corpus_share"}
 
 
 def test_csv_trains_on_bpe_tokens_when_asked(reviews_csv, tmp_path, capsys):

@@ -24,6 +24,22 @@ from ..tokenizer import (BOS, EXTRA_BOS, PAD, RESERVED_STRINGS, extend_tokenizer
 BALANCE_THRESHOLD = 0.35
 
 
+class PassOrder:
+    """Rows drawn without replacement: each once a pass, in a fresh random order every pass."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+        self.order = rows[:0]
+        self.taken = 0
+
+    def take(self, generator: torch.Generator) -> int:
+        if self.taken == len(self.order):
+            self.order = self.rows[torch.randperm(len(self.rows), generator=generator)]
+            self.taken = 0
+        self.taken += 1
+        return int(self.order[self.taken - 1])
+
+
 def write_data_dir(reviews, drops, data_dir, layout="review", block_size=64, long_reviews="split",
             val_fraction=0.1, seed=1337, source="", tokenizer="char", bpe_vocab_size=2000, base_tokenizer=None,
             read_as=None, extra_train=(), extra_source=""):
@@ -152,6 +168,7 @@ class TokenData:
         self.sources = self._load_sources()
         self.class_rows = None
         self.packer = None
+        self.pass_orders = None  # [source][sentiment] -> PassOrder, with set_reshuffle
         self.extra_share = 0.0  # the share of training draws from the extra reviews (set_extra_share)
 
     def _load_split(self, name):
@@ -225,6 +242,34 @@ class TokenData:
             raise DataError(f"--pack needs the review layout (whole reviews to pack), not {self.layout.name}")
         self.packer = ReviewPacker(self.splits["train"], self.pad_id) if on else None
 
+    def set_reshuffle(self, on: bool):
+        """Draw training rows without replacement within each group (source, and sentiment when balancing):
+        every row once a pass, reshuffled each pass; the review layout only, after set_balance."""
+        if on and not self.layout.balances_classes:
+            raise DataError(f"--reshuffle needs the review layout (a review a row), not {self.layout.name}")
+        if not on:
+            self.pass_orders = None
+        elif self.class_rows is not None:
+            self.pass_orders = [[PassOrder(rows) for rows in pair] for pair in self.class_rows]
+        else:
+            by_source = self.source_rows if self.sources is not None else [torch.arange(len(self.splits["train"]))]
+            self.pass_orders = [[order, order] for order in map(PassOrder, by_source)]
+
+    def pass_order_state(self) -> list:
+        """Where each group's pass stands, for a checkpoint: (order, taken) per source and sentiment."""
+        return [[(order.order, order.taken) for order in pair] for pair in self.pass_orders or []]
+
+    def restore_pass_order_state(self, state: list):
+        """Continue each group's pass where a checkpoint left it (a checkpoint without them: new passes)."""
+        if not state or self.pass_orders is None:
+            return
+        if len(state) != len(self.pass_orders):
+            raise DataError(f"the checkpoint's reshuffled rows come from {len(state)} source(s), this run draws "
+                            f"from {len(self.pass_orders)}")
+        for pair, saved_pair in zip(self.pass_orders, state):
+            for order, (saved, taken) in zip(pair, saved_pair):
+                order.order, order.taken = saved, taken  # a PassOrder both sentiments share gets the same twice
+
     @property
     def pad_id(self) -> int:
         return self.tokenizer.token_id(PAD)
@@ -253,12 +298,15 @@ class TokenData:
 
     def sample_positions(self, split: str, batch_size: int, block_size: int, generator: torch.Generator):
         """Positions of one batch: drawn by the layout, or 50/50 by sentiment when training is balanced, a
-        share extra_share of them from the extra reviews."""
-        if split != "train" or (self.class_rows is None and self.sources is None):
+        share extra_share of them from the extra reviews; each group's rows in pass order with set_reshuffle."""
+        if split != "train" or (self.class_rows is None and self.sources is None and self.pass_orders is None):
             return self.layout.sample_positions(self.splits[split], batch_size, block_size, generator)
         sources = ((torch.rand(batch_size, generator=generator) < self.extra_share).long() if self.extra_share
                    else torch.zeros(batch_size, dtype=torch.long))
         classes = torch.randint(2, (batch_size,), generator=generator)
+        if self.pass_orders is not None:
+            return torch.tensor([self.pass_orders[source][c].take(generator)
+                                 for source, c in zip(sources.tolist(), classes.tolist())])
         picks = torch.rand(batch_size, generator=generator)
         groups = self.class_rows or [[rows, rows] for rows in self.source_rows]
         chosen = [groups[source][c] for source, c in zip(sources.tolist(), classes.tolist())]

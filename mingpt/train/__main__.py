@@ -46,6 +46,8 @@ HELP = {
                          "<pad>, so the model also learns reviews without one (for sample --guide_against none)",
     "pack": "review layout: pack several whole reviews into each training row (no compute on padding; "
             "attention stays within a review and positions restart at each)",
+    "reshuffle": "review layout: draw the training reviews without replacement, every review once a pass (of "
+                 "each source and, when balancing, each sentiment) in a fresh order each pass",
     "optimizer": "adamw, or muon (Muon for the blocks' weight matrices, AdamW for embeddings and vectors)",
     "schedule": "cosine (warmup, cosine decay over max_iters) or wsd (warmup, stable, then a linear decay over "
                 "the last decay_fraction of max_iters or of the max_minutes budget, whichever ends first)",
@@ -81,10 +83,11 @@ def build_parser():
 
 def config_from_args(argv=None) -> TrainConfig:
     args = build_parser().parse_args(argv)
-    cfg = preset_config(args.preset or TrainConfig.preset)
-    if args.config:
-        apply_overrides(cfg, load_config_file(args.config), args.config)
-    apply_overrides(cfg, collect_overrides(args, TrainConfig), "command line")
+    from_file = load_config_file(args.config) if args.config else {}
+    from_flags = collect_overrides(args, TrainConfig)
+    cfg = preset_config(args.preset or TrainConfig.preset, from_flags.get("max_minutes", from_file.get("max_minutes")))
+    apply_overrides(cfg, from_file, args.config)
+    apply_overrides(cfg, from_flags, "command line")
     apply_overrides(cfg.model, collect_overrides(args, GPTConfig), "command line")
     cfg.check()
     return cfg

@@ -1,6 +1,6 @@
 """What a training run holds from one step to the next (Run), and how it is set up, saved and restored:
 data (prepared from --csv first), model (fresh or --init_from), optimizers, out_dir checks, run.json,
-and the checkpoint a run resumes from exactly (weights, optimizers, every RNG, the packer's queue)."""
+and the checkpoint a run resumes from exactly (weights, optimizers, every RNG, the packer's queue, the passes)."""
 import contextlib
 import copy
 import dataclasses
@@ -192,6 +192,7 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[flo
         raise ValueError(f"sentiment_dropout must be in [0, 1) and needs the review layout, got "
                          f"{cfg.sentiment_dropout} with the {data.layout.name} layout")
     data.set_packing(cfg.pack)
+    data.set_reshuffle(cfg.reshuffle)
     model = build_model(cfg, data, device)
     if not prepares_data:
         moved = claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, ddp.is_main)
@@ -266,6 +267,7 @@ def restore(run: Run):
     run.batch_generator.set_state(resumed["batch_rng"])
     if run.data.packer is not None:
         run.data.packer.waiting = list(resumed.get("packer_waiting", []))
+    run.data.restore_pass_order_state(resumed.get("pass_orders", []))
     if run.ema is not None:
         if resumed.get("ema") is None:
             raise CheckpointError(f"{run.path('ckpt.pt')} holds no averaged weights to continue --ema_decay with")
@@ -281,7 +283,8 @@ def save(run: Run, name: str):
             run.model, run.data.tokenizer, run.data.meta, optimizer=[o.state_dict() for o in run.optimizers],
             iter_num=run.it, best_val_loss=run.best_val, train_config=dataclasses.asdict(run.cfg),
             batch_rng=run.batch_generator.get_state(), rng=rng_states(), grad_scaler=run.scaler.state_dict(),
-            packer_waiting=list(run.data.packer.waiting) if run.data.packer is not None else [], ema=run.ema),
+            packer_waiting=list(run.data.packer.waiting) if run.data.packer is not None else [],
+            pass_orders=run.data.pass_order_state(), ema=run.ema),
             run.path(name))
 
 
