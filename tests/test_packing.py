@@ -96,25 +96,30 @@ def test_packed_inputs_are_checked():
         model(torch.zeros(1, 4, dtype=torch.long), cache=model.new_cache(1), starts=torch.zeros(1, 4, dtype=torch.long))
 
 
-def test_packed_training_computes_on_reviews_and_resumes_bitwise(review_data_dir, tmp_path, monkeypatch):
-    """Packing, Muon, the wsd schedule and averaged weights resume exactly: a run stopped by a signal at step
-    10 and resumed ends where the straight run ends."""
-    options = dict(pack=True, optimizer="muon", schedule="wsd", ema_decay=0.9, max_iters=20, eval_interval=10,
-                   backend="reference")
-    straight = train(tiny_cfg(review_data_dir, tmp_path / "a", **options))
+def straight_and_resumed(data_dir, tmp_path, monkeypatch, stop_at: int, **options):
+    """The results of a straight run, and of a run stopped by a signal after step stop_at and resumed."""
+    straight = train(tiny_cfg(data_dir, tmp_path / "straight", **options))
     step = training.optimizer_step
 
     def step_then_signal(run):
         result = step(run)
-        if run.it == 10:
+        if run.it == stop_at:
             signal.raise_signal(signal.SIGINT)
         return result
 
     monkeypatch.setattr(training, "optimizer_step", step_then_signal)
     with pytest.raises(training.Interrupted):
-        train(tiny_cfg(review_data_dir, tmp_path / "b", **options))
+        train(tiny_cfg(data_dir, tmp_path / "stopped", **options))
     monkeypatch.setattr(training, "optimizer_step", step)
-    resumed = train(tiny_cfg(review_data_dir, tmp_path / "b", resume=True, **options))
+    return straight, train(tiny_cfg(data_dir, tmp_path / "stopped", resume=True, **options))
+
+
+def test_packed_training_computes_on_reviews_and_resumes_bitwise(review_data_dir, tmp_path, monkeypatch):
+    """Packing, Muon, the wsd schedule and averaged weights resume exactly: a run stopped by a signal at step
+    10 and resumed ends where the straight run ends."""
+    options = dict(pack=True, optimizer="muon", schedule="wsd", ema_decay=0.9, max_iters=20, eval_interval=10,
+                   backend="reference")
+    straight, resumed = straight_and_resumed(review_data_dir, tmp_path, monkeypatch, stop_at=10, **options)
     assert resumed["val_loss"] == straight["val_loss"]
     unpacked = train(tiny_cfg(review_data_dir, tmp_path / "c", max_iters=20, eval_interval=10, backend="reference"))
     assert straight["real_token_share"] > 0.9 and unpacked["real_token_share"] < 0.8 * straight["real_token_share"]
@@ -191,19 +196,6 @@ def test_reshuffle_needs_the_review_layout(book_data_dir):
 def test_reshuffled_training_resumes_bitwise_across_passes(tmp_path, monkeypatch):
     """A run stopped mid-pass and resumed draws what the straight run draws (60 reviews: a pass every few steps)."""
     reshuffled_data(tmp_path / "data")
-    options = dict(pack=True, reshuffle=True, max_iters=12, eval_interval=6, backend="reference")
-    straight = train(tiny_cfg(str(tmp_path / "data"), tmp_path / "a", **options))
-    step = training.optimizer_step
-
-    def step_then_signal(run):
-        result = step(run)
-        if run.it == 5:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(training, "optimizer_step", step_then_signal)
-    with pytest.raises(training.Interrupted):
-        train(tiny_cfg(str(tmp_path / "data"), tmp_path / "b", **options))
-    monkeypatch.setattr(training, "optimizer_step", step)
-    resumed = train(tiny_cfg(str(tmp_path / "data"), tmp_path / "b", resume=True, **options))
+    straight, resumed = straight_and_resumed(str(tmp_path / "data"), tmp_path, monkeypatch, stop_at=5, pack=True,
+                                             reshuffle=True, max_iters=12, eval_interval=6, backend="reference")
     assert resumed["val_loss"] == straight["val_loss"]

@@ -88,6 +88,14 @@ def test_the_budget_picks_the_shape_and_a_flag_still_wins():
     assert shape(preset_config("speedrun")) == (6, 6, 192)
     assert shape(config_from_args(["--preset", "speedrun", "--max_minutes", "4"])) == (4, 4, 128)
     assert shape(config_from_args(["--preset", "speedrun", "--max_minutes", "60"])) == (6, 6, 192)
+
+
+def test_a_long_budget_regularises_more_unless_told():
+    ten, thirty = preset_config("speedrun"), preset_config("speedrun", max_minutes=30)
+    assert (ten.model.dropout, ten.weight_decay) == (0.1, 0.1)
+    assert (thirty.model.dropout, thirty.weight_decay) == (0.2, 0.5)
+    told = config_from_args(["--preset", "speedrun", "--max_minutes", "30", "--dropout", "0.1", "--weight_decay", "0.1"])
+    assert (told.model.dropout, told.weight_decay) == (0.1, 0.1)
     assert shape(config_from_args(["--preset", "speedrun", "--max_minutes", "4", "--n_embd", "192"])) == (4, 4, 192)
 
 
