@@ -76,7 +76,7 @@ def test_corpus_share_without_extra_reviews_says_it_is_unused(review_data_dir, t
 
 def test_the_speedrun_preset_runs_on_the_clock():
     cfg = preset_config("speedrun")
-    assert cfg.pack and cfg.schedule == "wsd" and cfg.max_minutes == 10 and cfg.balance == "off"
+    assert cfg.pack and cfg.reshuffle and cfg.schedule == "wsd" and cfg.max_minutes == 10 and cfg.balance == "off"
     assert cfg.model.options_after_gpt2() == ["positions=rotary"]
 
 
