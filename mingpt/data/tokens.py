@@ -247,13 +247,16 @@ class TokenData:
         every row once a pass, reshuffled each pass; the review layout only, after set_balance."""
         if on and not self.layout.balances_classes:
             raise DataError(f"--reshuffle needs the review layout (a review a row), not {self.layout.name}")
-        if not on:
-            self.pass_orders = None
-        elif self.class_rows is not None:
-            self.pass_orders = [[PassOrder(rows) for rows in pair] for pair in self.class_rows]
-        else:
-            by_source = self.source_rows if self.sources is not None else [torch.arange(len(self.splits["train"]))]
-            self.pass_orders = [[order, order] for order in map(PassOrder, by_source)]
+        orders = {}  # one PassOrder per group of rows: both sentiments share one when not balancing
+        self.pass_orders = [[orders.setdefault(id(rows), PassOrder(rows)) for rows in pair]
+                            for pair in self._row_groups()] if on else None
+
+    def _row_groups(self) -> list:
+        """The training rows drawn from, [source][sentiment]: by sentiment when balancing, else one group a source."""
+        if self.class_rows is not None:
+            return self.class_rows
+        by_source = self.source_rows if self.sources is not None else [torch.arange(len(self.splits["train"]))]
+        return [[rows, rows] for rows in by_source]
 
     def pass_order_state(self) -> list:
         """Where each group's pass stands, for a checkpoint: (order, taken) per source and sentiment."""
@@ -308,7 +311,7 @@ class TokenData:
             return torch.tensor([self.pass_orders[source][c].take(generator)
                                  for source, c in zip(sources.tolist(), classes.tolist())])
         picks = torch.rand(batch_size, generator=generator)
-        groups = self.class_rows or [[rows, rows] for rows in self.source_rows]
+        groups = self._row_groups()
         chosen = [groups[source][c] for source, c in zip(sources.tolist(), classes.tolist())]
         return torch.stack([rows[int(u * len(rows))] for rows, u in zip(chosen, picks.tolist())])
 
