@@ -1,7 +1,8 @@
 """Side-by-side speed of the reference path and the fast paths, in one run:
 `python -m mingpt.bench [--json PATH]` (or `python benchmarks/bench.py`).
 
-Rows: the machine's matmul peak (for MFU), the training step per backend, dtype and row layout (tokens/s
+Rows: the machine's matmul peak (for MFU), the training step's matrix products alone at their own shapes
+(the most MFU a step could reach), the training step per backend, dtype and row layout (tokens/s
 counts real tokens: rows of real reviews' lengths, one padded review a row or several packed; the note
 gives the real-token share),
 sampling (tokens/s, 1 and 10 samples) per sampler and, for the compiled sampler, per weight format
@@ -82,6 +83,35 @@ def matmul_gflops(dtype, device, n=2048, repeats=5) -> float:
     a @ b
     best = min(timed(lambda: a @ b, device) for _ in range(repeats))
     return 2 * n ** 3 / best / 1e9
+
+
+def step_matmul_shapes(model: GPT, batch_size: int) -> list:
+    """(batch, m, k, n) of every matrix product in one training step of `model` on batch_size full rows:
+    each linear layer's forward, input-gradient and weight-gradient products, and attention's two forward and
+    four backward products per head (the work model.flops_per_token counts)."""
+    c = model.config
+    tokens, head_size = batch_size * c.block_size, c.n_embd // c.n_head
+    shapes = []
+    for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        k, n = linear.in_features, linear.out_features
+        shapes += [(1, tokens, k, n), (1, tokens, n, k), (1, k, tokens, n)]
+    heads = batch_size * c.n_head
+    per_layer = [(heads, c.block_size, head_size, c.block_size), (heads, c.block_size, c.block_size, head_size)]
+    return shapes + per_layer * 3 * c.n_layer
+
+
+def step_matmuls_seconds(shapes, dtype, device, repeats=5) -> float:
+    """Seconds to run the products `shapes` one after another (best of `repeats`): a training step of that
+    model if nothing but its matrix products took time."""
+    operands = [(torch.randn(b, m, k, device=device, dtype=dtype), torch.randn(b, k, n, device=device, dtype=dtype))
+                for b, m, k, n in shapes]
+
+    def products():
+        for a, b in operands:
+            torch.bmm(a, b)
+
+    products()
+    return min(timed(products, device) for _ in range(repeats))
 
 
 def bench_model(preset: str, vocab_size: int, device, backend="reference") -> GPT:
@@ -336,7 +366,7 @@ def bench_ops(args, device) -> list:
 def row_order(row: Row):
     task = row.task.split(":")[0]
     backends = TRAIN_BACKENDS + tuple(s for s in SAMPLERS if s not in TRAIN_BACKENDS) + ("stream-bound",)
-    return (("matmul_2048", "matmul_8192", "train_step", "sample", "op").index(task), row.task,
+    return (("matmul_2048", "matmul_8192", "matmul_step", "train_step", "sample", "op").index(task), row.task,
             row.dtype != "float32", row.dtype, row.batch, row.note, backends.index(row.backend) if row.backend in backends else -1)
 
 
@@ -408,6 +438,16 @@ def main(argv=None):
     if "matmul" in tasks:
         rows += [Row(f"matmul_{n}", "torch", dtype, 1, note=f"{gflops:.0f} GFLOP/s (MFU denominator)")
                  for dtype, gflops in peaks.items()]
+        model = bench_model(args.preset, args.vocab_size, device)
+        shapes = step_matmul_shapes(model, args.batch_size)
+        tokens, flops = args.batch_size * model.config.block_size, sum(2 * b * m * k * n for b, m, k, n in shapes)
+        for dtype in args.dtypes:
+            seconds = step_matmuls_seconds(shapes, getattr(torch, dtype), device)
+            gflops = flops / seconds / 1e9
+            rows.append(Row("matmul_step", "torch", dtype, args.batch_size, tokens / seconds, seconds * 1e3,
+                            gflops / peaks[dtype],
+                            note=f"{gflops:.0f} GFLOP/s: the training step's {len(shapes)} matrix products alone "
+                                 "at their own shapes (the step's MFU ceiling)"))
     if "train" in tasks:
         rows += bench_training(args, device, peaks)
     if "sample" in tasks:

@@ -228,6 +228,16 @@ def test_help_documents_every_option():
         assert "--" in run(module, "--help").stdout
 
 
+def test_bench_times_the_steps_own_matrix_products_against_the_peak(tmp_path):
+    path = tmp_path / "bench.json"
+    result = run("mingpt.bench", "--preset", "tiny", "--tasks", "matmul", "--dtypes", "float32", "--json", str(path))
+    rows = {r["task"]: r for r in json.loads(path.read_text())}
+    assert set(rows) == {"matmul_2048", "matmul_step"}
+    step = rows["matmul_step"]
+    assert step["batch"] == 32 and step["tokens_per_s"] > 0 and step["mfu"] > 0
+    assert "matrix products alone" in step["note"] and "matmul_step" in result.stdout
+
+
 def test_bench_writes_json_rows(tmp_path):
     path = tmp_path / "bench.json"
     result = run("mingpt.bench", "--preset", "tiny", "--tasks", "train,sample", "--backends", "reference,sdpa,triton",
