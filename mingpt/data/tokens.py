@@ -96,17 +96,18 @@ def write_data_dir(reviews, drops, data_dir, layout="review", block_size=64, lon
 def write_splits(layout, parts: dict, extra, tokenizer, block_size: int, long_reviews: str, data_dir: str,
                  layout_counts) -> dict:
     """{split: its sizes} after writing each split's token files (train with the extra reviews after its own)."""
-    splits = {}
+    splits, pad = {}, tokenizer.token_id(PAD)
     for name, part in parts.items():
         tokens, labels = layout.encode(part, tokenizer, block_size, long_reviews, layout_counts)
+        splits[name] = {"reviews": len(part), "tokens": int((tokens != pad).sum()),
+                        "positive": sum(r.sentiment == "pos" for r in part)}
         if name == "train" and extra:
             extra_rows = encode_extra(layout, extra, tokenizer, block_size, long_reviews)
+            splits[name]["extra_tokens"] = int((extra_rows[0] != pad).sum())
             tokens, labels = add_extra_rows(tokens, labels, extra_rows, data_dir)
         if labels is not None:
             labels.tofile(os.path.join(data_dir, f"{name}_labels.bin"))
         tokens.tofile(os.path.join(data_dir, f"{name}.bin"))
-        splits[name] = {"reviews": len(part), "tokens": int(tokens.size),
-                        "positive": sum(r.sentiment == "pos" for r in part)}
     layout.check_val_size(splits["val"]["tokens"], block_size)
     return splits
 
@@ -131,7 +132,8 @@ def summary_line(meta) -> str:
     s = meta["splits"]
     read_as = f" (read as {meta['read_as']})" if meta.get("read_as") else ""
     extra = meta.get("extra_train")
-    extra = f"; train adds {extra['reviews']:,} reviews of {extra['source']}" if extra else ""
+    extra_tokens = f" ({s['train']['extra_tokens']:,} tokens)" if "extra_tokens" in s["train"] else ""
+    extra = f"; train adds {extra['reviews']:,} reviews{extra_tokens} of {extra['source']}" if extra else ""
     unescaped = f"; {meta['unescaped']:,} rows' HTML entities unescaped" if meta.get("unescaped") else ""
     return (f"{meta['source']}{read_as}: kept {meta['reviews']:,} reviews, dropped {dropped:,} ({why}){unescaped}; "
             f"labels {meta['positive']:,} positive / {meta['negative']:,} negative "
