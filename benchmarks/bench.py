@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import resource
 import statistics
 import sys
@@ -207,6 +208,9 @@ def op_inputs(op: str, preset: str, vocab_size: int, batch_size: int, device):
         return (leaf(B, T, vocab_size), torch.randint(vocab_size, (B, T), device=device))
     if op == "dropout":
         return (leaf(B, T, C), c.dropout, True)
+    if op == "rotary":
+        angles = torch.rand(1, T, C // c.n_head // 2, device=device) * 2 * math.pi
+        return (leaf(B, T, 3 * C), angles.cos(), angles.sin(), c.n_head)
     raise ValueError(op)
 
 

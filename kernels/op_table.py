@@ -8,7 +8,7 @@ except ImportError as e:  # the op table turns this into BackendUnavailable with
                       f"here ({e}); install it with `pip install triton` (extra: mingpt[triton])") from None
 
 # The submodules keep their names (mingpt.kernels.layer_norm is the module, not the function).
-from . import attention, bias_gelu, cross_entropy, dropout, layer_norm
+from . import attention, bias_gelu, cross_entropy, dropout, layer_norm, rotary
 from .layer_norm import add_layer_norm
 
 OPS = {
@@ -17,4 +17,5 @@ OPS = {
     "causal_attention": attention.causal_attention,
     "cross_entropy": cross_entropy.cross_entropy,
     "dropout": dropout.dropout,
+    "rotary": rotary.rotary,
 }

@@ -135,11 +135,10 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x, positions):
-        """x (B, T, n_head, head_dim) at positions (B or 1, T)."""
-        cos, sin = self.cos[positions][:, :, None].to(x.dtype), self.sin[positions][:, :, None].to(x.dtype)
-        first, second = x.chunk(2, dim=-1)
-        return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+    def forward(self, positions):
+        """cos and sin of the angles at positions (B or 1, T): each (B or 1, T, head_dim / 2), float32, for
+        the op table's `rotary` to turn queries and keys by."""
+        return self.cos[positions], self.sin[positions]
 
 
 class CausalSelfAttention(nn.Module):
@@ -153,20 +152,21 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.layer_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.layer_norm_eps) if config.qk_norm else None
 
-    def queries_and_keys(self, qkv, ops, rotary, positions):
-        """qkv with its queries and keys normalised (QK-norm) and rotated (rotary positions)."""
-        B, T, C3 = qkv.shape
-        q, k, v = qkv.view(B, T, 3, self.n_head, C3 // (3 * self.n_head)).unbind(2)
+    def queries_and_keys(self, qkv, ops, angles):
+        """qkv with its queries and keys normalised (QK-norm) and rotated (rotary positions: angles, the
+        cos and sin of Rotary)."""
         if self.q_norm is not None:
-            q, k = self.q_norm(q, ops), self.k_norm(k, ops)
-        if rotary is not None:
-            q, k = rotary(q, positions), rotary(k, positions)
-        return torch.stack((q, k, v), dim=2).view(B, T, C3)
+            B, T, C3 = qkv.shape
+            q, k, v = qkv.view(B, T, 3, self.n_head, C3 // (3 * self.n_head)).unbind(2)
+            qkv = torch.stack((self.q_norm(q, ops), self.k_norm(k, ops), v), dim=2).view(B, T, C3)
+        if angles is not None:
+            qkv = ops.rotary(qkv, *angles, self.n_head)
+        return qkv
 
-    def forward(self, x, ops, cache=None, start=0, starts=None, rotary=None, positions=None):
+    def forward(self, x, ops, cache=None, start=0, starts=None, angles=None):
         qkv = self.c_attn(x)
-        if self.q_norm is not None or rotary is not None:
-            qkv = self.queries_and_keys(qkv, ops, rotary, positions)
+        if self.q_norm is not None or angles is not None:
+            qkv = self.queries_and_keys(qkv, ops, angles)
         if cache is None:
             y = ops.causal_attention(qkv, self.n_head, starts)
         else:
@@ -193,8 +193,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, ops, cache=None, start=0, starts=None, rotary=None, positions=None):
-        x = x + self.attn(self.ln_1(x, ops), ops, cache, start, starts, rotary, positions)
+    def forward(self, x, ops, cache=None, start=0, starts=None, angles=None):
+        x = x + self.attn(self.ln_1(x, ops), ops, cache, start, starts, angles)
         return x + self.mlp(self.ln_2(x, ops), ops)
 
 
@@ -336,8 +336,9 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(self.previous_tokens(idx, cache, start, positions), idx)
         x = ops.dropout(x, self.config.dropout, self.training)
+        angles = self.rotary(positions) if self.rotary is not None else None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, ops, None if cache is None else cache.layers[i], start, starts, self.rotary, positions)
+            x = block(x, ops, None if cache is None else cache.layers[i], start, starts, angles)
         logits = self.lm_head(self.transformer.ln_f(x, ops))
         if self.config.logit_softcap:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)

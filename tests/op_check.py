@@ -104,15 +104,16 @@ class Backend:
         values = torch.randn(shape, dtype=torch.float64) * scale + shift
         return values.to(self.low).double().to(self.device)
 
-    def check_op(self, op, inputs, dtype, names, kernel=None):
-        """The kernel's output and gradients against the fp64 reference, at dtype's tolerance."""
+    def check_op(self, op, inputs, dtype, names, kernel=None, fixed=()):
+        """The kernel's output and gradients against the fp64 reference, at dtype's tolerance. Inputs at the
+        indices `fixed` are passed as they are to every run (constants: no cast, no gradient)."""
         reference = ops.REFERENCE_OPS[op]
         truth_out = reference(*[t.detach() if torch.is_tensor(t) else t for t in inputs])
         grad_out = self.rand(*truth_out.shape)
-        truth = run(reference, inputs, torch.float64, grad_out)
-        got = run(kernel or self.ops[op], inputs, dtype, grad_out)
+        truth = run(reference, inputs, torch.float64, grad_out, fixed)
+        got = run(kernel or self.ops[op], inputs, dtype, grad_out, fixed)
         assert len(got) == len(truth) == len(names)
-        torch_low = run(reference, inputs, dtype, grad_out) if dtype in self.lows else None
+        torch_low = run(reference, inputs, dtype, grad_out, fixed) if dtype in self.lows else None
         for i, name in enumerate(names):
             want = torch.float32 if op == "cross_entropy" and i == 0 else dtype  # the loss is fp32
             assert got[i].dtype == want, f"{op} {name}: dtype {got[i].dtype}, expected {want}"
@@ -141,10 +142,11 @@ BACKENDS = {
 }
 
 
-def run(fn, inputs, dtype, grad_out):
-    """fn(*inputs) with the float inputs cast to dtype as leaves; returns [out, grads...]."""
-    leaves = [t.detach().to(dtype).requires_grad_() if torch.is_tensor(t) and t.is_floating_point()
-              else t for t in inputs]
+def run(fn, inputs, dtype, grad_out, fixed=()):
+    """fn(*inputs) with the float inputs (but those at the indices `fixed`) cast to dtype as leaves; returns
+    [out, grads...]."""
+    leaves = [t.detach().to(dtype).requires_grad_() if torch.is_tensor(t) and t.is_floating_point() and i not in fixed
+              else t for i, t in enumerate(inputs)]
     out = fn(*leaves)
     out.backward(grad_out.to(out.dtype))
     return [out] + [t.grad for t in leaves if torch.is_tensor(t) and t.requires_grad]

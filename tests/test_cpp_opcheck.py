@@ -81,6 +81,15 @@ def test_dropout(T):
     opcheck(kernels.dropout, (leaf(2, T, 252), 0.3, torch.tensor(1234)))
 
 
+@pytest.mark.parametrize("T", [1, 17, 64])
+@pytest.mark.parametrize("angle_rows", [1, 2], ids=["shared_positions", "per_row_positions"])
+def test_rotary(T, angle_rows):
+    n_head, C = 12, 264  # head dim 22: rotary turns pairs of channels
+    angles = torch.rand(angle_rows, T, C // n_head // 2) * 6.0
+    for inverse in (False, True):
+        opcheck(kernels.rotary, (leaf(2, T, 3 * C), angles.cos(), angles.sin(), n_head, inverse))
+
+
 # ---------------------------------------------------------------------------- a compiled model
 
 def test_compiled_packed_attention_matches_eager():

@@ -109,6 +109,29 @@ def test_bias_gelu_rejects_bad_input():
         OPS["bias_gelu"](torch.zeros(2, 8, dtype=torch.float64), None)
 
 
+# ---------------------------------------------------------------------------- rotary positions
+
+def test_rotary_kernel_rejects_bad_input():
+    """The kernel's own checks (under the op table's), for callers of torch.ops.mingpt.rotary."""
+    qkv, angles = torch.zeros(2, 4, 3 * 28), torch.zeros(1, 4, 7)
+    with pytest.raises(RuntimeError, match="heads of an even size"):
+        torch.ops.mingpt.rotary(torch.zeros(2, 4, 3 * 21), angles, angles, 3, False)
+    with pytest.raises(RuntimeError, match=r"sin must have shape \(1 or 2, 4, 7\), got \[3, 4, 7\]"):
+        torch.ops.mingpt.rotary(qkv, angles, torch.zeros(3, 4, 7), 2, False)
+    with pytest.raises(RuntimeError, match="cos must be a float32 CPU tensor"):
+        torch.ops.mingpt.rotary(qkv, angles.double(), angles, 2, False)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.mingpt.rotary(qkv.half(), angles, angles, 2, False)
+
+
+def test_rotary_is_its_own_inverse_turned_back():
+    """Turning by an angle and back gives the input (the backward's identity), the values untouched."""
+    qkv, angles = rand(3, 17, 3 * 2 * 14).float(), torch.rand(3, 17, 7) * 6.0
+    turned = torch.ops.mingpt.rotary(qkv, angles.cos(), angles.sin(), 2, False)
+    torch.testing.assert_close(torch.ops.mingpt.rotary(turned, angles.cos(), angles.sin(), 2, True), qkv)
+    assert torch.equal(turned[..., 56:], qkv[..., 56:]) and not torch.allclose(turned[..., :56], qkv[..., :56])
+
+
 # ---------------------------------------------------------------------------- causal attention
 
 @pytest.mark.parametrize("T,H,D", [(130, 2, 21), (256, 1, 7)])
@@ -306,3 +329,4 @@ def test_cross_entropy_rejects_bad_targets():
         OPS["cross_entropy"](logits, torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="targets must have shape"):
         OPS["cross_entropy"](logits, torch.zeros(2, 4, dtype=torch.long))
+

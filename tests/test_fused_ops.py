@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mingpt import ops
+from mingpt.model import Rotary
 from mingpt.ops import reference
 from op_check import BACKENDS, DTYPE_IDS, err
 
@@ -51,18 +52,21 @@ def test_op_table_serves_every_op_from_the_backend(backend):
         assert getattr(table, op) is backend.ops[op]
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "bias_gelu", "causal_attention"])
+@pytest.mark.parametrize("op", ["layer_norm", "bias_gelu", "causal_attention", "rotary"])
 def test_expanded_upstream_gradient(backend, op):
     """out.sum().backward() hands the backward kernels a stride-0 (expanded) gradient."""
     C = 42
     rand = backend.rand
     inputs = {"layer_norm": (rand(3, 17, C), rand(C), rand(C)), "bias_gelu": (rand(3, 17, C), rand(C)),
-              "causal_attention": (rand(3, 17, 3 * C), 2)}[op]
+              "causal_attention": (rand(3, 17, 3 * C), 2),
+              "rotary": (rand(3, 17, 3 * C), *rotary_angles(backend, C // 3, torch.arange(17)[None]), 3)}[op]
+    constants = (1, 2) if op == "rotary" else ()
 
     def grads(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() if torch.is_tensor(t) else t for t in inputs]
+        leaves = [t.detach().to(dtype).requires_grad_() if torch.is_tensor(t) and i not in constants else t
+                  for i, t in enumerate(inputs)]
         fn(*leaves).sum().backward()
-        return [t.grad for t in leaves if torch.is_tensor(t)]
+        return [t.grad for t in leaves if torch.is_tensor(t) and t.requires_grad]
 
     for got, truth in zip(grads(backend.ops[op], torch.float32), grads(ops.REFERENCE_OPS[op], torch.float64)):
         assert err(got, truth) <= backend.tol[torch.float32]
@@ -179,6 +183,46 @@ def test_causal_attention_rejects_bad_shapes(backend):
         attention(torch.zeros(1, 4, 3 * 10, device=backend.device), 3)
     with pytest.raises(ValueError, match=r"\(B, T, 3\*C\)"):
         attention(torch.zeros(1, 4, 10, device=backend.device), 1)
+
+
+# ---------------------------------------------------------------------------- rotary positions
+
+def rotary_angles(backend, head_dim: int, positions):
+    """The float32 cos and sin the model hands the op: Rotary's, at positions (1 or B, T)."""
+    return [a.to(backend.device) for a in Rotary(head_dim, 64)(positions)]
+
+
+ROTARY_HEADS = [(2, 14), (3, 32)]  # (n_head, head dim): 32 is the speedrun preset's
+
+
+@EACH_BACKEND_AND_DTYPE
+@pytest.mark.parametrize("H,D", ROTARY_HEADS, ids=[f"H{h}-D{d}" for h, d in ROTARY_HEADS])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("T", [1, 17, 64])
+def test_rotary(backend, T, B, H, D, dtype):
+    cos, sin = rotary_angles(backend, D, torch.arange(T)[None])
+    backend.check_op("rotary", (backend.rand(B, T, 3 * H * D), cos, sin, H), dtype, ["qkv", "dqkv"], fixed=(1, 2))
+
+
+@EACH_BACKEND_AND_DTYPE
+def test_rotary_packed_rows(backend, dtype):
+    """Packed rows: each row's positions restart where its reviews begin, so the angles differ by row."""
+    B, T, H, D = 3, 64, 6, 32
+    positions = torch.arange(T) % torch.tensor([[5], [11], [64]])
+    cos, sin = rotary_angles(backend, D, positions)
+    assert cos.shape == (B, T, D // 2)
+    backend.check_op("rotary", (backend.rand(B, T, 3 * H * D), cos, sin, H), dtype, ["qkv", "dqkv"], fixed=(1, 2))
+
+
+def test_rotary_rejects_bad_shapes(backend):
+    rotary = backend.ops["rotary"]
+    angles = torch.zeros(1, 4, 7, device=backend.device)
+    with pytest.raises(ValueError, match="heads of an even size"):
+        rotary(torch.zeros(1, 4, 3 * 21, device=backend.device), angles, angles, 3)
+    with pytest.raises(ValueError, match=r"cos must have shape \(1 or 1, 4, 7\), got \(1, 5, 7\)"):
+        rotary(torch.zeros(1, 4, 3 * 28, device=backend.device), torch.zeros(1, 5, 7), angles, 2)
+    with pytest.raises(ValueError, match=r"\(B, T, 3\*C\)"):
+        rotary(torch.zeros(1, 4, 10, device=backend.device), angles, angles, 1)
 
 
 # ---------------------------------------------------------------------------- cross entropy

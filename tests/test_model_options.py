@@ -76,9 +76,13 @@ def test_options_compute_what_their_names_say():
 
 def test_rotary_positions_are_relative():
     """A query at m against a key at n scores by m - n alone, and position 0 is no rotation."""
-    rotary = options_model(positions="rotary").rotary
+    model = options_model(positions="rotary")
     q, k = torch.randn(1, 1, 1, 14), torch.randn(1, 1, 1, 14)
-    at = lambda x, p: rotary(x, torch.tensor([[p]]))  # noqa: E731
+
+    def at(x, p):  # x as the query of a one-head qkv, turned to position p
+        qkv = torch.cat([x.view(1, 1, 14), torch.zeros(1, 1, 28)], dim=-1)
+        return model.ops.rotary(qkv, *model.rotary(torch.tensor([[p]])), 1)[..., :14].view(x.shape)
+
     torch.testing.assert_close(at(q, 0), q)
     scores = [float((at(q, m) * at(k, m - 3)).sum()) for m in (3, 7, 16)]
     assert max(scores) - min(scores) < 1e-5
@@ -89,7 +93,7 @@ def test_rotary_positions_are_relative():
 def test_qk_norm_gives_each_head_unit_rms_times_its_gain():
     model = options_model(qk_norm=True)
     attn, x = model.transformer.h[0].attn, torch.randn(2, 5, 42)
-    qkv = attn.queries_and_keys(attn.c_attn(x), model.ops, None, None)
+    qkv = attn.queries_and_keys(attn.c_attn(x), model.ops, None)
     q, k, v = qkv.view(2, 5, 3, 3, 14).unbind(2)
     for normalised, norm in ((q, attn.q_norm), (k, attn.k_norm)):
         rms = (normalised / norm.weight).pow(2).mean(-1).sqrt()

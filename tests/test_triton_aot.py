@@ -34,7 +34,7 @@ def compiles():
 
 def test_every_op_launches_a_kernel_of_each_file():
     assert set(KERNELS) >= {"_layer_norm_fwd", "_layer_norm_bwd", "_bias_gelu_fwd", "_bias_gelu_bwd", "_attn_fwd",
-                            "_attn_bwd_preprocess", "_attn_bwd", "_ce_fwd", "_ce_bwd", "_dropout"}
+                            "_attn_bwd_preprocess", "_attn_bwd", "_ce_fwd", "_ce_bwd", "_dropout", "_rotary"}
 
 
 @pytest.mark.parametrize("arch", triton_aot.ARCHS, ids=lambda a: f"sm_{a}")

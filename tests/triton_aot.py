@@ -108,6 +108,9 @@ def op_calls(preset: str, dtype: str):
                OPS["causal_attention"](leaf(BATCH, T, 3 * C), cfg.n_head, packed_starts(T)),
                OPS["cross_entropy"](leaf(BATCH, T, V), torch.randint(0, V, (BATCH, T))),
                OPS["dropout"](leaf(BATCH, T, C), 0.1, True)]
+    rotary_heads = cfg.n_head if C // cfg.n_head % 2 == 0 else cfg.n_head // 2  # rotary turns pairs of channels
+    angles = torch.rand(1, T, C // rotary_heads // 2) * 6.0
+    outputs.append(OPS["rotary"](leaf(BATCH, T, 3 * C), angles.cos(), angles.sin(), rotary_heads))
     for out in outputs:
         out.float().sum().backward()
 

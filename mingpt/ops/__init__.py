@@ -8,10 +8,10 @@ Backends:
   fused      the fast backend for the device: triton on CUDA, cpp on CPU
   auto       fused where it is available, else reference
 
-The training ops (OP_NAMES) are provided by every fused backend; the decode op
-`cached_attention` (attention against a KV cache, for prefill and decode) has a fused
-version only on CUDA, from mingpt._C; the ops of the architecture options that GPT-2 lacks
-(`rms_norm`, `bias_relu2`) run the reference on every backend. A backend may provide only
+The training ops (OP_NAMES) are provided by every fused backend, `rotary` (rotary positions, which the
+speedrun preset uses) among them; the decode op `cached_attention` (attention against a KV cache, for
+prefill and decode) has a fused version only on CUDA, from mingpt._C; the ops of the architecture options
+the presets leave off (`rms_norm`, `bias_relu2`) run the reference on every backend. A backend may provide only
 some ops; the rest run the reference op, and `Ops.sources` says which op came from where.
 
 The package's modules: reference (the reference ops and the input checks every backend shares),
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .reference import REFERENCE_OPS, check_starts, merge_heads, split_heads, visible_keys
 
-OP_NAMES = ("layer_norm", "bias_gelu", "causal_attention", "cross_entropy", "dropout")
+OP_NAMES = ("layer_norm", "bias_gelu", "causal_attention", "cross_entropy", "dropout", "rotary")
 BACKENDS = ("reference", "sdpa", "triton", "cpp", "fused", "auto")
 
 

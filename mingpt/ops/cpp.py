@@ -5,7 +5,8 @@ This module registers, for each, a fake kernel (the shapes and dtypes of its out
 torch.compile traces through it) and, for the forward kernels, the autograd formula calling the
 backward kernel. The forwards return what the backwards need (layer norm: mean and 1/std; attention
 and cross-entropy: the log-sum-exp of each softmax row); dropout saves only the seed of its mask, an
-int64 scalar tensor drawn from torch's RNG, and the backward recomputes the mask from it. Attention
+int64 scalar tensor drawn from torch's RNG, and the backward recomputes the mask from it; rotary's backward
+is the same kernel turning the other way (cos and sin, the positions' angles, take no gradient). Attention
 over packed rows takes `starts` (B, T), where each position's review begins, as int64 (the op table
 converts other integer dtypes and checks the values) and hands it to the backward; it has no gradient.
 The kernels take float32 and bfloat16 tensors, compute in float32 and return the dtypes the reference
@@ -15,14 +16,14 @@ the parameters' dtypes.
 import torch
 
 from .extension import REBUILD_HINT, UNAVAILABLE_REASON, _C
-from .reference import check_dropout_rate, check_qkv, check_starts
+from .reference import check_dropout_rate, check_qkv, check_rotary, check_starts
 
 if _C is None:
     raise ImportError(UNAVAILABLE_REASON)
 
 KERNELS = ("layer_norm_forward", "layer_norm_backward", "bias_gelu_forward", "bias_gelu_backward",
            "causal_attention_forward", "causal_attention_backward", "cross_entropy_forward",
-           "cross_entropy_backward", "dropout")
+           "cross_entropy_backward", "dropout", "rotary")
 # Kernels whose arguments changed: an older build registers them without the argument named here.
 SCHEMA_NEEDS = {
     "dropout": ("Tensor seed", "dropout(Tensor x, float p, Tensor seed)"),
@@ -94,6 +95,11 @@ def _(x, p, seed):
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("mingpt::rotary")
+def _(qkv, cos, sin, n_head, inverse):
+    return qkv.new_empty(qkv.shape)
+
+
 # ---------------------------------------------------------------------------- autograd
 
 def _dtype(param):
@@ -157,6 +163,16 @@ def _dropout_backward(ctx, grad_y):
     return _kernels.dropout(grad_y, ctx.p, seed), None, None
 
 
+def _rotary_setup(ctx, inputs, output):
+    _, cos, sin, ctx.n_head, ctx.inverse = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rotary_backward(ctx, grad_out):
+    cos, sin = ctx.saved_tensors
+    return _kernels.rotary(grad_out, cos, sin, ctx.n_head, not ctx.inverse), None, None, None, None
+
+
 torch.library.register_autograd("mingpt::layer_norm_forward", _layer_norm_backward, setup_context=_layer_norm_setup)
 torch.library.register_autograd("mingpt::bias_gelu_forward", _bias_gelu_backward, setup_context=_bias_gelu_setup)
 torch.library.register_autograd("mingpt::causal_attention_forward", _attention_backward,
@@ -164,6 +180,7 @@ torch.library.register_autograd("mingpt::causal_attention_forward", _attention_b
 torch.library.register_autograd("mingpt::cross_entropy_forward", _cross_entropy_backward,
                                 setup_context=_cross_entropy_setup)
 torch.library.register_autograd("mingpt::dropout", _dropout_backward, setup_context=_dropout_setup)
+torch.library.register_autograd("mingpt::rotary", _rotary_backward, setup_context=_rotary_setup)
 
 
 # ---------------------------------------------------------------------------- the op table
@@ -199,10 +216,16 @@ def dropout(x, p: float, training: bool):
     return _kernels.dropout(x, p, torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
+def rotary(qkv, cos, sin, n_head: int):
+    check_rotary(qkv, cos, sin, n_head)
+    return _kernels.rotary(qkv, cos.float(), sin.float(), n_head, False)
+
+
 OPS = {
     "layer_norm": layer_norm,
     "bias_gelu": bias_gelu,
     "causal_attention": causal_attention,
     "cross_entropy": cross_entropy,
     "dropout": dropout,
+    "rotary": rotary,
 }

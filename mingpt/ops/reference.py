@@ -44,6 +44,34 @@ def reference_bias_relu2(x, bias):
     return F.relu(x + bias if bias is not None else x).square()
 
 
+def check_rotary(qkv, cos, sin, n_head: int):
+    if qkv.dim() != 3 or qkv.shape[-1] % 3:
+        raise ValueError(f"rotary expects qkv of shape (B, T, 3*C), got {tuple(qkv.shape)}")
+    B, T, C3 = qkv.shape
+    if n_head < 1 or C3 // 3 % n_head or C3 // 3 // n_head % 2:
+        raise ValueError(f"rotary: C={C3 // 3} must split into n_head={n_head} heads of an even size")
+    half = C3 // 3 // n_head // 2
+    for name, angles in (("cos", cos), ("sin", sin)):
+        if angles.dim() != 3 or angles.shape[0] not in (1, B) or tuple(angles.shape[1:]) != (T, half):
+            raise ValueError(f"rotary: {name} must have shape (1 or {B}, {T}, {half}), got {tuple(angles.shape)}")
+
+
+def reference_rotary(qkv, cos, sin, n_head: int):
+    """qkv (B, T, 3*C) with each head's queries and keys turned by the angles whose cos and sin are given
+    (1 or B, T, head_dim / 2): channel i of a head's first half with channel i of its second half (the
+    half-split layout of Llama and GPT-NeoX). The values pass unchanged."""
+    check_rotary(qkv, cos, sin, n_head)
+    B, T, C3 = qkv.shape
+    q, k, v = qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).unbind(2)
+    cos, sin = cos[:, :, None].to(qkv.dtype), sin[:, :, None].to(qkv.dtype)
+
+    def turn(x):
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+    return torch.stack((turn(q), turn(k), v), dim=2).view(B, T, C3)
+
+
 def check_starts(starts, qkv):
     """`starts` (B, T) integers: where the review that holds each position begins (packed rows); their
     values too (check_start_values), except while torch.compile traces, where they are unknown."""
@@ -168,6 +196,7 @@ REFERENCE_OPS = {
     "rms_norm": reference_rms_norm,
     "bias_gelu": reference_bias_gelu,
     "bias_relu2": reference_bias_relu2,
+    "rotary": reference_rotary,
     "causal_attention": reference_causal_attention,
     "cross_entropy": reference_cross_entropy,
     "dropout": reference_dropout,
