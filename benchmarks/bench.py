@@ -33,7 +33,7 @@ from mingpt.data.packing import ReviewPacker, load_packed
 from mingpt.sample.compiled import packed_sampler
 from mingpt.sample.engine import SAMPLERS, generate, resolve_sampler
 from mingpt.sample.settings import WEIGHT_FORMATS, SamplingSettings
-from mingpt.runtime import autocast_context
+from mingpt.runtime import autocast_context, keep_freed_memory
 
 TRAIN_BACKENDS = ("reference", "sdpa", "compile", "triton", "cpp", "compile-cpp")
 COMPILED = {"compile": "reference", "compile-cpp": "cpp"}  # torch.compile of a model on that backend
@@ -433,9 +433,11 @@ def main(argv=None):
     tasks = set(args.tasks.split(","))
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as training does
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, preset {args.preset} "
-          f"(vocab {args.vocab_size}), sampler auto -> {resolve_sampler('auto')}", flush=True)
+          f"(vocab {args.vocab_size}), sampler auto -> {resolve_sampler('auto')}, freed memory kept for reuse: "
+          f"{'yes' if kept else 'no'}", flush=True)
     rows = []
     n = 8192 if device.type == "cuda" else 2048
     peaks = {dtype: matmul_gflops(getattr(torch, dtype), device, n) for dtype in args.dtypes}

@@ -17,8 +17,11 @@ from mingpt.train.loop import train
 from mingpt.train.schedule import learning_rate
 
 
-def test_loss_decreases_and_outputs_are_written(review_data_dir, tmp_path):
+def test_loss_decreases_and_outputs_are_written(review_data_dir, tmp_path, monkeypatch):
+    kept = []
+    monkeypatch.setattr(training, "keep_freed_memory", lambda: kept.append(True))
     result = train(tiny_cfg(review_data_dir, tmp_path, max_iters=60, eval_interval=30))
+    assert kept == [True]  # malloc keeps what a step frees for the next (mingpt.runtime.keep_freed_memory)
     with open(tmp_path / "metrics.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["iter"]) for r in rows] == [30, 60]

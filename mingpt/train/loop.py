@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
-from ..runtime import autocast_context, init_distributed
+from ..runtime import autocast_context, init_distributed, keep_freed_memory
 from .evaluation import evaluate_and_save, update_average
 from .schedule import learning_rate, schedule_level
 from .state import Run, end_record, save, set_up, time_share
@@ -192,6 +192,7 @@ def train(cfg: TrainConfig, clock_start: Optional[float] = None) -> dict:
     clock_start (a perf_counter reading: when the command began, so that preparing data counts; default now)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     ddp, device = init_distributed(cfg.device)
     try:
         run = set_up(cfg, ddp, device, clock_start)
