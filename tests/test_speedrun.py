@@ -99,8 +99,8 @@ def test_the_budget_picks_the_shape_and_a_flag_still_wins():
 
 def test_a_long_budget_regularises_more_unless_told():
     four, ten, thirty = (preset_config("speedrun", max_minutes=m) for m in (4, 10, 30))
-    assert (ten.model.dropout, ten.weight_decay) == (0.1, 0.1)
-    assert (thirty.model.dropout, thirty.weight_decay) == (0.2, 0.5)
+    assert (four.model.dropout, four.weight_decay) == (0.1, 0.1)
+    assert (ten.model.dropout, ten.weight_decay) == (thirty.model.dropout, thirty.weight_decay) == (0.2, 0.5)
     assert (four.decay_fraction, ten.decay_fraction, thirty.decay_fraction) == (0.4, 0.6, 0.4)
     told = config_from_args(["--preset", "speedrun", "--max_minutes", "30", "--dropout", "0.1", "--weight_decay", "0.1"])
     assert (told.model.dropout, told.weight_decay) == (0.1, 0.1)
