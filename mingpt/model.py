@@ -360,8 +360,7 @@ class GPT(nn.Module):
         no_decay = [p for _, p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        # fused: one kernel a parameter for the whole update (4x torch's loop over its ops on this 2-core CPU)
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)]
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas)]
         if hidden:
             optimizers.append(Muon(hidden, ns_dtype=muon_dtype, lr=learning_rate, weight_decay=weight_decay,
                                    adjust_lr_fn="match_rms_adamw"))
