@@ -1,5 +1,5 @@
-"""Where and how a run computes: the device, the dtype and its autocast, and the process group torchrun
-describes."""
+"""Where and how a run computes: the device, the dtype and its autocast, the process group torchrun
+describes, and malloc keeping the memory a step frees."""
 import contextlib
 import ctypes
 import ctypes.util
