@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 from .ops import BackendUnavailable, get_ops
-from .optim import Muon
+from .optim import Muon, fused_adamw
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -360,7 +360,7 @@ class GPT(nn.Module):
         no_decay = [p for _, p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas)]
+        optimizers = [fused_adamw(groups, lr=learning_rate, betas=betas)]
         if hidden:
             optimizers.append(Muon(hidden, ns_dtype=muon_dtype, lr=learning_rate, weight_decay=weight_decay,
                                    adjust_lr_fn="match_rms_adamw"))

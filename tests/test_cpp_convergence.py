@@ -24,11 +24,14 @@ Tolerances, and why:
                              element by up to about lr per step whatever its gradient's size, so an
                              element whose gradient is rounding-dominated may differ by a fraction of lr.
   bf16 vs fp32               the mean training loss over each window of 50 steps within 0.05 of
-                             fp32's, and the final held-out loss within 2 %. bf16 keeps 8 significant
+                             fp32's, and the final held-out loss within 5 %. bf16 keeps 8 significant
                              bits, so the two runs take different paths from the first step and are
                              compared as curves, not step by step: window means differ by <= 0.01
-                             (observed), the held-out loss by 0.4 %; a bf16 path that lost
-                             accuracy (say, softmax statistics in bf16) misses these by far more.
+                             (observed). The held-out loss, at 300 steps past the point where the 400
+                             reviews are learnt by heart, is path-dependent: bf16 against fp32 measured
+                             -4.1 % to +3.1 % over seeds 1, 2, 3 and 1337, with torch's AdamW loop and
+                             its fused kernel alike. A bf16 path that lost accuracy (say, softmax
+                             statistics in bf16) misses the window means by far more.
 """
 import torch
 
@@ -101,4 +104,4 @@ def test_bf16_autocast_tracks_fp32_on_the_demo_model(book_data_dir):
     assert fp32_losses[-1] < fp32_losses[0] - 1.5, f"the fp32 run did not learn: {means(fp32_losses)}"
     for i, (a, b) in enumerate(zip(means(bf16_losses), means(fp32_losses))):
         assert abs(a - b) <= 0.05, f"steps {i * window}-{(i + 1) * window}: bf16 mean loss {a:.4f}, fp32 {b:.4f}"
-    assert abs(bf16_val - fp32_val) <= 0.02 * fp32_val, f"held-out loss: bf16 {bf16_val:.4f}, fp32 {fp32_val:.4f}"
+    assert abs(bf16_val - fp32_val) <= 0.05 * fp32_val, f"held-out loss: bf16 {bf16_val:.4f}, fp32 {fp32_val:.4f}"

@@ -83,6 +83,24 @@ def test_greedy_matches_reference_tokens_and_logits(name, batch, prompt_length):
 
 
 @requires_cached
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_packed_weights_follow_the_training_optimizers(kind):
+    """The packed weights are repacked after an optimizer step (fused AdamW's kernel leaves the parameters'
+    version counters alone: mingpt.optim.fused_adamw bumps them)."""
+    model = spread_model("odd")
+    idx = torch.randint(model.config.vocab_size, (3, 4), generator=torch.Generator().manual_seed(3))
+    before = generate(model, idx, 10, GREEDY, sampler="cached")
+    optimizers = model.configure_optimizers(0.1, 0.5, (0.9, 0.95), kind)
+    _, loss = model(idx, torch.roll(idx, 1, 1))
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    expected = reference_generate(model, idx, 10, GREEDY)
+    assert not torch.equal(expected, before)
+    assert torch.equal(generate(model, idx, 10, GREEDY, sampler="cached"), expected)
+
+
+@requires_cached
 def test_eos_stops_rows_and_pads_like_the_reference():
     model = spread_model("odd")
     idx = torch.randint(model.config.vocab_size, (4, 3), generator=torch.Generator().manual_seed(2))

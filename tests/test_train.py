@@ -126,11 +126,14 @@ def test_grad_scaler_skips_steps_with_inf_gradients(book_data_dir, tmp_path, mon
     loss, _ = training.optimizer_step(run)
     assert torch.isfinite(loss)
     assert all(torch.equal(before[name], p) for name, p in run.model.named_parameters())
-    assert not run.optimizers[0].state, "AdamW stepped on inf gradients"
+    adamw_state = run.optimizers[0].state.values()
+    assert all(s["step"] == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in adamw_state), \
+        "AdamW stepped on inf gradients"
     assert run.scaler.get_scale() == 2.0 ** 15 and run.it == 1
     overflow.remove()
     training.optimizer_step(run)
-    assert run.optimizers[0].state and not torch.equal(before["transformer.wte.weight"], run.model.lm_head.weight)
+    assert all(s["step"] == 1 for s in run.optimizers[0].state.values())
+    assert not torch.equal(before["transformer.wte.weight"], run.model.lm_head.weight)
     assert run.scaler.get_scale() == 2.0 ** 15
 
 
