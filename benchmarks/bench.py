@@ -27,7 +27,7 @@ import torch
 from mingpt.config import preset_config
 from mingpt.data.corpus import load_embedded_corpus, load_table
 from mingpt.ops.extension import require_extension
-from mingpt.model import GPT
+from mingpt.model import GPT, OPTIMIZERS
 from mingpt.ops import OP_NAMES, BackendUnavailable, get_ops
 from mingpt.data.packing import ReviewPacker, load_packed
 from mingpt.sample.compiled import packed_sampler
@@ -154,11 +154,13 @@ def training_batch(rows: np.ndarray, layout: str, batch_size: int, seed: int = 0
     return x, y, None
 
 
-def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batch, device):
-    """A closure running one AdamW training step of `preset` on a batch (x, y, starts)."""
+def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batch, device, optimizer: str):
+    """A closure running one training step of `preset` with `optimizer` (mingpt.model.OPTIMIZERS) on a batch
+    (x, y, starts)."""
     model = bench_model(preset, vocab_size, device, COMPILED.get(backend, backend))
     forward = torch.compile(model) if backend in COMPILED else model
-    [optimizer] = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99))
+    optimizers = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), optimizer,
+                                            muon_dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
     x, y, starts = (None if t is None else t.to(device) for t in batch)
 
     def step():
@@ -166,8 +168,9 @@ def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batc
             _, loss = forward(x, y, starts=starts)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step, model
 
@@ -259,6 +262,7 @@ def bench_training(args, device, peaks) -> list:
     stored = review_rows(load_bench_reviews(args.reviews), preset_config(args.preset).model.block_size,
                          args.vocab_size)
     batches = {layout: training_batch(stored, layout, args.batch_size) for layout in ROW_LAYOUTS}
+    optimizer = args.optimizer or preset_config(args.preset).optimizer
     for dtype, backend, layout in itertools.product(args.dtypes, args.backends, ROW_LAYOUTS):
         task = f"train_step:{layout}"
         reason = backend_unavailable(backend, device)
@@ -268,7 +272,8 @@ def bench_training(args, device, peaks) -> list:
             rows.append(Row(task, backend, dtype, args.batch_size, note=f"skipped: {reason}"))
             continue
         try:
-            step, model = make_train_step(args.preset, args.vocab_size, backend, dtype, batches[layout], device)
+            step, model = make_train_step(args.preset, args.vocab_size, backend, dtype, batches[layout], device,
+                                          optimizer)
             for _ in range(args.warmup):
                 step()
         except Exception as e:  # a fast path that fails to build here is reported, not fatal
@@ -283,7 +288,7 @@ def bench_training(args, device, peaks) -> list:
         real_tokens, slots = real[task]
         mfu = slots / seconds * flops_per_token / (peaks[dtype] * 1e9)
         rows.append(Row(task, backend, dtype, args.batch_size, real_tokens / seconds, seconds * 1e3, mfu,
-                        note=f"real tokens {real_tokens / slots:.0%} of the slots"))
+                        note=f"real tokens {real_tokens / slots:.0%} of the slots; {optimizer}"))
     return rows
 
 
@@ -416,6 +421,7 @@ def build_parser():
     p.add_argument("--tasks", default="matmul,train,sample,ops", help="comma-separated subset of matmul,train,sample,ops")
     p.add_argument("--backends", default=",".join(TRAIN_BACKENDS), help="training-step backends")
     p.add_argument("--dtypes", default="float32,bfloat16", help="training-step dtypes")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="the training step's optimizer (default: the preset's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are medians over them")
     p.add_argument("--steps", type=int, default=3, help="training steps per configuration per round")

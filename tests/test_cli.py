@@ -242,7 +242,7 @@ def test_bench_writes_json_rows(tmp_path):
     path = tmp_path / "bench.json"
     result = run("mingpt.bench", "--preset", "tiny", "--tasks", "train,sample", "--backends", "reference,sdpa,triton",
                  "--dtypes", "float32", "--rounds", "1", "--steps", "1", "--warmup", "1", "--new_tokens", "4",
-                 "--json", str(path))
+                 "--optimizer", "muon", "--json", str(path))
     rows = json.loads(path.read_text())
     assert {"task", "backend", "dtype", "batch", "tokens_per_s"} <= set(rows[0])
     measured = {(r["task"], r["backend"], r["batch"]) for r in rows if r["tokens_per_s"]}
@@ -251,6 +251,7 @@ def test_bench_writes_json_rows(tmp_path):
     share = {r["task"]: float(r["note"].split()[2].rstrip("%")) for r in rows if r["task"].startswith("train_step:")
              and r["tokens_per_s"]}
     assert share["train_step:packed"] > 90 > share["train_step:padded"]  # the embedded corpus' review lengths
+    assert all(r["note"].endswith("; muon") for r in rows if r["task"].startswith("train_step:") and r["tokens_per_s"])
     assert "train_step:packed" in result.stdout
     if compiled.cached_sampler_unavailable_reason() is None:  # a row per weight format beside its bound
         formats = {(r["backend"], r["dtype"], r["batch"]) for r in rows if r["task"] == "sample" and r["tokens_per_s"]}

@@ -1,5 +1,6 @@
-"""Muon (mingpt.optim): torch's, bit for bit, with its Newton-Schulz iterations in bfloat16; in float32 on
-machines that emulate bfloat16, the same update to within bfloat16's rounding."""
+"""Muon (mingpt.optim): torch's, bit for bit, with its Newton-Schulz iterations in bfloat16 and the matrices of
+one shape orthogonalised as one batch; in float32 on machines that emulate bfloat16, the same update to within
+bfloat16's rounding."""
 import torch
 
 from mingpt.optim import Muon, orthogonalize
@@ -17,7 +18,7 @@ def steps(optimizer_class, shapes, n=3, **kwargs):
     return params, optimizer
 
 
-SHAPES = [(12, 36), (48, 12), (20, 20)]  # wide, tall (orthogonalised transposed) and square
+SHAPES = [(12, 36), (48, 12), (20, 20), (12, 36), (48, 12), (48, 12)]  # wide, tall (orthogonalised transposed), square; two and three of a shape (one batch)
 
 
 def test_bf16_iterations_are_torchs_muon_bit_for_bit():
