@@ -262,8 +262,8 @@ def bench_training(args, device, peaks) -> list:
     stored = review_rows(load_bench_reviews(args.reviews), preset_config(args.preset).model.block_size,
                          args.vocab_size)
     batches = {layout: training_batch(stored, layout, args.batch_size) for layout in ROW_LAYOUTS}
-    optimizer = args.optimizer or preset_config(args.preset).optimizer
-    for dtype, backend, layout in itertools.product(args.dtypes, args.backends, ROW_LAYOUTS):
+    optimizers = args.optimizers.split(",") if args.optimizers else [preset_config(args.preset).optimizer]
+    for dtype, backend, layout, optimizer in itertools.product(args.dtypes, args.backends, ROW_LAYOUTS, optimizers):
         task = f"train_step:{layout}"
         reason = backend_unavailable(backend, device)
         if reason is None and dtype == "bfloat16" and backend in COMPILED:
@@ -280,11 +280,11 @@ def bench_training(args, device, peaks) -> list:
             rows.append(Row(task, backend, dtype, args.batch_size,
                             note=f"skipped: failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
             continue
-        configs[(task, backend, dtype)] = step
+        configs[(task, backend, dtype, optimizer)] = step
         flops_per_token = model.flops_per_token()
     for layout, (x, _, _) in batches.items():
         real[f"train_step:{layout}"] = (int((x != PAD_ID).sum()), x.numel())
-    for (task, backend, dtype), seconds in run_rounds(configs, args.rounds, args.steps, device).items():
+    for (task, backend, dtype, optimizer), seconds in run_rounds(configs, args.rounds, args.steps, device).items():
         real_tokens, slots = real[task]
         mfu = slots / seconds * flops_per_token / (peaks[dtype] * 1e9)
         rows.append(Row(task, backend, dtype, args.batch_size, real_tokens / seconds, seconds * 1e3, mfu,
@@ -421,7 +421,8 @@ def build_parser():
     p.add_argument("--tasks", default="matmul,train,sample,ops", help="comma-separated subset of matmul,train,sample,ops")
     p.add_argument("--backends", default=",".join(TRAIN_BACKENDS), help="training-step backends")
     p.add_argument("--dtypes", default="float32,bfloat16", help="training-step dtypes")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="the training step's optimizer (default: the preset's)")
+    p.add_argument("--optimizers", help=f"comma-separated training-step optimizers, of {','.join(OPTIMIZERS)} "
+                   "(default: the preset's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are medians over them")
     p.add_argument("--steps", type=int, default=3, help="training steps per configuration per round")
@@ -433,7 +434,11 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = set((args.optimizers or "").split(",")) - set(OPTIMIZERS) - {""}
+    if unknown:
+        parser.error(f"--optimizers: unknown {', '.join(sorted(unknown))}; choose from {', '.join(OPTIMIZERS)}")
     args.backends, args.dtypes = args.backends.split(","), args.dtypes.split(",")
     args.sample_batches = [int(n) for n in args.sample_batches.split(",")]
     tasks = set(args.tasks.split(","))

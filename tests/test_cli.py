@@ -228,6 +228,11 @@ def test_help_documents_every_option():
         assert "--" in run(module, "--help").stdout
 
 
+def test_bench_refuses_an_unknown_optimizer_by_name():
+    refused = run("mingpt.bench", "--optimizers", "muon,adam", check=False)
+    assert refused.returncode == 2 and "unknown adam; choose from adamw, muon" in refused.stderr
+
+
 def test_bench_times_the_steps_own_matrix_products_against_the_peak(tmp_path):
     path = tmp_path / "bench.json"
     result = run("mingpt.bench", "--preset", "tiny", "--tasks", "matmul", "--dtypes", "float32", "--json", str(path))
@@ -242,7 +247,7 @@ def test_bench_writes_json_rows(tmp_path):
     path = tmp_path / "bench.json"
     result = run("mingpt.bench", "--preset", "tiny", "--tasks", "train,sample", "--backends", "reference,sdpa,triton",
                  "--dtypes", "float32", "--rounds", "1", "--steps", "1", "--warmup", "1", "--new_tokens", "4",
-                 "--optimizer", "muon", "--json", str(path))
+                 "--optimizers", "muon", "--json", str(path))
     rows = json.loads(path.read_text())
     assert {"task", "backend", "dtype", "batch", "tokens_per_s"} <= set(rows[0])
     measured = {(r["task"], r["backend"], r["batch"]) for r in rows if r["tokens_per_s"]}
