@@ -29,6 +29,7 @@ from mingpt.data.corpus import load_embedded_corpus, load_table
 from mingpt.ops.extension import require_extension
 from mingpt.model import GPT, OPTIMIZERS
 from mingpt.ops import OP_NAMES, BackendUnavailable, get_ops
+from mingpt.optim import newton_schulz_dtype
 from mingpt.data.packing import ReviewPacker, load_packed
 from mingpt.sample.compiled import packed_sampler
 from mingpt.sample.engine import SAMPLERS, generate, resolve_sampler
@@ -160,7 +161,7 @@ def make_train_step(preset: str, vocab_size: int, backend: str, dtype: str, batc
     model = bench_model(preset, vocab_size, device, COMPILED.get(backend, backend))
     forward = torch.compile(model) if backend in COMPILED else model
     optimizers = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), optimizer,
-                                            muon_dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
+                                            muon_dtype=newton_schulz_dtype(dtype))
     x, y, starts = (None if t is None else t.to(device) for t in batch)
 
     def step():

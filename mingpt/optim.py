@@ -12,6 +12,12 @@ import math
 import torch
 
 
+def newton_schulz_dtype(dtype: str) -> torch.dtype:
+    """Muon's iteration dtype for a run training in `dtype` (a resolved name): float32 for float32 runs,
+    bfloat16 otherwise."""
+    return torch.float32 if dtype == "float32" else torch.bfloat16
+
+
 def fused_adamw(groups, **kwargs) -> torch.optim.AdamW:
     """torch's AdamW with its fused kernel: one pass a parameter (4x faster than its loop of ops on this
     2-core CPU). That kernel writes the parameters without bumping their version counters, by which the

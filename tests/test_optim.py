@@ -18,7 +18,8 @@ def steps(optimizer_class, shapes, n=3, **kwargs):
     return params, optimizer
 
 
-SHAPES = [(12, 36), (48, 12), (20, 20), (12, 36), (48, 12), (48, 12)]  # wide, tall (orthogonalised transposed), square; two and three of a shape (one batch)
+# wide, tall (orthogonalised transposed) and square; two and three of a shape (each shape one batch)
+SHAPES = [(12, 36), (48, 12), (20, 20), (12, 36), (48, 12), (48, 12)]
 
 
 def test_bf16_iterations_are_torchs_muon_bit_for_bit():

@@ -22,6 +22,7 @@ from ..data.corpus import EMBEDDED_CORPUS, load_embedded_corpus, load_table
 from ..data.tokens import TokenData, write_data_dir, summary_line
 from ..model import GPT
 from ..ops import extension
+from ..optim import newton_schulz_dtype
 from ..runtime import Distributed, autocast_context, resolve_dtype
 from ..sample.compiled import cached_sampler_unavailable_reason
 from ..tokenizer import TOKENIZERS
@@ -202,7 +203,7 @@ def set_up(cfg: TrainConfig, ddp: Distributed, device, clock_start: Optional[flo
     run = Run(cfg, ddp, device, data, model, step_model=model,
               optimizers=model.configure_optimizers(
                   cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.optimizer,
-                  muon_dtype=torch.float32 if cfg.dtype == "float32" else torch.bfloat16),
+                  muon_dtype=newton_schulz_dtype(cfg.dtype)),
               batch_generator=torch.Generator().manual_seed(cfg.seed),
               log=print if ddp.is_main else (lambda *a, **k: None), scaler=make_grad_scaler(cfg.dtype, device),
               val_reviews=data.review_texts("val")[:NATS_PER_CHAR_REVIEWS], clock_start=clock_start)
